@@ -1,0 +1,181 @@
+"""An in-process :class:`Store`: the state machine behind the embedded rendezvous server.
+
+Also usable directly (backend ``memory``) when every participant lives in one process, as in
+unit tests and simulations. Leases expire lazily: every call and every waiter checks deadlines,
+so no background thread is needed.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Deque, Dict, List, Optional, Set, Tuple
+
+from .api import Event, KeyValue, LeaseNotFoundError, Store, StoreCompactedError
+
+__all__ = ["MemoryStore"]
+
+
+@dataclass
+class _Lease:
+    ttl_s: float
+    deadline: float
+    keys: Set[str] = field(default_factory=set)
+
+
+class MemoryStore(Store):
+    """Keys in a sorted dict, a bounded event history for waits, leases with deadlines."""
+
+    def __init__(self, history: int = 1 << 16, clock=time.monotonic) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._data: Dict[str, KeyValue] = {}
+        self._sorted_keys: List[str] = []
+        self._revision = 0
+        self._history: Deque[Event] = collections.deque(maxlen=history)
+        self._leases: Dict[int, _Lease] = {}
+        self._lease_ids = itertools.count(1)
+
+    # -- reads ---------------------------------------------------------------------------
+    def get(self, key: str) -> Optional[KeyValue]:
+        with self._cond:
+            self._expire_locked()
+            return self._data.get(key)
+
+    def get_prefix(self, prefix: str) -> Tuple[List[KeyValue], int]:
+        with self._cond:
+            self._expire_locked()
+            lo = bisect.bisect_left(self._sorted_keys, prefix)
+            out = []
+            for key in itertools.islice(self._sorted_keys, lo, None):
+                if not key.startswith(prefix):
+                    break
+                out.append(self._data[key])
+            return out, self._revision
+
+    @property
+    def revision(self) -> int:
+        with self._cond:
+            return self._revision
+
+    # -- writes --------------------------------------------------------------------------
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        with self._cond:
+            self._expire_locked()
+            self._put_locked(key, bytes(value), lease)
+            return self._revision
+
+    def compare_and_set(self, key: str, expected_revision: Optional[int], value: bytes,
+                        lease: int = 0) -> Tuple[bool, Optional[KeyValue]]:
+        with self._cond:
+            self._expire_locked()
+            current = self._data.get(key)
+            matches = current is None if expected_revision is None else (
+                current is not None and current.mod_revision == expected_revision)
+            if not matches:
+                return False, current
+            self._put_locked(key, bytes(value), lease)
+            return True, self._data[key]
+
+    def delete(self, key: str) -> bool:
+        with self._cond:
+            self._expire_locked()
+            return self._delete_locked(key)
+
+    # -- leases --------------------------------------------------------------------------
+    def grant_lease(self, ttl_s: float) -> int:
+        if ttl_s <= 0:
+            raise ValueError("lease TTL must be positive")
+        with self._cond:
+            self._expire_locked()
+            lease_id = next(self._lease_ids)
+            self._leases[lease_id] = _Lease(ttl_s, self._clock() + ttl_s)
+            return lease_id
+
+    def keep_alive(self, lease: int) -> None:
+        with self._cond:
+            self._expire_locked()
+            entry = self._leases.get(lease)
+            if entry is None:
+                raise LeaseNotFoundError(f"lease {lease} expired or was revoked")
+            entry.deadline = self._clock() + entry.ttl_s
+
+    def revoke_lease(self, lease: int) -> None:
+        with self._cond:
+            self._expire_locked()
+            self._drop_lease_locked(lease)
+
+    # -- waits ---------------------------------------------------------------------------
+    def wait(self, prefix: str, after_revision: int, timeout_s: float) -> List[Event]:
+        deadline = self._clock() + max(0.0, timeout_s)
+        with self._cond:
+            while True:
+                self._expire_locked()
+                events = self._events_after_locked(prefix, after_revision)
+                now = self._clock()
+                if events or now >= deadline:
+                    return events
+                wake = deadline
+                if self._leases:
+                    wake = min(wake, min(l.deadline for l in self._leases.values()))
+                self._cond.wait(max(0.001, wake - now))
+
+    # -- internals -----------------------------------------------------------------------
+    def _events_after_locked(self, prefix: str, after_revision: int) -> List[Event]:
+        if after_revision >= self._revision:
+            return []
+        if self._history and after_revision + 1 < self._history[0].revision:
+            raise StoreCompactedError(
+                f"revision {after_revision} is older than the kept history "
+                f"(oldest {self._history[0].revision})")
+        out = []
+        for event in reversed(self._history):
+            if event.revision <= after_revision:
+                break
+            if event.key.startswith(prefix):
+                out.append(event)
+        out.reverse()
+        return out
+
+    def _put_locked(self, key: str, value: bytes, lease: int) -> None:
+        if lease and lease not in self._leases:
+            raise LeaseNotFoundError(f"lease {lease} expired or was revoked")
+        old = self._data.get(key)
+        if old is None:
+            bisect.insort(self._sorted_keys, key)
+        elif old.lease and old.lease != lease and old.lease in self._leases:
+            self._leases[old.lease].keys.discard(key)
+        self._revision += 1
+        self._data[key] = KeyValue(key, value, self._revision, lease)
+        if lease:
+            self._leases[lease].keys.add(key)
+        self._history.append(Event("put", key, value, self._revision))
+        self._cond.notify_all()
+
+    def _delete_locked(self, key: str) -> bool:
+        old = self._data.pop(key, None)
+        if old is None:
+            return False
+        self._sorted_keys.pop(bisect.bisect_left(self._sorted_keys, key))
+        if old.lease in self._leases:
+            self._leases[old.lease].keys.discard(key)
+        self._revision += 1
+        self._history.append(Event("delete", key, b"", self._revision))
+        self._cond.notify_all()
+        return True
+
+    def _drop_lease_locked(self, lease: int) -> None:
+        entry = self._leases.pop(lease, None)
+        if entry is not None:
+            for key in sorted(entry.keys):
+                self._delete_locked(key)
+
+    def _expire_locked(self) -> None:
+        if not self._leases:
+            return
+        now = self._clock()
+        for lease in [i for i, l in self._leases.items() if l.deadline <= now]:
+            self._drop_lease_locked(lease)

@@ -1,0 +1,40 @@
+"""Packaging for elastic-run: one distribution, five packages, extras per framework."""
+from setuptools import find_packages, setup
+
+EXTRAS = {
+    # torch is pinned by `make setup` (.ci/constraints.txt) to the CPU wheel on disk.
+    "torch": ["torch>=2.2"],
+    "tf": ["tensorflow-cpu>=2.16"],
+    # Horovod ships only as a source package; `make setup` builds it with Gloo (see README).
+    "horovod": ["horovod==0.28.1"],
+    "etcd": ["etcd-sdk-python>=0.0.7"],
+    "s3": ["s3fs>=2024.2"],
+    "gpu": ["nvidia-ml-py>=12"],
+    "parquet": ["pyarrow>=14"],
+    "profiler": ["prometheus_client>=0.19", "matplotlib>=3.7", "tensorboard>=2.16"],
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "pytest-timeout>=2.2",
+        "moto[server]>=5",
+        "scikit-learn>=1.3",
+    ],
+}
+# Console scripts are added by the issues that build them.
+CONSOLE_SCRIPTS: list = []
+
+EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "test" for dep in deps})
+
+setup(
+    name="elastic-run",
+    version="0.1.0",
+    description="Elastic distributed training runtime: rendezvous, agent, launcher, "
+    "in-process recovery, checkpointing, cached data loading and profiling.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["elastic*", "launchers*", "checkpoint*", "dataload*", "profiler*"]),
+    install_requires=["numpy>=1.24", "fsspec>=2024.2", "psutil>=5.9", "safetensors>=0.4"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
+)

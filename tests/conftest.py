@@ -1,0 +1,58 @@
+"""Shared fixtures: a real etcd server, a real S3 endpoint, the multi-process harness."""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from harness import Procs  # noqa: E402
+from services import EtcdServer, S3Server  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    """One etcd per xdist worker; tests keep to their own key prefix (see ``etcd_prefix``)."""
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def etcd_prefix() -> str:
+    return f"/test-{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture
+def etcd_server_fn():
+    """An etcd server of this test's own, for tests that stop or kill it."""
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the S3 endpoint; yields ``(bucket_name, storage_options)``."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.new_bucket(name)
+    return name, s3_server.storage_options
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """The multi-process harness; every process it started is killed when the test ends."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with Procs(env=env, cwd=str(tmp_path)) as p:
+        yield p
