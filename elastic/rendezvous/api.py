@@ -1,0 +1,121 @@
+"""Records and errors of the rendezvous round protocol."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from ..errors import ConfigError, ElasticError, UserError
+
+__all__ = [
+    "RendezvousSettings", "NodeInfo", "Round",
+    "RendezvousError", "RendezvousTimeoutError", "RendezvousClosedError", "RestartBudgetExceededError",
+]
+
+
+class RendezvousError(ElasticError):
+    """Base class of rendezvous errors."""
+
+
+class RendezvousTimeoutError(RendezvousError, UserError):
+    """No round could be formed within the join timeout (too few nodes came)."""
+
+
+class RendezvousClosedError(RendezvousError):
+    """The job has ended (failed or succeeded); no further rounds form."""
+
+
+class RestartBudgetExceededError(RendezvousClosedError):
+    """The job-wide restart budget (``--max-restarts``) is spent."""
+
+
+@dataclass(frozen=True)
+class RendezvousSettings:
+    """How rounds of one job (``run_id``) form.
+
+    A round closes at ``max_nodes`` at once, or at ``min_nodes`` or more once ``last_call_s``
+    has passed since the minimum was reached. A node whose lease is not renewed for
+    ``lease_ttl_s`` is dead.
+    """
+
+    run_id: str
+    min_nodes: int = 1
+    max_nodes: int = 1
+    last_call_s: float = 1.0
+    lease_ttl_s: float = 5.0
+    join_timeout_s: float = 600.0
+    max_restarts: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.run_id or "/" in self.run_id:
+            raise ConfigError(f"invalid run id {self.run_id!r}: non-empty, without '/'")
+        if self.min_nodes < 1 or self.max_nodes < self.min_nodes:
+            raise ConfigError(
+                f"invalid node range {self.min_nodes}:{self.max_nodes}: need 1 <= MIN <= MAX")
+        for name in ("last_call_s", "join_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0")
+        if self.lease_ttl_s <= 0:
+            raise ConfigError("lease_ttl_s must be > 0")
+        if self.max_restarts < 0:
+            raise ConfigError("max_restarts must be >= 0")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One agent as the others see it. ``node_id`` is unique per agent incarnation."""
+
+    node_id: str
+    host: str
+    nproc: int
+    master_port: int = 0  # used when this node is node rank 0
+    rank_hint: Optional[int] = None  # static --node-rank: orders nodes when given
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "NodeInfo":
+        return cls(node_id=str(data["node_id"]), host=str(data["host"]), nproc=int(data["nproc"]),
+                   master_port=int(data.get("master_port", 0)),
+                   rank_hint=None if data.get("rank_hint") is None else int(data["rank_hint"]))
+
+
+@dataclass(frozen=True)
+class Round:
+    """A closed round: its generation (fencing token), its nodes in rank order, and us."""
+
+    generation: int
+    nodes: Tuple[NodeInfo, ...]
+    node_rank: int
+    restart_count: int = 0
+    revision: int = 0  # store revision at which the round closed; changes are watched after it
+    max_nodes: int = 1
+
+    @property
+    def node(self) -> NodeInfo:
+        return self.nodes[self.node_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def world_size(self) -> int:
+        return sum(n.nproc for n in self.nodes)
+
+    @property
+    def rank_offset(self) -> int:
+        """Global rank of this node's local rank 0."""
+        return sum(n.nproc for n in self.nodes[: self.node_rank])
+
+    @property
+    def master_addr(self) -> str:
+        return self.nodes[0].host
+
+    @property
+    def master_port(self) -> int:
+        return self.nodes[0].master_port
+
+    @property
+    def node_ids(self) -> Tuple[str, ...]:
+        return tuple(n.node_id for n in self.nodes)

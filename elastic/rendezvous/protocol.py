@@ -1,0 +1,321 @@
+"""The round protocol, written once on top of :class:`elastic.store.Store`.
+
+Keys of a job live under ``/elastic/<run_id>/``:
+
+``round``                 the current round: ``{"generation", "state": "open"|"closed", "nodes", ...}``
+``join/<gen>/<node>``     a node joining round ``gen`` (leased: a dead joiner disappears)
+``alive/<node>``          a node's liveness (leased, kept alive by a heartbeat thread)
+``waiting/<node>``        a node that wants in while a full round runs (leased)
+``done/<gen>/<node>``     a node whose workers all succeeded in round ``gen``
+``restarts``              the job-wide count of restarts after failures
+``status``                ``failed: <reason>`` once the job has failed for good
+
+Joining costs each node O(1) writes with no contention: every joiner puts its own key. The
+earliest joiner (lowest revision) coordinates: it alone watches the join keys and closes the
+round with one compare-and-set on ``round``, which every other joiner waits for. If the
+coordinator dies its join key expires and the next earliest takes over.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+from ..store import KeyValue, LeaseNotFoundError, Store, StoreCompactedError, StoreError
+from .api import (NodeInfo, RendezvousClosedError, RendezvousSettings, RendezvousTimeoutError,
+                  RestartBudgetExceededError, Round)
+
+__all__ = ["RendezvousHandler"]
+
+log = logging.getLogger("elastic.rendezvous")
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _loads(kv: Optional[KeyValue]):
+    return None if kv is None else json.loads(kv.value)
+
+
+class RendezvousHandler:
+    """One node's side of the protocol: join rounds, watch for changes, leave.
+
+    Holds a lease for the node's lifetime, renewed by a daemon thread every third of its TTL.
+    """
+
+    def __init__(self, store: Store, settings: RendezvousSettings, node: NodeInfo) -> None:
+        self.store = store
+        self.settings = settings
+        self.node = node
+        self.prefix = f"/elastic/{settings.run_id}/"
+        self._round_key = self.prefix + "round"
+        self._closed = threading.Event()
+        self._lease = store.grant_lease(settings.lease_ttl_s)
+        store.put(self._key("alive", node.node_id), _dumps(node.to_json()), lease=self._lease)
+        self._heartbeat = threading.Thread(target=self._beat, name="rdzv-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    # -- public ----------------------------------------------------------------------------
+    def next_round(self, prev: Optional[Round] = None, node: Optional[NodeInfo] = None) -> Round:
+        """Join the next round and block until it closes with us in it.
+
+        ``prev`` is the round this node last ran (None at start); ``node`` may update what
+        others see of us (e.g. a fresh master port).
+        """
+        if node is not None:
+            self.node = node
+        deadline = time.monotonic() + self.settings.join_timeout_s
+        announced_waiting = False
+        try:
+            while True:
+                self._raise_if_failed()
+                if time.monotonic() >= deadline:
+                    raise RendezvousTimeoutError(
+                        f"no round formed within {self.settings.join_timeout_s:.0f}s "
+                        f"(need {self.settings.min_nodes} node(s) for job {self.settings.run_id!r})")
+                kv = self.store.get(self._round_key)
+                state = _loads(kv)
+                if state is None:
+                    self.store.compare_and_set(self._round_key, None, _dumps(
+                        {"generation": 1, "state": "open", "prev_nodes": []}))
+                    continue
+                gen = state["generation"]
+                if state["state"] == "closed":
+                    mine = prev is not None and prev.generation == gen
+                    if mine or len(state["nodes"]) < self.settings.max_nodes:
+                        # We ran in it and need a new one, or it has room: open the next round.
+                        self._open_next(kv, state)
+                        continue
+                    if not announced_waiting:
+                        log.info("round %d is full (%d nodes); waiting for a place", gen, len(state["nodes"]))
+                        self.store.put(self._key("waiting", self.node.node_id), b"1", lease=self._lease)
+                        announced_waiting = True
+                    self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline))
+                    continue
+                result = self._join_open_round(gen, prev, deadline)
+                if result is not None:
+                    return result
+        finally:
+            if announced_waiting:
+                self.store.delete(self._key("waiting", self.node.node_id))
+
+    def watch(self, rnd: Round, timeout_s: float) -> Optional[str]:
+        """Block up to ``timeout_s`` for a change that ends ``rnd``; returns why, or None."""
+        reason, rev = self._check(rnd)
+        if reason:
+            return reason
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                events = self.store.wait(self.prefix, rev, timeout_s=max(0.0, deadline - time.monotonic()))
+            except StoreCompactedError:
+                reason, rev = self._check(rnd)
+                if reason:
+                    return reason
+                continue
+            if not events:
+                return None
+            rev = events[-1].revision
+            if any(self._relevant(e.key) for e in events):
+                reason, rev = self._check(rnd)
+                if reason:
+                    return reason
+        return None
+
+    def request_new_round(self, rnd: Round, reason: str, count_restart: bool) -> None:
+        """End ``rnd`` so that every node re-rendezvouses; a failure spends the restart budget."""
+        if count_restart:
+            count = self._add_restart()
+            if count > self.settings.max_restarts:
+                msg = (f"restart budget exhausted ({self.settings.max_restarts} restarts) "
+                       f"after: {reason}")
+                self.fail(msg)
+                raise RestartBudgetExceededError(msg)
+            log.info("restart %d/%d: %s", count, self.settings.max_restarts, reason)
+        kv = self.store.get(self._round_key)
+        state = _loads(kv)
+        if state and state["generation"] == rnd.generation and state["state"] == "closed":
+            self._open_next(kv, state, reason)
+
+    def mark_done(self, rnd: Round) -> None:
+        """Record that this node's workers succeeded, so its leaving is not a scale-down."""
+        self.store.put(self._key("done", str(rnd.generation), self.node.node_id), b"1")
+
+    def fail(self, reason: str) -> None:
+        """Fail the job for every node."""
+        self.store.put(self.prefix + "status", _dumps({"failed": reason}))
+
+    def job_failure(self) -> Optional[str]:
+        status = _loads(self.store.get(self.prefix + "status"))
+        return status.get("failed") if status else None
+
+    def restart_count(self) -> int:
+        kv = self.store.get(self.prefix + "restarts")
+        return int(kv.value) if kv else 0
+
+    def leave(self) -> None:
+        """Leave cleanly: revoking the lease deletes our keys, so peers rescale at once."""
+        self._closed.set()
+        try:
+            self.store.revoke_lease(self._lease)
+        except StoreError as exc:
+            log.warning("could not revoke the rendezvous lease: %s", exc)
+
+    def close(self) -> None:
+        self.leave()
+        self.store.close()
+
+    # -- joining ---------------------------------------------------------------------------
+    def _join_open_round(self, gen: int, prev: Optional[Round], deadline: float) -> Optional[Round]:
+        join_prefix = self._key("join", str(gen)) + "/"
+        info = {**self.node.to_json(),
+                "prev_gen": prev.generation if prev else None}
+        self.store.put(join_prefix + self.node.node_id, _dumps(info), lease=self._lease)
+        log.debug("joined round %d as %s", gen, self.node.node_id)
+        min_reached_at: Optional[float] = None
+        while True:
+            self._raise_if_failed()
+            now = time.monotonic()
+            if now >= deadline:
+                raise RendezvousTimeoutError(
+                    f"round {gen} did not close within {self.settings.join_timeout_s:.0f}s "
+                    f"(need {self.settings.min_nodes} node(s) for job {self.settings.run_id!r})")
+            kv = self.store.get(self._round_key)
+            state = _loads(kv)
+            if state is None or state["generation"] != gen or state["state"] != "open":
+                if state and state["generation"] == gen and state["state"] == "closed":
+                    ids = [n["node_id"] for n in state["nodes"]]
+                    if self.node.node_id in ids:
+                        return self._round_from(state, kv)
+                return None  # superseded or closed without us: start over
+            joins, rev = self.store.get_prefix(join_prefix)
+            if not any(j.key.endswith("/" + self.node.node_id) for j in joins):
+                # Our join key vanished (lease lost while paused): join again.
+                self.store.put(join_prefix + self.node.node_id, _dumps(info), lease=self._lease)
+                continue
+            joins.sort(key=lambda j: j.mod_revision)
+            coordinator = joins[0].key.rsplit("/", 1)[1] == self.node.node_id
+            if coordinator:
+                n = len(joins)
+                if n >= self.settings.min_nodes and min_reached_at is None:
+                    min_reached_at = now
+                if n >= self.settings.max_nodes or (
+                        min_reached_at is not None and now - min_reached_at >= self.settings.last_call_s):
+                    self._close(kv, state, joins)
+                    continue
+                timeout = self._poll_s(deadline)
+                if min_reached_at is not None:
+                    timeout = min(timeout, max(0.0, min_reached_at + self.settings.last_call_s - now))
+                self.store.wait(join_prefix, rev, timeout_s=timeout)
+                if len(self.store.get_prefix(join_prefix)[0]) < self.settings.min_nodes:
+                    min_reached_at = None  # someone left during last call
+            else:
+                self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline))
+
+    def _close(self, kv: KeyValue, state: dict, joins: List[KeyValue]) -> None:
+        prev_order = {node_id: i for i, node_id in enumerate(state.get("prev_nodes", []))}
+        infos = [json.loads(j.value) for j in joins]  # already in join order
+
+        def order(item: Tuple[int, dict]):
+            join_idx, info = item
+            if info.get("rank_hint") is not None:
+                return (0, info["rank_hint"], join_idx)
+            if info["node_id"] in prev_order:  # survivors keep their order
+                return (1, prev_order[info["node_id"]], join_idx)
+            return (2, join_idx, 0)  # newcomers are appended in join order
+
+        ranked = [info for _, info in sorted(enumerate(infos), key=order)]
+        chosen = ranked[: self.settings.max_nodes]
+        closed = {
+            "generation": state["generation"],
+            "state": "closed",
+            "nodes": [NodeInfo.from_json(i).to_json() for i in chosen],
+            "restart_count": self.restart_count(),
+        }
+        ok, _ = self.store.compare_and_set(self._round_key, kv.mod_revision, _dumps(closed))
+        if ok:
+            log.info("round %d closed with %d node(s)", state["generation"], len(chosen))
+
+    def _open_next(self, kv: KeyValue, state: dict, reason: str = "") -> None:
+        nodes = [n["node_id"] for n in state.get("nodes", [])] if state["state"] == "closed" else []
+        nxt = {"generation": state["generation"] + 1, "state": "open", "prev_nodes": nodes}
+        if reason:
+            nxt["reason"] = reason
+        ok, _ = self.store.compare_and_set(self._round_key, kv.mod_revision, _dumps(nxt))
+        if ok:
+            log.info("opened round %d%s", nxt["generation"], f" ({reason})" if reason else "")
+
+    def _round_from(self, state: dict, kv: KeyValue) -> Round:
+        nodes = tuple(NodeInfo.from_json(n) for n in state["nodes"])
+        rank = [n.node_id for n in nodes].index(self.node.node_id)
+        return Round(generation=state["generation"], nodes=nodes, node_rank=rank,
+                     restart_count=int(state.get("restart_count", 0)), revision=kv.mod_revision,
+                     max_nodes=self.settings.max_nodes)
+
+    # -- watching --------------------------------------------------------------------------
+    def _relevant(self, key: str) -> bool:
+        rest = key[len(self.prefix):]
+        return (rest in ("round", "status") or rest.startswith("alive/") or rest.startswith("waiting/"))
+
+    def _check(self, rnd: Round) -> Tuple[Optional[str], int]:
+        """Why ``rnd`` is over (None while it holds), and the revision that was read."""
+        kvs, rev = self.store.get_prefix(self.prefix)
+        return self._why_over(rnd, kvs), rev
+
+    def _why_over(self, rnd: Round, kvs: List[KeyValue]) -> Optional[str]:
+        by_key: Dict[str, KeyValue] = {kv.key[len(self.prefix):]: kv for kv in kvs}
+        status = _loads(by_key.get("status"))
+        if status and status.get("failed"):
+            return f"job failed: {status['failed']}"
+        state = _loads(by_key.get("round"))
+        if state is None or state["generation"] != rnd.generation:
+            return f"round {rnd.generation} ended" + (
+                f" ({state['reason']})" if state and state.get("reason") else "")
+        for node_id in rnd.node_ids:
+            if f"alive/{node_id}" not in by_key and f"done/{rnd.generation}/{node_id}" not in by_key:
+                return f"node {node_id} left or died"
+        if rnd.num_nodes < self.settings.max_nodes:
+            waiting = [k for k in by_key if k.startswith("waiting/")
+                       and k[len("waiting/"):] not in rnd.node_ids]
+            if waiting:
+                return f"node {waiting[0][len('waiting/'):]} is waiting to join"
+        return None
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    def _poll_s(self, deadline: float) -> float:
+        return max(0.0, min(deadline - time.monotonic(), self.settings.lease_ttl_s / 2))
+
+    def _raise_if_failed(self) -> None:
+        reason = self.job_failure()
+        if reason:
+            raise RendezvousClosedError(f"job failed: {reason}")
+
+    def _add_restart(self) -> int:
+        key = self.prefix + "restarts"
+        while True:
+            kv = self.store.get(key)
+            count = (int(kv.value) if kv else 0) + 1
+            ok, _ = self.store.compare_and_set(key, kv.mod_revision if kv else None, str(count).encode())
+            if ok:
+                return count
+
+    def _beat(self) -> None:
+        interval = self.settings.lease_ttl_s / 3
+        while not self._closed.wait(interval):
+            try:
+                self.store.keep_alive(self._lease)
+            except LeaseNotFoundError:
+                # We were declared dead (e.g. paused past the TTL): take a new lease so the
+                # next round can admit us as a newcomer.
+                log.warning("rendezvous lease expired; rejoining with a new one")
+                self._lease = self.store.grant_lease(self.settings.lease_ttl_s)
+                self.store.put(self._key("alive", self.node.node_id), _dumps(self.node.to_json()),
+                               lease=self._lease)
+            except StoreError as exc:
+                log.warning("rendezvous heartbeat failed: %s", exc)

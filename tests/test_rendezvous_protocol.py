@@ -1,0 +1,144 @@
+"""The round protocol over the in-process store; nodes are threads with their own handlers.
+
+The same protocol runs over the embedded and etcd backends in test_launcher*.py with real
+agents; here every edge of the protocol is exercised quickly.
+"""
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from elastic.rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RendezvousSettings,
+                                RendezvousTimeoutError, RestartBudgetExceededError)
+from elastic.store import MemoryStore
+
+
+def make(store, name, nproc=2, **settings):
+    s = RendezvousSettings(run_id="job", **{"lease_ttl_s": 1.0, "join_timeout_s": 30, **settings})
+    return RendezvousHandler(store, s, NodeInfo(node_id=name, host="127.0.0.1", nproc=nproc, master_port=1000 + len(name)))
+
+
+def join_all(handlers, prevs=None):
+    prevs = prevs or [None] * len(handlers)
+    with ThreadPoolExecutor(len(handlers)) as pool:
+        futures = [pool.submit(h.next_round, p) for h, p in zip(handlers, prevs)]
+        return [f.result(timeout=60) for f in futures]
+
+
+def test_round_closes_at_max_without_waiting_for_last_call():
+    store = MemoryStore()
+    hs = [make(store, n, min_nodes=2, max_nodes=3, last_call_s=600) for n in "abc"]
+    rounds = join_all(hs)
+    assert {r.generation for r in rounds} == {1}
+    assert sorted(r.node_rank for r in rounds) == [0, 1, 2]
+    assert all(r.world_size == 6 and r.num_nodes == 3 for r in rounds)
+    assert len({r.node_ids for r in rounds}) == 1  # everyone agrees on the order
+    r0 = next(r for r in rounds if r.node_rank == 0)
+    assert all(r.master_addr == r0.node.host and r.master_port == r0.node.master_port for r in rounds)
+    assert sorted(r.rank_offset for r in rounds) == [0, 2, 4]
+
+
+def test_round_closes_at_min_after_last_call():
+    store = MemoryStore()
+    hs = [make(store, n, min_nodes=2, max_nodes=4, last_call_s=0.3) for n in "ab"]
+    rounds = join_all(hs)
+    assert [r.num_nodes for r in rounds] == [2, 2]
+
+
+def test_too_few_nodes_time_out_with_a_clear_error():
+    store = MemoryStore()
+    h = make(store, "lonely", min_nodes=2, max_nodes=2, join_timeout_s=0.5)
+    with pytest.raises(RendezvousTimeoutError, match="need 2 node"):
+        h.next_round()
+
+
+def test_survivors_keep_their_order_and_newcomers_are_appended():
+    store = MemoryStore()
+    hs = {n: make(store, n, min_nodes=1, max_nodes=4, last_call_s=0.3) for n in "abc"}
+    first = dict(zip("abc", join_all(list(hs.values()))))
+    order = list(first["a"].node_ids)
+    leaver = order[1]
+    hs[leaver].leave()  # clean leave: revokes the lease at once
+    survivors = [n for n in order if n != leaver]
+    reason = hs[survivors[0]].watch(first[survivors[0]], timeout_s=10)
+    assert reason and leaver in reason
+    second = dict(zip(survivors, join_all([hs[n] for n in survivors], [first[n] for n in survivors])))
+    assert all(r.generation > first["a"].generation for r in second.values())
+    assert list(second[survivors[0]].node_ids) == survivors  # same relative order
+    # scale-up: a newcomer opens a new round (the old one is below MAX) and is appended
+    hs["d"] = make(store, "d", min_nodes=1, max_nodes=4, last_call_s=0.3)
+    with ThreadPoolExecutor(1) as pool:
+        newcomer = pool.submit(hs["d"].next_round, None)
+        assert hs[survivors[0]].watch(second[survivors[0]], timeout_s=10)
+        third = join_all([hs[n] for n in survivors], [second[n] for n in survivors])
+        assert newcomer.result(timeout=30).node_ids == tuple(survivors) + ("d",)
+    assert third[0].node_ids == tuple(survivors) + ("d",)
+
+
+def test_a_node_that_stops_renewing_its_lease_is_dead():
+    store = MemoryStore()
+    hs = [make(store, n, min_nodes=2, max_nodes=2) for n in "ab"]
+    rounds = join_all(hs)
+    hs[1]._closed.set()  # stop the heartbeat without leaving: a frozen or dead process
+    reason = hs[0].watch(rounds[0], timeout_s=15)
+    assert reason == f"node {hs[1].node.node_id} left or died"
+
+
+def test_a_node_that_finished_is_not_a_scale_down():
+    store = MemoryStore()
+    hs = [make(store, n, min_nodes=2, max_nodes=2) for n in "ab"]
+    rounds = join_all(hs)
+    hs[1].mark_done(rounds[1])
+    hs[1].leave()
+    assert hs[0].watch(rounds[0], timeout_s=0.5) is None
+
+
+def test_a_full_round_keeps_a_newcomer_waiting_until_a_place_frees():
+    store = MemoryStore()
+    hs = [make(store, n, min_nodes=2, max_nodes=2) for n in "ab"]
+    rounds = join_all(hs)
+    late = make(store, "late", min_nodes=2, max_nodes=2)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(late.next_round, None)
+        # the full round is not disturbed by the waiting node
+        assert hs[0].watch(rounds[0], timeout_s=0.5) is None
+        assert not waiting.done()
+        hs[1].leave()
+        assert hs[0].watch(rounds[0], timeout_s=10)
+        again = hs[0].next_round(rounds[0])
+        assert waiting.result(timeout=30).generation == again.generation
+    assert again.node_ids == (hs[0].node.node_id, "late")
+
+
+def test_restart_budget_is_job_wide():
+    store = MemoryStore()
+    hs = [make(store, n, min_nodes=2, max_nodes=2, max_restarts=1) for n in "ab"]
+    rounds = join_all(hs)
+    hs[0].request_new_round(rounds[0], "worker crashed", count_restart=True)
+    assert hs[1].watch(rounds[1], timeout_s=5)
+    rounds = join_all(hs, rounds)
+    assert rounds[0].restart_count == 1 and rounds[0].generation == 2
+    # the second failure, on the other node, exhausts the shared budget of 1
+    with pytest.raises(RestartBudgetExceededError, match="restart budget exhausted"):
+        hs[1].request_new_round(rounds[1], "worker crashed again", count_restart=True)
+    assert "job failed" in hs[0].watch(rounds[0], timeout_s=5)
+    with pytest.raises(RendezvousClosedError):
+        hs[0].next_round(rounds[0])
+
+
+def test_generations_only_grow():
+    store = MemoryStore()
+    h = make(store, "solo", min_nodes=1, max_nodes=1)
+    gens = []
+    rnd = None
+    for _ in range(5):
+        rnd = h.next_round(rnd)
+        gens.append(rnd.generation)
+    assert gens == sorted(set(gens)) and len(gens) == 5
+
+
+def test_bad_settings_are_rejected():
+    from elastic.errors import ConfigError
+    with pytest.raises(ConfigError, match="need 1 <= MIN <= MAX"):
+        RendezvousSettings(run_id="x", min_nodes=3, max_nodes=1)
+    with pytest.raises(ConfigError, match="invalid run id"):
+        RendezvousSettings(run_id="a/b")
