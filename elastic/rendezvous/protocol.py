@@ -8,7 +8,8 @@ Keys of a job live under ``/elastic/<run_id>/``:
 ``waiting/<node>``        a node that wants in while a full round runs (leased)
 ``done/<gen>/<node>``     a node whose workers all succeeded in round ``gen``
 ``restarts``              the job-wide count of restarts after failures
-``status``                ``failed: <reason>`` once the job has failed for good
+``failures/<gen>/<rank>`` a worker failure (exit code or signal, traceback) for the summary
+``status``                ``{"failed": reason}`` once the job has failed for good
 
 Joining costs each node O(1) writes with no contention: every joiner puts its own key. The
 earliest joiner (lowest revision) coordinates: it alone watches the join keys and closes the
@@ -143,6 +144,19 @@ class RendezvousHandler:
     def mark_done(self, rnd: Round) -> None:
         """Record that this node's workers succeeded, so its leaving is not a scale-down."""
         self.store.put(self._key("done", str(rnd.generation), self.node.node_id), b"1")
+
+    def report_failure(self, rnd: Round, record: dict) -> None:
+        """Publish a worker failure so any node can name the first failing rank."""
+        self.store.put(self._key("failures", f"{rnd.generation:012d}", str(record["rank"])), _dumps(record))
+
+    def first_failure(self) -> Optional[dict]:
+        """The earliest failure of the latest round that had any (the one that ended the job)."""
+        kvs, _ = self.store.get_prefix(self._key("failures") + "/")
+        if not kvs:
+            return None
+        last_gen = max(kv.key.split("/")[-2] for kv in kvs)
+        records = [json.loads(kv.value) for kv in kvs if kv.key.split("/")[-2] == last_gen]
+        return min(records, key=lambda r: r["time"])
 
     def fail(self, reason: str) -> None:
         """Fail the job for every node."""

@@ -1,0 +1,5 @@
+"""The per-node agent: spawns and supervises workers, re-rendezvouses on change."""
+from .agent import ElasticAgent, free_port
+from .api import AgentError, WorkerExit, WorkerSpec
+
+__all__ = ["ElasticAgent", "WorkerSpec", "WorkerExit", "AgentError", "free_port"]

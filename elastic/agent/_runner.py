@@ -1,0 +1,110 @@
+"""The worker entry point: runs the user's script and records how it failed.
+
+Two modes:
+
+``python -m elastic.agent._runner --standby [--preload torch,...]``
+    A warm standby: imports the frameworks first, then blocks on stdin for one JSON line
+    ``{"argv": [...], "module": bool, "env": {...}, "cwd": "..."}`` and runs that script in
+    this already-warm interpreter. The agent keeps one ready per local worker so a replacement
+    starts in milliseconds instead of paying interpreter start and ``import torch`` again.
+
+``python -m elastic.agent._runner [-m] SCRIPT ARGS...``
+    A cold start with the environment already set.
+
+Either way an uncaught exception is written as JSON to ``$TORCHELASTIC_ERROR_FILE`` (the same
+file torchrun's ``@record`` writes), so the agent's failure summary can show the traceback of
+the first failing rank without the script having to do anything.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import runpy
+import sys
+import time
+import traceback
+
+
+def _write_error_file(exc: BaseException) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {
+        "message": f"{type(exc).__name__}: {exc}",
+        "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))},
+    }}
+    try:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _run(argv: list, module: bool) -> int:
+    sys.argv = list(argv)
+    if not module:
+        script_dir = os.path.dirname(os.path.abspath(argv[0]))
+        sys.path.insert(0, script_dir)
+    else:
+        sys.path.insert(0, os.getcwd())
+    try:
+        if module:
+            runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+        if code is None:
+            return 0
+        if isinstance(code, int):
+            return code
+        print(code, file=sys.stderr)
+        return 1
+    except BaseException as exc:  # noqa: B902 - report everything, like the interpreter does
+        _write_error_file(exc)
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _standby(preload: list) -> int:
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the script will raise its own, clearer error if it needs it
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the agent no longer needs us
+    spec = json.loads(line)
+    # The script owns stdin no more than a cold-started worker would.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.environ.clear()
+    os.environ.update(spec["env"])
+    os.chdir(spec["cwd"])
+    return _run(spec["argv"], bool(spec.get("module")))
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if args[:1] == ["--standby"]:
+        preload = []
+        if args[1:2] == ["--preload"] and len(args) > 2:
+            preload = [m for m in args[2].split(",") if m]
+        return _standby(preload)
+    module = args[:1] == ["-m"]
+    if module:
+        args = args[1:]
+    return _run(args, module)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)

@@ -1,0 +1,234 @@
+"""The per-node elastic agent: rendezvous, spawn workers, watch them and the round, repeat.
+
+One loop, like torchelastic's ``SimpleElasticAgent``: join a round, start this node's share
+of the workers with torchrun's environment, then wait for one of four things: all workers
+succeeded (leave cleanly, exit 0), a worker failed (spend one restart from the job-wide
+budget and start the next round), the round changed because a node joined, left or died
+(stop the workers, rejoin), or the agent was told to stop (SIGTERM/SIGINT: stop workers with
+a grace period, leave the round so the others rescale at once).
+
+The restart path is the one seam the in-process path (``@elastic.run``) plugs into: before
+stopping workers on a membership change, the agent asks ``reconfigure(round)`` whether the
+workers can re-form in place.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
+                          Round)
+from .api import WorkerExit, WorkerSpec
+from .workers import StandbyPool, WorkerGroup
+
+__all__ = ["ElasticAgent", "free_port"]
+
+log = logging.getLogger("elastic.agent")
+
+
+def free_port(host: str = "") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class _Terminated(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class ElasticAgent:
+    """Runs ``spec`` on this node for as long as the job lasts; ``run()`` returns the exit code."""
+
+    def __init__(self, spec: WorkerSpec, handler: RendezvousHandler, *, monitor_interval_s: float = 0.1,
+                 reconfigure: Optional[Callable[[Round], bool]] = None) -> None:
+        self.spec = spec
+        self.handler = handler
+        self.settings = handler.settings
+        self.monitor_interval_s = monitor_interval_s
+        self.reconfigure = reconfigure or (lambda rnd: False)
+        self.round: Optional[Round] = None
+        self._group: Optional[WorkerGroup] = None
+        self._standbys: Optional[StandbyPool] = None
+        self._change = threading.Event()
+        self._change_reason = ""
+        self._watch_stop = threading.Event()
+        self._base_env = self._make_base_env()
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self) -> int:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            if self.spec.standby and not self.spec.no_python:
+                self._standbys = StandbyPool(self.spec, self._base_env, self.spec.nproc_per_node)
+            return self._loop()
+        except _Terminated as exc:
+            log.warning("agent received %s: stopping workers and leaving the job", exc)
+            self._stop_workers()
+            self.handler.leave()
+            return 128 + exc.signum
+        except RendezvousClosedError as exc:
+            self._stop_workers()
+            self._print_failure_summary(str(exc))
+            self.handler.leave()
+            return 1
+        finally:
+            self._watch_stop.set()
+            for s, h in previous.items():
+                signal.signal(s, h)
+            if self._standbys:
+                self._standbys.close()
+
+    def _loop(self) -> int:
+        rnd = self._next_round(None)
+        while True:
+            self._start_workers(rnd)
+            outcome, detail = self._monitor(rnd)
+            if outcome == "succeeded":
+                log.info("all %d local workers succeeded", self.spec.nproc_per_node)
+                self.handler.mark_done(rnd)
+                self._stop_workers()
+                self.handler.leave()
+                return 0
+            if outcome == "failed":
+                failure: WorkerExit = detail
+                log.error("%s; %s", failure.describe(), "restarting the job")
+                self._report_failure(rnd, failure)
+                self._stop_workers()
+                try:
+                    self.handler.request_new_round(rnd, failure.describe(), count_restart=True)
+                except RestartBudgetExceededError as exc:
+                    self._print_failure_summary(str(exc))
+                    self.handler.leave()
+                    return 1
+            else:  # the round changed
+                reason: str = detail
+                if reason.startswith("job failed"):
+                    self._stop_workers()
+                    self._print_failure_summary(reason)
+                    self.handler.leave()
+                    return 1
+                log.warning("membership changed: %s", reason)
+                self._stop_workers()
+            rnd = self._next_round(rnd)
+
+    def _next_round(self, prev: Optional[Round]) -> Round:
+        node = self.handler.node
+        node = NodeInfo(node.node_id, node.host, node.nproc, master_port=free_port(), rank_hint=node.rank_hint)
+        t0 = time.monotonic()
+        rnd = self.handler.next_round(prev, node)
+        self.round = rnd
+        log.info("round %d: node rank %d of %d, world size %d (%.2fs)", rnd.generation, rnd.node_rank,
+                 rnd.num_nodes, rnd.world_size, time.monotonic() - t0)
+        return rnd
+
+    # -- workers ---------------------------------------------------------------------------
+    def _make_base_env(self) -> Dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.spec.env)
+        if self.spec.nproc_per_node > 1 and "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = "1"  # as torchrun does: N workers must not oversubscribe cores
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def worker_env(self, rnd: Round, local_rank: int) -> Dict[str, str]:
+        """torchrun's variables for one local worker, plus the round's generation."""
+        rank = rnd.rank_offset + local_rank
+        env = dict(self._base_env)
+        env.update({
+            "RANK": str(rank), "LOCAL_RANK": str(local_rank),
+            "WORLD_SIZE": str(rnd.world_size), "LOCAL_WORLD_SIZE": str(rnd.node.nproc),
+            "GROUP_RANK": str(rnd.node_rank), "GROUP_WORLD_SIZE": str(rnd.num_nodes),
+            "ROLE_RANK": str(rank), "ROLE_WORLD_SIZE": str(rnd.world_size), "ROLE_NAME": self.spec.role,
+            "MASTER_ADDR": rnd.master_addr, "MASTER_PORT": str(rnd.master_port),
+            "TORCHELASTIC_RESTART_COUNT": str(rnd.restart_count),
+            "TORCHELASTIC_MAX_RESTARTS": str(self.settings.max_restarts),
+            "TORCHELASTIC_RUN_ID": self.settings.run_id,
+            "TORCHELASTIC_USE_AGENT_STORE": "False",
+            "ELASTIC_GENERATION": str(rnd.generation), "ELASTIC_NUM_NODES": str(rnd.num_nodes),
+        })
+        return env
+
+    def _start_workers(self, rnd: Round) -> None:
+        self._change.clear()
+        self._change_reason = ""
+        attempt_dir = os.path.join(self.spec.log_dir or self._scratch_dir(), self.settings.run_id,
+                                   f"attempt_{rnd.generation}")
+        os.makedirs(attempt_dir, exist_ok=True)
+        group = WorkerGroup(self.spec, self._standbys)
+        group.start([self.worker_env(rnd, i) for i in range(rnd.node.nproc)], attempt_dir)
+        self._group = group
+        log.info("started %d worker(s), pids %s", len(group.pids), group.pids)
+        self._watch_stop = threading.Event()
+        threading.Thread(target=self._watch, args=(rnd, self._watch_stop), name="rdzv-watch",
+                         daemon=True).start()
+
+    def _scratch_dir(self) -> str:
+        import tempfile
+        path = os.path.join(tempfile.gettempdir(), f"elastic-run-{os.getuid()}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def _stop_workers(self) -> None:
+        self._watch_stop.set()
+        if self._group is not None:
+            self._group.stop()
+            self._group = None
+
+    def _watch(self, rnd: Round, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                reason = self.handler.watch(rnd, timeout_s=1.0)
+            except Exception as exc:  # a store hiccup: keep watching, the lease decides liveness
+                log.warning("watching the round failed: %s", exc)
+                stop.wait(0.5)
+                continue
+            if reason and not stop.is_set():
+                self._change_reason = reason
+                self._change.set()
+                return
+
+    def _monitor(self, rnd: Round):
+        group = self._group
+        while True:
+            exits = group.poll()
+            failed = [e for e in exits if e.returncode != 0]
+            if failed:
+                return "failed", failed[0]
+            if len(exits) == len(group.workers):
+                return "succeeded", None
+            if self._change.wait(self.monitor_interval_s):
+                reason = self._change_reason
+                if not reason.startswith("job failed") and self.reconfigure(rnd):
+                    self._change.clear()
+                    continue
+                return "changed", reason
+
+    # -- failures --------------------------------------------------------------------------
+    def _report_failure(self, rnd: Round, failure: WorkerExit) -> None:
+        self.handler.report_failure(rnd, {
+            "rank": failure.rank, "local_rank": failure.local_rank, "pid": failure.pid,
+            "returncode": failure.returncode, "host": rnd.node.host, "node_rank": rnd.node_rank,
+            "time": time.time(), "describe": failure.describe(),
+            "error": failure.error or failure.stderr_tail,
+        })
+
+    def _print_failure_summary(self, reason: str) -> None:
+        first = self.handler.first_failure()
+        lines = ["", "=" * 72, f"elastic-run: job {self.settings.run_id!r} failed: {reason}"]
+        if first:
+            lines.append(f"first failure: {first['describe']} on node {first['node_rank']} "
+                         f"({first['host']}) at {time.strftime('%H:%M:%S', time.localtime(first['time']))}")
+            if first.get("error"):
+                lines.append(first["error"].rstrip())
+        lines.append("=" * 72)
+        print("\n".join(lines), file=__import__("sys").stderr, flush=True)
+
+    def _on_signal(self, signum, frame) -> None:
+        raise _Terminated(signum)

@@ -1,0 +1,66 @@
+"""Records and errors of the per-node agent."""
+from __future__ import annotations
+
+import signal as _signal
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple
+
+from ..errors import ConfigError, ElasticError
+
+__all__ = ["WorkerSpec", "WorkerExit", "AgentError"]
+
+
+class AgentError(ElasticError):
+    """Base class of agent errors."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker of this node runs, and how its output is kept."""
+
+    entrypoint: Tuple[str, ...]  # script (or module, or command) and its arguments
+    nproc_per_node: int = 1
+    module: bool = False  # -m: entrypoint[0] is a module
+    no_python: bool = False  # --no-python: entrypoint[0] is an executable
+    python: str = ""  # interpreter; "" means the agent's own
+    env: Mapping[str, str] = field(default_factory=dict)  # extra environment for every worker
+    log_dir: Optional[str] = None
+    tee: bool = True  # rank-prefixed worker output on the agent's console
+    preload: Tuple[str, ...] = ()  # modules a warm standby imports ahead of time
+    standby: bool = True  # keep warm standbys (not possible with no_python)
+    stop_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
+    role: str = "default"
+    cwd: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.entrypoint:
+            raise ConfigError("no training script given")
+        if self.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How one worker ended."""
+
+    rank: int
+    local_rank: int
+    pid: int
+    returncode: int
+    at_s: float  # time.monotonic() when the agent saw it
+    error: str = ""  # exception and traceback from the error file, if the worker wrote one
+    stderr_tail: str = ""
+
+    @property
+    def signal(self) -> Optional[int]:
+        return -self.returncode if self.returncode < 0 else None
+
+    def describe(self) -> str:
+        if self.signal:
+            try:
+                how = f"was killed by {_signal.Signals(self.signal).name}"
+            except ValueError:
+                how = f"was killed by signal {self.signal}"
+        else:
+            how = f"exited with code {self.returncode}"
+        return f"rank {self.rank} (local rank {self.local_rank}, pid {self.pid}) {how}"

@@ -1,0 +1,206 @@
+"""Spawning, watching and stopping one node's workers, with warm standbys."""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Deque, Dict, List, Mapping, Optional
+
+from .api import WorkerExit, WorkerSpec
+
+__all__ = ["StandbyPool", "WorkerGroup"]
+
+log = logging.getLogger("elastic.agent")
+RUNNER = [sys.executable, "-m", "elastic.agent._runner"]
+
+
+def _popen(argv: List[str], env: Mapping[str, str], cwd: Optional[str], stdin=None) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(env), cwd=cwd, start_new_session=True)
+
+
+class StandbyPool:
+    """Interpreters that have already imported the framework, waiting for a script to run.
+
+    ``take()`` hands one out and starts its replacement at once, so the pool refills while
+    the workers run and is warm when the next failure comes.
+    """
+
+    def __init__(self, spec: WorkerSpec, base_env: Mapping[str, str], size: int) -> None:
+        self._python = spec.python or sys.executable
+        self._preload = ",".join(spec.preload)
+        self._env = dict(base_env)
+        self._cwd = spec.cwd
+        self._size = size
+        self._ready: Deque[subprocess.Popen] = collections.deque()
+        self._lock = threading.Lock()
+        self._fill()
+
+    def _argv(self) -> List[str]:
+        argv = [self._python, "-m", "elastic.agent._runner", "--standby"]
+        return argv + (["--preload", self._preload] if self._preload else [])
+
+    def _fill(self) -> None:
+        with self._lock:
+            while len(self._ready) < self._size:
+                self._ready.append(_popen(self._argv(), self._env, self._cwd, stdin=subprocess.PIPE))
+
+    def take(self, argv: List[str], module: bool, env: Mapping[str, str], cwd: str) -> subprocess.Popen:
+        with self._lock:
+            while self._ready and self._ready[0].poll() is not None:
+                self._ready.popleft()  # a standby that died (e.g. OOM) is useless
+            proc = self._ready.popleft() if self._ready else None
+        if proc is None:
+            proc = _popen(self._argv(), self._env, self._cwd, stdin=subprocess.PIPE)
+        spec = {"argv": list(argv), "module": module, "env": dict(env), "cwd": cwd}
+        proc.stdin.write((json.dumps(spec) + "\n").encode())
+        proc.stdin.close()
+        self._fill()
+        return proc
+
+    def close(self) -> None:
+        with self._lock:
+            ready, self._ready = list(self._ready), collections.deque()
+        for proc in ready:
+            try:
+                proc.stdin.close()  # EOF: the standby exits by itself
+            except OSError:
+                pass
+        for proc in ready:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+class _Worker:
+    def __init__(self, proc: subprocess.Popen, rank: int, local_rank: int, error_file: str,
+                 out_dir: Optional[str], tee: bool) -> None:
+        self.proc = proc
+        self.rank = rank
+        self.local_rank = local_rank
+        self.error_file = error_file
+        self.stderr_tail: Deque[str] = collections.deque(maxlen=40)
+        self.exit: Optional[WorkerExit] = None
+        self.readers = [
+            threading.Thread(target=self._pump, args=(proc.stdout, out_dir, "stdout.log", sys.stdout, tee, False),
+                             daemon=True),
+            threading.Thread(target=self._pump, args=(proc.stderr, out_dir, "stderr.log", sys.stderr, tee, True),
+                             daemon=True),
+        ]
+        for t in self.readers:
+            t.start()
+
+    def _pump(self, pipe: IO[bytes], out_dir: Optional[str], name: str, console: IO[str], tee: bool,
+              keep_tail: bool) -> None:
+        sink = open(os.path.join(out_dir, name), "ab") if out_dir else None
+        prefix = f"[{self.rank}]:"
+        try:
+            for line in iter(pipe.readline, b""):
+                if sink:
+                    sink.write(line)
+                    sink.flush()
+                text = line.decode("utf-8", "replace")
+                if keep_tail:
+                    self.stderr_tail.append(text)
+                if tee:
+                    console.write(prefix + text)
+                    console.flush()
+        finally:
+            if sink:
+                sink.close()
+
+    def read_error(self) -> str:
+        try:
+            with open(self.error_file) as f:
+                record = json.load(f)["message"]
+            return f"{record['message']}\n{record['extraInfo']['py_callstack']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+
+
+class WorkerGroup:
+    """The ``nproc_per_node`` workers of one round on this node."""
+
+    def __init__(self, spec: WorkerSpec, standbys: Optional[StandbyPool]) -> None:
+        self.spec = spec
+        self._standbys = standbys
+        self.workers: List[_Worker] = []
+
+    def start(self, envs: List[Dict[str, str]], attempt_dir: str) -> None:
+        """Start one worker per environment (index = local rank)."""
+        cwd = self.spec.cwd or os.getcwd()
+        for local_rank, env in enumerate(envs):
+            out_dir = None
+            if self.spec.log_dir:
+                out_dir = os.path.join(attempt_dir, str(local_rank))
+                os.makedirs(out_dir, exist_ok=True)
+            error_file = os.path.join(attempt_dir, f"error_{local_rank}.json")
+            if os.path.exists(error_file):
+                os.unlink(error_file)
+            env = {**env, "TORCHELASTIC_ERROR_FILE": error_file}
+            argv = list(self.spec.entrypoint)
+            if self.spec.no_python:
+                proc = _popen(argv, env, cwd)
+            elif self._standbys is not None:
+                proc = self._standbys.take(argv, self.spec.module, env, cwd)
+            else:
+                runner = [self.spec.python or sys.executable, "-m", "elastic.agent._runner"]
+                proc = _popen(runner + (["-m"] if self.spec.module else []) + argv, env, cwd)
+            self.workers.append(_Worker(proc, int(env["RANK"]), local_rank, error_file, out_dir,
+                                        self.spec.tee))
+
+    @property
+    def pids(self) -> List[int]:
+        return [w.proc.pid for w in self.workers]
+
+    def poll(self) -> List[WorkerExit]:
+        """Exits seen so far (each reported once it happens, in the order seen)."""
+        now = time.monotonic()
+        for w in self.workers:
+            if w.exit is None and w.proc.poll() is not None:
+                code = w.proc.returncode
+                if code != 0:
+                    for t in w.readers:
+                        t.join(timeout=2)  # let the traceback reach the tail
+                w.exit = WorkerExit(w.rank, w.local_rank, w.proc.pid, code, now,
+                                    error=w.read_error() if code else "",
+                                    stderr_tail="".join(w.stderr_tail) if code else "")
+        return sorted((w.exit for w in self.workers if w.exit), key=lambda e: e.at_s)
+
+    def running(self) -> bool:
+        return any(w.proc.poll() is None for w in self.workers)
+
+    def stop(self, sig: int = signal.SIGTERM, grace_s: Optional[float] = None) -> None:
+        """Signal every live worker's process group, then SIGKILL what outlives the grace."""
+        grace_s = self.spec.stop_grace_s if grace_s is None else grace_s
+        for w in self.workers:
+            if w.proc.poll() is None:
+                try:
+                    os.killpg(w.proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for w in self.workers:
+            try:
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for w in self.workers:
+            try:
+                os.killpg(w.proc.pid, signal.SIGKILL)  # also reaps grandchildren of finished ones
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                w.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d did not die after SIGKILL", w.proc.pid)
+        for w in self.workers:
+            for t in w.readers:
+                t.join(timeout=2)
