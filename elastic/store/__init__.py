@@ -13,6 +13,8 @@ from .memory import MemoryStore
 
 backends: "Registry[Store]" = Registry("rendezvous backend")
 backends.register("memory", lambda endpoint="", **conf: MemoryStore())
+backends.register("embedded", "elastic.store.embedded:create_embedded_store")
+backends.register("etcd", "elastic.store.etcd:create_etcd_store", extra="etcd")
 
 
 def create_store(backend: str, endpoint: str = "", **conf) -> Store:

@@ -12,7 +12,7 @@ import itertools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .api import Event, KeyValue, LeaseNotFoundError, Store, StoreCompactedError
 
@@ -29,7 +29,8 @@ class _Lease:
 class MemoryStore(Store):
     """Keys in a sorted dict, a bounded event history for waits, leases with deadlines."""
 
-    def __init__(self, history: int = 1 << 16, clock=time.monotonic) -> None:
+    def __init__(self, history: int = 1 << 16, clock=time.monotonic,
+                 first_lease_id: int = 1) -> None:
         self._clock = clock
         self._cond = threading.Condition()
         self._data: Dict[str, KeyValue] = {}
@@ -37,7 +38,8 @@ class MemoryStore(Store):
         self._revision = 0
         self._history: Deque[Event] = collections.deque(maxlen=history)
         self._leases: Dict[int, _Lease] = {}
-        self._lease_ids = itertools.count(1)
+        self._lease_ids = itertools.count(first_lease_id)
+        self._listeners: List[Callable[[Event], None]] = []
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> Optional[KeyValue]:
@@ -123,7 +125,40 @@ class MemoryStore(Store):
                     wake = min(wake, min(l.deadline for l in self._leases.values()))
                 self._cond.wait(max(0.001, wake - now))
 
+    def events_after(self, prefix: str, after_revision: int) -> List[Event]:
+        """Events under ``prefix`` newer than ``after_revision``, without blocking."""
+        with self._cond:
+            self._expire_locked()
+            return self._events_after_locked(prefix, after_revision)
+
+    # -- hooks for servers built on this store ------------------------------------------
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener(event)`` after every change, under the store's lock.
+
+        Lets a server wake only the waiters whose prefix matches (instead of waking every
+        waiting thread); the listener must be quick and must not call back into the store
+        from another thread.
+        """
+        with self._cond:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[Event], None]) -> None:
+        with self._cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def expire(self) -> None:
+        """Drop leases past their deadline now (a server calls this periodically)."""
+        with self._cond:
+            self._expire_locked()
+
     # -- internals -----------------------------------------------------------------------
+    def _emit_locked(self, event: Event) -> None:
+        self._history.append(event)
+        self._cond.notify_all()
+        for listener in self._listeners:
+            listener(event)
+
     def _events_after_locked(self, prefix: str, after_revision: int) -> List[Event]:
         if after_revision >= self._revision:
             return []
@@ -152,8 +187,7 @@ class MemoryStore(Store):
         self._data[key] = KeyValue(key, value, self._revision, lease)
         if lease:
             self._leases[lease].keys.add(key)
-        self._history.append(Event("put", key, value, self._revision))
-        self._cond.notify_all()
+        self._emit_locked(Event("put", key, value, self._revision))
 
     def _delete_locked(self, key: str) -> bool:
         old = self._data.pop(key, None)
@@ -163,8 +197,7 @@ class MemoryStore(Store):
         if old.lease in self._leases:
             self._leases[old.lease].keys.discard(key)
         self._revision += 1
-        self._history.append(Event("delete", key, b"", self._revision))
-        self._cond.notify_all()
+        self._emit_locked(Event("delete", key, b"", self._revision))
         return True
 
     def _drop_lease_locked(self, lease: int) -> None:

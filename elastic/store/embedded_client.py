@@ -1,0 +1,378 @@
+"""The client of the embedded rendezvous server: a thread-safe, synchronous :class:`Store`.
+
+Each call borrows a connection from a small pool for one request/reply and returns it, so a
+thread blocked in :meth:`EmbeddedStore.wait` never holds up another thread's call (the agent
+calls from a heartbeat thread, a watcher and its main loop at once); the pool grows to the
+number of concurrent callers and keeps a few idle connections. Each connection authenticates
+with the shared token by challenge-response (mutual: the server proves it holds the token too).
+
+A dropped connection is replaced on the next call. A request that never reached the server is
+retried on a fresh connection; one whose fate is unknown is retried only when repeating it is
+harmless (not for ``compare_and_set`` or ``delete``). If the server restarted in between (its
+state is gone), calls raise :class:`StoreUnavailableError` instead of talking to a stranger.
+"""
+from __future__ import annotations
+
+import select
+import socket
+import ssl as _ssl
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import ConfigError
+from . import _wire as wire
+from .api import (Event, KeyValue, LeaseNotFoundError, Store, StoreAuthError, StoreCompactedError,
+                  StoreError, StoreUnavailableError)
+
+__all__ = ["EmbeddedStore", "parse_endpoint", "DEFAULT_PORT"]
+
+DEFAULT_PORT = 29400
+# Ops whose repetition is harmless if we cannot tell whether the first attempt ran.
+_REPEATABLE = frozenset({"ping", "get", "get_prefix", "put", "grant", "keep_alive", "revoke", "wait"})
+_MAX_IDLE = 8
+
+
+class _Lost(Exception):
+    """The connection broke; ``sent`` says whether the server may have seen the request."""
+
+    def __init__(self, reason: str, sent: bool) -> None:
+        super().__init__(reason)
+        self.sent = sent
+
+
+def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` -> (host, port); empty -> 127.0.0.1."""
+    text = (endpoint or "").strip()
+    if "," in text:
+        raise ConfigError(f"the embedded rendezvous takes one endpoint, not {endpoint!r}")
+    if not text:
+        return "127.0.0.1", default_port
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"invalid rendezvous endpoint {endpoint!r}; expected host:port")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif ":" in text:  # a bare IPv6 address
+        host, port_text = text, ""
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ConfigError(f"invalid rendezvous endpoint {endpoint!r}; expected host:port")
+    if not port_text:
+        return host, default_port
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"invalid port in rendezvous endpoint {endpoint!r}") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"invalid port in rendezvous endpoint {endpoint!r}")
+    return host, port
+
+
+class _Connection:
+    """One authenticated socket; used by one thread at a time."""
+
+    def __init__(self, sock: socket.socket, instance: str) -> None:
+        self.sock = sock
+        self.instance = instance
+        self.next_id = 1
+
+    def request(self, message: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
+        request_id = self.next_id
+        self.next_id += 1
+        message["id"] = request_id
+        data = wire.encode(message)
+        try:
+            self.sock.settimeout(timeout_s)
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise _Lost(f"send failed: {_reason(exc)}", sent=False) from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = _recv_message(self.sock, wire.MAX_MESSAGE_BYTES, deadline)
+            except socket.timeout:
+                raise _Lost(f"no reply within {timeout_s:.1f}s", sent=True) from None
+            except (OSError, EOFError, wire.ProtocolError) as exc:
+                raise _Lost(_reason(exc), sent=True) from None
+            if reply.get("id") == request_id:
+                return reply
+
+    def looks_closed(self) -> bool:
+        """An idle connection with something to read has been closed (or spoken to) by the
+        server: not safe to reuse."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        if isinstance(self.sock, _ssl.SSLSocket) and self.sock.pending():
+            return True
+        return bool(readable)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class EmbeddedStore(Store):
+    """Client of an :class:`~elastic.store.embedded_server.EmbeddedServer` at ``endpoint``.
+
+    Settings (all optional; strings are accepted, as from ``--rdzv-conf``): ``token`` or
+    ``token_file`` (else $ELASTIC_RDZV_TOKEN / $ELASTIC_RDZV_TOKEN_FILE); ``tls_ca`` (verify
+    the server against this CA; turns TLS on), ``tls`` (TLS with the system CAs),
+    ``tls_cert``/``tls_key`` (a client certificate), ``tls_verify_hostname`` (default true);
+    ``timeout_s`` (connect and per-request timeout, default 10). Other keys are ignored: they
+    belong to the round protocol.
+
+    Connects once at construction so a wrong endpoint or token fails here, in one line.
+    """
+
+    def __init__(self, endpoint: str = "", **conf: Any) -> None:
+        self.host, self.port = parse_endpoint(endpoint)
+        self.endpoint = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self._token = wire.resolve_token(conf.get("token"), conf.get("token_file"))
+        self._ssl = wire.client_ssl_context(
+            ca=conf.get("tls_ca"), cert=conf.get("tls_cert"), key=conf.get("tls_key"),
+            enabled=wire.parse_bool(conf.get("tls", False), "tls"),
+            verify_hostname=wire.parse_bool(conf.get("tls_verify_hostname", True),
+                                            "tls_verify_hostname"))
+        self.timeout_s = wire.parse_seconds(conf.get("timeout_s", 10.0), "timeout_s")
+        self._lock = threading.Lock()
+        self._idle: List[_Connection] = []
+        self._instance: Optional[str] = None
+        self._closed = False
+        self._release(self._connect())
+
+    # -- Store ---------------------------------------------------------------------------
+    def get(self, key: str) -> Optional[KeyValue]:
+        return wire.kv_from_wire(self._call("get", key=_key(key)))
+
+    def get_prefix(self, prefix: str) -> Tuple[List[KeyValue], int]:
+        result = self._call("get_prefix", prefix=_key(prefix))
+        return [wire.kv_from_wire(kv) for kv in result["kvs"]], int(result["revision"])
+
+    def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        return int(self._call("put", key=_key(key), value=wire.b64(bytes(value)), lease=_lease(lease)))
+
+    def compare_and_set(self, key: str, expected_revision: Optional[int], value: bytes,
+                        lease: int = 0) -> Tuple[bool, Optional[KeyValue]]:
+        if expected_revision is not None:
+            expected_revision = _lease(expected_revision)
+        result = self._call("cas", key=_key(key), expected=expected_revision,
+                            value=wire.b64(bytes(value)), lease=_lease(lease))
+        return bool(result["ok"]), wire.kv_from_wire(result["kv"])
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call("delete", key=_key(key)))
+
+    def grant_lease(self, ttl_s: float) -> int:
+        ttl_s = float(ttl_s)
+        if not ttl_s > 0:
+            raise ValueError("lease TTL must be positive")
+        return int(self._call("grant", ttl_s=ttl_s))
+
+    def keep_alive(self, lease: int) -> None:
+        self._call("keep_alive", lease=_lease(lease))
+
+    def revoke_lease(self, lease: int) -> None:
+        self._call("revoke", lease=_lease(lease))
+
+    def wait(self, prefix: str, after_revision: int, timeout_s: float) -> List[Event]:
+        timeout_s = max(0.0, float(timeout_s))
+        result = self._call("wait", reply_timeout_s=timeout_s + self.timeout_s,
+                            prefix=_key(prefix), after=_lease(after_revision), timeout_s=timeout_s)
+        return [wire.event_from_wire(e) for e in result]
+
+    def ping(self) -> int:
+        """Round trip to the server; returns its current revision."""
+        return int(self._call("ping")["revision"])
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedStore({self.endpoint!r})"
+
+    # -- requests ------------------------------------------------------------------------
+    def _call(self, op: str, reply_timeout_s: Optional[float] = None, **fields: Any) -> Any:
+        timeout_s = self.timeout_s if reply_timeout_s is None else reply_timeout_s
+        for attempt in (1, 2):
+            conn = self._acquire()
+            try:
+                reply = conn.request({"op": op, **fields}, timeout_s)
+            except _Lost as lost:
+                conn.close()
+                if attempt == 1 and (not lost.sent or op in _REPEATABLE):
+                    continue
+                raise StoreUnavailableError(
+                    f"lost the connection to the rendezvous server {self.endpoint} during "
+                    f"{op} ({lost}){'; its outcome is unknown' if lost.sent else ''}") from None
+            self._release(conn)
+            return _unwrap(reply)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _acquire(self) -> _Connection:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"the store client for {self.endpoint} is closed")
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.looks_closed():
+                    return conn
+                conn.close()
+        return self._connect()
+
+    def _release(self, conn: _Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < _MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    # -- connecting ----------------------------------------------------------------------
+    def _connect(self) -> _Connection:
+        where = f"the rendezvous server {self.endpoint}"
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
+        except socket.gaierror as exc:
+            raise StoreUnavailableError(f"cannot resolve the rendezvous host {self.host!r}: "
+                                        f"{exc.strerror or exc}") from None
+        except socket.timeout:
+            raise StoreUnavailableError(f"cannot reach {where}: no answer within "
+                                        f"{self.timeout_s:g}s") from None
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot reach {where}: {_reason(exc)}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if self._ssl is not None:
+                sock = self._ssl.wrap_socket(sock, server_hostname=self.host)
+            return self._handshake(sock, deadline)
+        except _ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise StoreAuthError(f"{where} presented a certificate we do not trust: "
+                                 f"{exc.verify_message or exc.reason}") from None
+        except _ssl.SSLError as exc:
+            sock.close()
+            raise StoreUnavailableError(f"TLS with {where} failed ({exc.reason or exc}); "
+                                        "does the server use TLS?") from None
+        except socket.timeout:
+            sock.close()
+            hint = "" if self._ssl else " (does it use TLS? then set tls_ca)"
+            raise StoreUnavailableError(f"{where} did not complete the handshake within "
+                                        f"{self.timeout_s:g}s{hint}") from None
+        except (OSError, EOFError) as exc:
+            sock.close()
+            hint = "" if self._ssl else " (does it use TLS? then set tls_ca)"
+            raise StoreUnavailableError(f"{where} closed the connection during the handshake"
+                                        f"{hint}: {_reason(exc)}") from None
+        except BaseException:
+            sock.close()
+            raise
+
+    def _handshake(self, sock: socket.socket, deadline: float) -> _Connection:
+        where = f"the rendezvous server {self.endpoint}"
+        sock.settimeout(self.timeout_s)
+        try:
+            hello = _recv_message(sock, wire.MAX_HANDSHAKE_BYTES, deadline)
+            if hello.get("hello") != wire.PROTOCOL:
+                raise wire.ProtocolError("no hello")
+            server_nonce = wire.unb64(hello.get("nonce"))
+        except wire.ProtocolError:
+            raise StoreUnavailableError(f"{self.endpoint} is not an elastic-rendezvous server") from None
+        if hello.get("version") != wire.VERSION:
+            raise StoreUnavailableError(f"{where} speaks protocol version {hello.get('version')}, "
+                                        f"this client {wire.VERSION}")
+        instance = str(hello.get("instance"))
+        if hello.get("auth") and self._token is None:
+            raise StoreAuthError(f"{where} requires a token: set --rdzv-conf token=... or "
+                                 f"${wire.TOKEN_ENV}")
+        if not hello.get("auth") and self._token is not None:
+            raise StoreAuthError(f"{where} has no token configured but this client has one; "
+                                 "refusing an unauthenticated server")
+        client_nonce = wire.new_nonce()
+        proof = (wire.client_proof(self._token, server_nonce, client_nonce)
+                 if self._token is not None else None)
+        sock.sendall(wire.encode({"proof": proof, "nonce": wire.b64(client_nonce)}))
+        try:
+            answer = _recv_message(sock, wire.MAX_HANDSHAKE_BYTES, deadline)
+        except wire.ProtocolError:
+            raise StoreUnavailableError(f"{self.endpoint} is not an elastic-rendezvous server") from None
+        if not answer.get("ok"):
+            message = str(answer.get("message") or "authentication failed")[:200]
+            raise StoreAuthError(f"{where} refused us: {message}")
+        if self._token is not None and not wire.proof_matches(
+                wire.server_proof(self._token, server_nonce, client_nonce), answer.get("proof")):
+            raise StoreAuthError(f"{where} could not prove it holds the token")
+        with self._lock:
+            if self._instance is None:
+                self._instance = instance
+            elif self._instance != instance:
+                sock.close()
+                raise StoreUnavailableError(
+                    f"{where} restarted and lost the rendezvous state; rejoin with a new store")
+        return _Connection(sock, instance)
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _recv_exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(remaining)
+        count = sock.recv_into(view[got:], n - got)
+        if count == 0:
+            raise EOFError("connection closed by the server")
+        got += count
+    return bytes(buf)
+
+
+def _recv_message(sock: socket.socket, limit: int, deadline: float) -> Dict[str, Any]:
+    (length,) = wire.HEADER.unpack(_recv_exactly(sock, wire.HEADER.size, deadline))
+    wire.check_length(length, limit)
+    return wire.decode(_recv_exactly(sock, length, deadline))
+
+
+def _unwrap(reply: Dict[str, Any]) -> Any:
+    if reply.get("ok"):
+        return reply.get("result")
+    kind, message = reply.get("error"), str(reply.get("message", ""))
+    if kind == "lease_not_found":
+        raise LeaseNotFoundError(message)
+    if kind == "compacted":
+        raise StoreCompactedError(message)
+    if kind == "value":
+        raise ValueError(message)
+    raise StoreError(f"rendezvous server error: {kind}: {message}")
+
+
+def _key(key: Any) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"keys are str, not {type(key).__name__}")
+    return key
+
+
+def _lease(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative integer, not {value!r}")
+    return value
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
