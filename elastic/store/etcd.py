@@ -89,6 +89,7 @@ class EtcdStore(Store):
             raise ConfigError("etcd authentication needs both user and password")
         self._user, self._password = user, password
         credentials = self._credentials(conf)
+        self._secure = credentials is not None
         self._eps = [self._pyetcd.Endpoint(host, port, secure=credentials is not None,
                                            creds=credentials, time_retry=min(1.0, self.timeout_s))
                      for host, port in self.endpoints]
@@ -244,8 +245,10 @@ class EtcdStore(Store):
         with self._auth_lock:
             response = self._call("authenticate", authenticate, _reauth=False)
             self._client.metadata = (("token", response.token),)
+            # gRPC sends call credentials only over TLS; plaintext channels carry the token
+            # as metadata (which pyetcd adds to every call) instead.
             self._client.call_credentials = self._grpc.metadata_call_credentials(
-                self._token_credentials(response.token))
+                self._token_credentials(response.token)) if self._secure else None
             self._client._stubs.pop("watcher", None)  # the watcher holds the old token
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, _reauth: bool = True,
