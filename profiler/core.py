@@ -1,0 +1,566 @@
+"""The :class:`StepProfiler`: an always-on, per-step record for every step of every rank.
+
+Cheap by construction: a step or phase boundary is one clock read (a ``perf_counter()`` on a
+CPU, a CUDA event from a pool on a GPU) and a list append; a finished step becomes one
+:class:`StepRecord`, one buffered JSON line and, if enabled, a few trace events and gauge
+updates. On a GPU the step's events are read when they have completed, at a later step end,
+so the hot path never synchronises with the device (except once per exchange window).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+import weakref
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence
+
+from elastic.world import World
+
+from ._clock import CpuClock, CudaClock
+from .api import PHASES, RankStats, Sampler, Sink, StepRecord, StragglerReport
+from .errors import ProfilerConfigError, ProfilerUsageError
+from .sampler import create_sampler
+from .sinks import ChromeTraceSink, JsonlSink, PrometheusSink, TensorBoardSink
+
+__all__ = ["StepProfiler", "PEAK_FLOPS"]
+
+log = logging.getLogger("profiler")
+
+_PHASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+_MAX_PENDING_STEPS = 64  # GPU steps not yet read before the profiler waits for the oldest
+
+#: Dense BF16/FP16 tensor-core peaks (FLOP/s) by GPU name fragment, for MFU when no peak is given.
+PEAK_FLOPS = {
+    "B200": 2.25e15, "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12,
+    "A800": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "V100": 125e12,
+}
+
+
+class _OpenStep:
+    __slots__ = ("step", "start_mark", "start_perf", "intervals", "samples", "flops",
+                 "end_mark", "comm")
+
+    def __init__(self, step, start_mark, start_perf, intervals, samples, flops):
+        self.step = step
+        self.start_mark = start_mark
+        self.start_perf = start_perf
+        self.intervals = intervals
+        self.samples = samples
+        self.flops = flops
+        self.end_mark = None
+        self.comm = None
+
+
+class _Phase:
+    """A reusable context manager for one phase name; re-entering an open phase is a no-op."""
+
+    __slots__ = ("_prof", "name", "_depth", "_mark")
+
+    def __init__(self, prof: "StepProfiler", name: str) -> None:
+        self._prof = prof
+        self.name = name
+        self._depth = 0
+        self._mark = None
+
+    def begin(self) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            prof = self._prof
+            self._mark = mark = prof._clock.mark()
+            if prof._open is None and prof._carry_start is None:
+                prof._carry_start = (mark, time.perf_counter() if prof._cuda else mark)
+
+    def end(self) -> None:
+        if self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            prof = self._prof
+            interval = (self.name, self._mark, prof._clock.mark())
+            if prof._open is not None:
+                prof._open.intervals.append(interval)
+            else:
+                prof._carry.append(interval)
+
+    def cancel(self) -> None:
+        """Forget an open phase that measured nothing (the loader was exhausted)."""
+        if self._depth:
+            self._depth -= 1
+            prof = self._prof
+            if self._depth == 0 and prof._open is None and not prof._carry:
+                prof._carry_start = None
+
+    __enter__ = begin
+
+    def __exit__(self, *exc) -> None:
+        self.end()
+
+
+class _Step:
+    __slots__ = ("_prof",)
+
+    def __init__(self, prof: "StepProfiler") -> None:
+        self._prof = prof
+
+    def __enter__(self) -> "_Step":
+        self._prof._begin_step()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._prof._end_step(exc_type is None)
+
+
+class StepProfiler:
+    """Per-step timing, phases, device metrics, cross-rank stragglers, and their outputs.
+
+    ``with prof.step(samples=n):`` around each training step, ``with prof.phase("forward"):``
+    inside it (or :meth:`attach` for automatic PyTorch hooks). Phases timed outside a step
+    (the data loading before it) count towards the next step. ``run_dir`` receives
+    ``rank-NNNNN.jsonl`` (always) and a Chrome trace (``trace=True``).
+    """
+
+    def __init__(self, run_dir: Optional[str] = None, *, world: Optional[World] = None,
+                 timer: str = "auto", sampler: str = "auto", sample_hz: float = 5.0,
+                 device_index: Optional[int] = None, trace: bool = True,
+                 prometheus_port: Optional[int] = None, prometheus_addr: str = "127.0.0.1",
+                 tensorboard_dir: Optional[str] = None, tensorboard_every: int = 10,
+                 exchange: str = "auto", exchange_every: int = 50,
+                 straggler_threshold: float = 0.1, store: Any = None,
+                 store_prefix: str = "/elastic-prof/", exchange_timeout_s: float = 60.0,
+                 peak_flops: Optional[float] = None, flops_per_step: Optional[float] = None,
+                 history: int = 1024, sinks: Sequence[Sink] = ()) -> None:
+        if exchange not in ("auto", "collective", "store", "none"):
+            raise ProfilerConfigError(
+                f"unknown exchange {exchange!r}; known: auto, collective, store, none")
+        if timer not in ("auto", "cpu", "cuda"):
+            raise ProfilerConfigError(f"unknown timer {timer!r}; known: auto, cpu, cuda")
+        if exchange_every < 1:
+            raise ProfilerConfigError(f"exchange_every must be >= 1, got {exchange_every}")
+        if not straggler_threshold >= 0:
+            raise ProfilerConfigError(
+                f"straggler_threshold must be >= 0, got {straggler_threshold}")
+        if peak_flops is not None and not peak_flops > 0:
+            raise ProfilerConfigError(f"peak_flops must be positive, got {peak_flops}")
+        self.world = World.from_env() if world is None else world
+        self.run_dir = os.path.abspath(run_dir or os.environ.get("ELASTIC_PROF_DIR")
+                                       or os.path.join("elastic-prof", self.world.run_id))
+        self._clock = self._make_clock(timer)
+        self._cuda = self._clock.kind == "cuda"
+        self.exchange_every = exchange_every
+        self.straggler_threshold = straggler_threshold
+        self._exchange_mode = exchange
+        self._exchange_timeout_s = exchange_timeout_s
+        self._store = store
+        self._store_prefix = store_prefix.rstrip("/") + f"/{self.world.run_id}/"
+        self._exchange: Any = None
+        self._exchange_resolved = False
+        self.peak_flops = peak_flops if peak_flops is not None else self._known_peak()
+        self.flops_per_step = flops_per_step
+
+        # hot-path state
+        self._open: Optional[_OpenStep] = None
+        self._carry: List[tuple] = []
+        self._carry_start: Optional[tuple] = None
+        self._phases: Dict[str, _Phase] = {}
+        self._step_ctx = _Step(self)
+        self._next_samples: Optional[int] = None
+        self._next_flops: Optional[float] = None
+        self._next_step = 0
+        self._steps_ended = 0
+        self._pending: Deque[_OpenStep] = collections.deque()
+        self._wall_offset = time.time() - time.perf_counter()
+        self._comm_lock = threading.Lock()
+        self._comm_inflight = 0
+        self._comm_start = 0.0
+        self._comm_intervals: List[tuple] = []
+        self._closed = False
+
+        # window statistics for the exchange
+        self._win_step: List[float] = []
+        self._win_busy: List[float] = []
+        self._win_samples = 0.0
+        self._win_phases: Dict[str, float] = {p: 0.0 for p in PHASES}
+        self._window_index = 0
+
+        self.records: Deque[StepRecord] = collections.deque(maxlen=history)
+        self.last_record: Optional[StepRecord] = None
+        self.last_report: Optional[StragglerReport] = None
+        self._straggler_hooks: List[Callable[[StragglerReport], None]] = []
+        self._hook_handles: List[Any] = []
+
+        # outputs
+        rank = self.world.rank
+        self.jsonl_path = os.path.join(self.run_dir, f"rank-{rank:05d}.jsonl")
+        self._sinks: List[Sink] = [JsonlSink(self.jsonl_path)]
+        self.trace_path: Optional[str] = None
+        self.prometheus: Optional[PrometheusSink] = None
+        try:
+            if trace:
+                self.trace_path = os.path.join(
+                    self.run_dir,
+                    f"trace-rank-{rank:05d}-g{self.world.generation}-p{os.getpid()}.json")
+                self._sinks.append(ChromeTraceSink(self.trace_path, rank, self.world.generation))
+            if prometheus_port is not None:
+                port = prometheus_port + self.world.local_rank if prometheus_port else 0
+                self.prometheus = PrometheusSink(port, prometheus_addr, rank, self.world.generation)
+                self._sinks.append(self.prometheus)
+            if tensorboard_dir is not None:
+                self._sinks.append(TensorBoardSink(tensorboard_dir, tensorboard_every, rank))
+            self._sinks.extend(sinks)
+            self._want_intervals = trace or any(not isinstance(s, (JsonlSink, PrometheusSink,
+                                                                   TensorBoardSink))
+                                                for s in self._sinks)
+            index = self.world.local_rank if device_index is None else device_index
+            self.sampler: Optional[Sampler] = create_sampler(sampler, index, sample_hz)
+        except BaseException:
+            for sink in self._sinks:
+                sink.close()
+            raise
+        if self.sampler is not None:
+            self.sampler.start()
+        ref = weakref.ref(self)
+        self._atexit = lambda: (ref() is not None and ref().close())
+        atexit.register(self._atexit)
+
+    # -- construction helpers ------------------------------------------------------------
+    def _make_clock(self, timer: str):
+        torch = sys.modules.get("torch")
+        if timer == "cuda" or (timer == "auto" and torch is not None and torch.cuda.is_available()):
+            if torch is None:
+                from elastic._lazy import require
+                torch = require("torch", "CUDA step timing")
+            if not torch.cuda.is_available():
+                raise ProfilerConfigError("timer='cuda' but CUDA is not available")
+            return CudaClock(torch)
+        return CpuClock()
+
+    def _known_peak(self) -> Optional[float]:
+        if not self._cuda:
+            return None
+        try:
+            name = sys.modules["torch"].cuda.get_device_name()
+        except Exception:
+            return None
+        for fragment, peak in PEAK_FLOPS.items():
+            if fragment in name:
+                return peak
+        return None
+
+    @property
+    def timer(self) -> str:
+        """``cpu`` (monotonic wall clock) or ``cuda`` (CUDA events)."""
+        return self._clock.kind
+
+    @property
+    def sinks(self) -> Sequence[Sink]:
+        return tuple(self._sinks)
+
+    # -- the hot path --------------------------------------------------------------------
+    def step(self, samples: Optional[int] = None, flops: Optional[float] = None,
+             step: Optional[int] = None) -> _Step:
+        """A context manager around one training step.
+
+        ``samples``: how many samples the step processed (throughput); ``flops``: the step's
+        FLOPs (MFU, with ``peak_flops``); ``step``: an explicit step number (default: counts
+        from 0, or on from the last explicit one).
+        """
+        self._next_samples = samples
+        self._next_flops = flops
+        if step is not None:
+            self._next_step = step
+        return self._step_ctx
+
+    def phase(self, name: str) -> _Phase:
+        """A context manager timing ``name`` (``data``, ``forward``, ``backward``, ``optimizer``,
+        ``comm``, ``checkpoint`` or your own) inside the current step."""
+        ctx = self._phases.get(name)
+        if ctx is None:
+            if not isinstance(name, str) or not _PHASE_NAME.match(name):
+                raise ProfilerConfigError(
+                    f"invalid phase name {name!r}: use letters, digits, '_', '.', '-'")
+            ctx = self._phases[name] = _Phase(self, name)
+        return ctx
+
+    def _begin_step(self) -> None:
+        if self._closed:
+            raise ProfilerUsageError("the profiler is closed")
+        if self._open is not None:
+            raise ProfilerUsageError("step() entered while a step is open; steps do not nest")
+        carry_start = self._carry_start
+        if carry_start is None:
+            mark = self._clock.mark()
+            start_perf = time.perf_counter() if self._cuda else mark
+        else:
+            mark, start_perf = carry_start
+            self._carry_start = None
+        intervals = self._carry
+        if intervals:
+            self._carry = []
+        self._open = _OpenStep(self._next_step, mark, start_perf, intervals, self._next_samples,
+                               self._next_flops)
+        self._next_step += 1
+        self._next_samples = None
+        self._next_flops = None
+
+    def _end_step(self, ok: bool) -> None:
+        st = self._open
+        if st is None:
+            return
+        self._open = None
+        if not ok:  # a failed step is not a measurement
+            return
+        st.end_mark = self._clock.mark()
+        if self._comm_intervals:
+            with self._comm_lock:
+                st.comm, self._comm_intervals = self._comm_intervals, []
+        self._pending.append(st)
+        self._steps_ended += 1
+        boundary = self._steps_ended % self.exchange_every == 0
+        self._drain(wait_all=boundary)
+        if boundary:
+            self._exchange_window()
+
+    def _drain(self, wait_all: bool = False) -> None:
+        pending = self._pending
+        clock = self._clock
+        while pending:
+            head = pending[0]
+            if not clock.ready(head.end_mark):
+                if not wait_all and len(pending) <= _MAX_PENDING_STEPS:
+                    return
+                clock.wait(head.end_mark)
+            self._finalize(pending.popleft())
+
+    def _finalize(self, st: _OpenStep) -> None:
+        elapsed = self._clock.elapsed_s
+        start = st.start_mark
+        step_time = elapsed(start, st.end_mark)
+        phases: Dict[str, float] = {}
+        intervals: Optional[list] = [] if self._want_intervals else None
+        for name, a, b in st.intervals:
+            d = elapsed(a, b)
+            phases[name] = phases.get(name, 0.0) + d
+            if intervals is not None:
+                intervals.append((name, elapsed(start, a), d))
+        if st.comm:
+            total = phases.get("comm", 0.0)
+            for a, b in st.comm:
+                total += b - a
+                if intervals is not None:
+                    intervals.append(("comm", a - st.start_perf, b - a))
+            phases["comm"] = total
+        if self._cuda:
+            self._clock.release([start, st.end_mark] + [m for _, a, b in st.intervals for m in (a, b)])
+        samples = st.samples
+        sps = samples / step_time if samples and step_time > 0 else None
+        flops = st.flops if st.flops is not None else self.flops_per_step
+        mfu = (flops / step_time / self.peak_flops
+               if flops and self.peak_flops and step_time > 0 else None)
+        record = StepRecord(st.step, self.world.rank, self.world.generation,
+                            self._wall_offset + st.start_perf, step_time, phases, samples, sps,
+                            flops, mfu, self.sampler.window() if self.sampler else {},
+                            self._clock.kind)
+        for sink in self._sinks:
+            sink.write_step(record, intervals or ())
+        self.records.append(record)
+        self.last_record = record
+        self._win_step.append(step_time)
+        self._win_busy.append(step_time - phases.get("comm", 0.0))
+        if samples:
+            self._win_samples += samples
+        win = self._win_phases
+        for name, d in phases.items():
+            if name in win:
+                win[name] += d
+
+    # -- communication time from hooks (any thread) --------------------------------------
+    def comm_begin(self) -> None:
+        """Mark the start of an asynchronous collective (the DDP comm hook calls this)."""
+        with self._comm_lock:
+            if self._comm_inflight == 0:
+                self._comm_start = time.perf_counter()
+            self._comm_inflight += 1
+
+    def comm_end(self) -> None:
+        """Mark the end of one; time with any collective in flight counts as ``comm``."""
+        with self._comm_lock:
+            if self._comm_inflight == 0:
+                return
+            self._comm_inflight -= 1
+            if self._comm_inflight == 0:
+                self._comm_intervals.append((self._comm_start, time.perf_counter()))
+
+    # -- cross-rank exchange -------------------------------------------------------------
+    def _resolve_exchange(self) -> Any:
+        self._exchange_resolved = True
+        mode = self._exchange_mode
+        if mode == "none":
+            return None
+        dist = sys.modules.get("torch.distributed")
+        has_group = bool(dist is not None and dist.is_available() and dist.is_initialized())
+        from .exchange import CollectiveExchange, StoreExchange
+
+        if mode in ("auto", "collective") and has_group:
+            if dist.get_world_size() > 1:
+                return CollectiveExchange(self.straggler_threshold)
+            return None
+        if mode == "collective":
+            raise ProfilerConfigError(
+                "exchange='collective' needs an initialised torch.distributed process group")
+        if mode in ("auto", "store") and self._store is not None:
+            if self.world.world_size > 1 or mode == "store":
+                return StoreExchange(self._store, self._store_prefix, self.world.rank,
+                                     self.world.world_size, self.straggler_threshold,
+                                     self._on_report, self._exchange_timeout_s)
+            return None
+        if mode == "store":
+            raise ProfilerConfigError("exchange='store' needs a store= argument")
+        if self.world.world_size > 1:
+            log.debug("profiler: no process group and no store; straggler reports are off")
+        return None
+
+    def _window_stats(self) -> Optional[RankStats]:
+        steps = len(self._win_step)
+        if not steps:
+            return None
+        total_time = sum(self._win_step)
+        stats = RankStats(
+            rank=self.world.rank, generation=self.world.generation, window=self._window_index,
+            step=self.last_record.step if self.last_record else 0, steps=steps,
+            step_p50_s=statistics.median(self._win_step),
+            busy_p50_s=statistics.median(self._win_busy),
+            samples_per_s=self._win_samples / total_time if total_time > 0 else 0.0,
+            phases_s={p: v / steps for p, v in self._win_phases.items()})
+        self._win_step = []
+        self._win_busy = []
+        self._win_samples = 0.0
+        self._win_phases = {p: 0.0 for p in PHASES}
+        self._window_index += 1
+        return stats
+
+    def _exchange_window(self) -> None:
+        if not self._exchange_resolved:
+            self._exchange = self._resolve_exchange()
+        stats = self._window_stats()
+        if self._exchange is None or stats is None:
+            return
+        from .exchange import CollectiveExchange
+
+        if isinstance(self._exchange, CollectiveExchange):
+            self._on_report(self._exchange.exchange(stats))
+        else:
+            self._exchange.submit(stats)
+
+    def _on_report(self, report: StragglerReport) -> None:
+        self.last_report = report
+        if self.world.rank == 0:
+            if report.stragglers:
+                log.warning("profiler: %s", report.describe())
+            for sink in self._sinks:
+                try:
+                    sink.write_report(report)
+                except Exception as exc:
+                    log.warning("profiler: writing a straggler report failed: %s", exc)
+        for hook in list(self._straggler_hooks):
+            try:
+                hook(report)
+            except Exception:
+                log.exception("profiler: a straggler hook failed")
+
+    def add_straggler_hook(self, hook: Callable[[StragglerReport], None]) -> Callable[[], None]:
+        """Call ``hook(report)`` with every straggler report (from the training thread with a
+        process group, from a background thread with a store). Returns a remover."""
+        self._straggler_hooks.append(hook)
+        return lambda: hook in self._straggler_hooks and self._straggler_hooks.remove(hook)
+
+    # -- integrations --------------------------------------------------------------------
+    def attach(self, model: Any = None, optimizer: Any = None, comm_hook: Any = None) -> None:
+        """Automatic PyTorch phases: forward/backward from module hooks, ``optimizer`` from
+        optimizer step hooks, ``comm`` from a DDP communication hook when ``model`` is a
+        ``DistributedDataParallel`` (wrapping ``comm_hook``, default allreduce)."""
+        from .hooks import attach_torch
+
+        self._hook_handles.extend(attach_torch(self, model, optimizer, comm_hook))
+
+    def wrap_loader(self, iterable: Iterable) -> Iterator:
+        """Yield from ``iterable``, timing each fetch as the ``data`` phase of the next step."""
+        data = self.phase("data")
+        iterator = iter(iterable)
+        while True:
+            data.begin()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                data.cancel()
+                return
+            except BaseException:
+                data.cancel()
+                raise
+            data.end()
+            yield item
+
+    def keras_callback(self, batch_size: Optional[int] = None) -> Any:
+        """A ``keras.callbacks.Callback`` that makes every Keras training batch a step."""
+        from .hooks import keras_callback
+
+        return keras_callback(self, batch_size)
+
+    def set_world(self, world: World) -> None:
+        """New rank facts after a re-rendezvous (in-process recovery): later records carry the
+        new generation; a new rank gets its own JSON lines file."""
+        self._drain(wait_all=True)
+        old = self.world
+        self.world = world
+        if world.rank != old.rank:
+            self._sinks[0].close()
+            self.jsonl_path = os.path.join(self.run_dir, f"rank-{world.rank:05d}.jsonl")
+            self._sinks[0] = JsonlSink(self.jsonl_path)
+        if (world.generation, world.world_size) != (old.generation, old.world_size):
+            if self._exchange is not None and hasattr(self._exchange, "close"):
+                self._exchange.close(0.0)
+            self._exchange = None
+            self._exchange_resolved = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def flush(self) -> None:
+        """Read every finished step (waiting for the GPU if needed) and flush the outputs."""
+        self._drain(wait_all=True)
+        for sink in self._sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._open = None
+        try:
+            self._drain(wait_all=True)
+        finally:
+            self._closed = True
+            for handle in self._hook_handles:
+                try:
+                    handle.remove()
+                except Exception:
+                    pass
+            self._hook_handles = []
+            if self._exchange is not None and hasattr(self._exchange, "close"):
+                self._exchange.close()
+            if self.sampler is not None:
+                self.sampler.stop()
+            for sink in self._sinks:
+                try:
+                    sink.close()
+                except Exception as exc:
+                    log.warning("profiler: closing %s failed: %s", type(sink).__name__, exc)
+            atexit.unregister(self._atexit)
+
+    def __enter__(self) -> "StepProfiler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

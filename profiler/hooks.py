@@ -1,0 +1,134 @@
+"""Automatic phases: PyTorch module/optimizer/DDP hooks and a Keras callback.
+
+PyTorch: a forward pre-hook and hook on the model time ``forward``; a hook on the output
+tensor's gradient marks the start of ``backward`` and queues an autograd-engine callback that
+runs when the backward pass ends (before DDP's own end-of-backward wait, so gradient
+synchronisation is not counted as backward); optimizer step pre/post hooks time
+``optimizer``; a DDP communication hook wrapping allreduce times ``comm`` (the wall time with
+any gradient bucket in flight, which is where fast ranks wait for slow ones).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, List, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .core import StepProfiler
+
+__all__ = ["attach_torch", "keras_callback"]
+
+
+def _first_grad_tensor(output: Any, torch: Any) -> Optional[Any]:
+    if isinstance(output, torch.Tensor):
+        return output if output.requires_grad else None
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = _first_grad_tensor(item, torch)
+            if found is not None:
+                return found
+    return None
+
+
+def attach_torch(prof: "StepProfiler", model: Any = None, optimizer: Any = None,
+                 comm_hook: Any = None) -> List[Any]:
+    """Register the hooks; returns handles whose ``remove()`` detaches them."""
+    from elastic._lazy import require
+
+    torch = require("torch", "PyTorch profiler hooks")
+    handles: List[Any] = []
+    if model is not None:
+        handles.extend(_attach_model(prof, model, torch))
+        ddp_cls = getattr(getattr(torch.nn, "parallel", None), "DistributedDataParallel", None)
+        if ddp_cls is not None and isinstance(model, ddp_cls):
+            _attach_ddp(prof, model, comm_hook)
+    if optimizer is not None:
+        forward_opt = prof.phase("optimizer")
+        handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: forward_opt.begin()))
+        handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: forward_opt.end()))
+    return handles
+
+
+def _attach_model(prof: "StepProfiler", model: Any, torch: Any) -> List[Any]:
+    forward = prof.phase("forward")
+    backward = prof.phase("backward")
+    engine = torch.autograd.Variable._execution_engine
+    is_grad_enabled = torch.is_grad_enabled
+    skipped = [False]
+
+    def end_backward() -> None:
+        backward.end()
+
+    def on_output_grad(grad: Any) -> None:
+        backward.begin()
+        engine.queue_callback(end_backward)
+        return None
+
+    def pre_forward(module: Any, args: Any) -> None:
+        # Evaluation outside a step (no grad) is not part of a training step.
+        if prof._open is None and not is_grad_enabled():
+            skipped[0] = True
+            return
+        skipped[0] = False
+        forward.begin()
+
+    def post_forward(module: Any, args: Any, output: Any) -> None:
+        if skipped[0]:
+            return
+        forward.end()
+        if is_grad_enabled():
+            tensor = _first_grad_tensor(output, torch)
+            if tensor is not None:
+                tensor.register_hook(on_output_grad)
+
+    return [model.register_forward_pre_hook(pre_forward),
+            model.register_forward_hook(post_forward)]
+
+
+def _attach_ddp(prof: "StepProfiler", ddp: Any, comm_hook: Any) -> None:
+    if comm_hook is None:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        comm_hook = allreduce_hook
+    begin, end = prof.comm_begin, prof.comm_end
+
+    def done(fut: Any) -> Any:
+        end()
+        return fut.value()
+
+    def timed_hook(state, bucket):  # DDP checks the annotations: leave them empty
+        begin()
+        try:
+            fut = comm_hook(state, bucket)
+        except BaseException:
+            end()
+            raise
+        return fut.then(done)
+
+    ddp.register_comm_hook(None, timed_hook)
+
+
+def keras_callback(prof: "StepProfiler", batch_size: Optional[int] = None) -> Any:
+    """A Keras callback: each training batch is one step (``samples`` = ``batch_size``)."""
+    from elastic._lazy import require
+
+    keras = require("tensorflow", "the Keras profiler callback").keras
+    step_ctx = {}
+
+    class ProfilerCallback(keras.callbacks.Callback):
+        """Times every training batch as a profiler step; closes nothing (the profiler's owner does)."""
+
+        def on_train_batch_begin(self, batch, logs=None):
+            ctx = prof.step(samples=batch_size)
+            ctx.__enter__()
+            step_ctx["open"] = ctx
+
+        def on_train_batch_end(self, batch, logs=None):
+            ctx = step_ctx.pop("open", None)
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+
+        def on_train_end(self, logs=None):
+            prof.flush()
+
+    return ProfilerCallback()

@@ -1,0 +1,220 @@
+"""Background device samplers: NVML on a GPU, psutil (process and CPU) otherwise.
+
+A daemon thread samples at 1-10 Hz; steps ask :meth:`Sampler.window` for the averages of the
+samples taken since the previous step (the latest sample when a step was shorter than the
+sampling interval). Throttle reasons are OR-ed over the window, counters (energy) keep their
+latest value. Without NVML (no ``pynvml``, no driver, no GPU) :func:`create_sampler` logs one
+line and falls back to psutil; it never raises for a missing device.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+from .api import Sampler
+from .errors import ProfilerConfigError
+
+__all__ = ["NvmlSampler", "PsutilSampler", "create_sampler"]
+
+log = logging.getLogger("profiler")
+
+_MASK_KEYS = frozenset({"throttle_reasons_mask"})
+_LATEST_KEYS = frozenset({"energy_j", "mem_total_bytes"})
+
+
+class _ThreadSampler(Sampler):
+    """The sampling thread and window arithmetic; subclasses read one sample."""
+
+    def __init__(self, hz: float) -> None:
+        if not 0 < hz <= 100:
+            raise ProfilerConfigError(f"sample rate must be in (0, 100] Hz, got {hz}")
+        self.interval_s = 1.0 / hz
+        self._lock = threading.Lock()
+        self._sums: Dict[str, float] = {}
+        self._counts: Dict[str, int] = {}
+        self._masks: Dict[str, int] = {}
+        self._last: Dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.samples_taken = 0
+
+    def _read(self) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def sample_once(self) -> Dict[str, float]:
+        """Take one sample now and add it to the current window."""
+        values = self._read()
+        with self._lock:
+            for key, value in values.items():
+                if key in _MASK_KEYS:
+                    self._masks[key] = self._masks.get(key, 0) | int(value)
+                else:
+                    self._sums[key] = self._sums.get(key, 0.0) + value
+                    self._counts[key] = self._counts.get(key, 0) + 1
+            self._last = values
+            self.samples_taken += 1
+        return values
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.sample_once()  # the first step has a value even if it is shorter than an interval
+        self._thread = threading.Thread(target=self._run, name=f"profiler-{self.source}-sampler",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sample_once()
+            except Exception as exc:  # a flaky device read must not kill training
+                log.debug("profiler: %s sample failed: %s", self.source, exc)
+
+    def window(self) -> Dict[str, float]:
+        with self._lock:
+            if not self._counts and not self._masks:
+                return dict(self._last)
+            out = {}
+            for key, total in self._sums.items():
+                out[key] = self._last.get(key, total) if key in _LATEST_KEYS else total / self._counts[key]
+            for key, mask in self._masks.items():
+                out[key] = float(mask)
+            self._sums = {}
+            self._counts = {}
+            self._masks = {}
+            return out
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        pass
+
+
+class NvmlSampler(_ThreadSampler):
+    """Utilisation, memory, power, energy, SM clock, throttle reasons and temperature of one GPU."""
+
+    source = "nvml"
+
+    def __init__(self, device_index: int = 0, hz: float = 5.0, nvml=None) -> None:
+        super().__init__(hz)
+        if nvml is None:
+            import pynvml as nvml  # the caller (create_sampler) handles ImportError
+        self._nvml = nvml
+        nvml.nvmlInit()
+        try:
+            self._handle = nvml.nvmlDeviceGetHandleByIndex(device_index)
+        except Exception:
+            nvml.nvmlShutdown()
+            raise
+        self.device_index = device_index
+        self._readers = self._make_readers()
+        self._broken: set = set()
+
+    def _make_readers(self) -> Dict[str, Callable[[], Dict[str, float]]]:
+        """Metric groups, one NVML call each; a group the board does not support is dropped."""
+        nv, h = self._nvml, self._handle
+        throttle = getattr(nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None) or \
+            getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons")
+
+        def utilization() -> Dict[str, float]:
+            u = nv.nvmlDeviceGetUtilizationRates(h)
+            return {"gpu_util_pct": float(u.gpu), "mem_util_pct": float(u.memory)}
+
+        def memory() -> Dict[str, float]:
+            m = nv.nvmlDeviceGetMemoryInfo(h)
+            return {"mem_used_bytes": float(m.used), "mem_total_bytes": float(m.total)}
+
+        return {
+            "utilization": utilization,
+            "memory": memory,
+            "power": lambda: {"power_w": nv.nvmlDeviceGetPowerUsage(h) / 1e3},  # milliwatts
+            "energy": lambda: {"energy_j": nv.nvmlDeviceGetTotalEnergyConsumption(h) / 1e3},  # mJ
+            "clock": lambda: {"sm_clock_mhz": float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM))},
+            "throttle": lambda: {"throttle_reasons_mask": float(throttle(h))},
+            "temperature": lambda: {"temperature_c": float(
+                nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU))},
+        }
+
+    def _read(self) -> Dict[str, float]:
+        out: Dict[str, float] = {}
+        for group, read in self._readers.items():
+            if group in self._broken:
+                continue
+            try:
+                out.update(read())
+            except self._nvml.NVMLError as exc:  # e.g. NotSupported on this board: drop it
+                self._broken.add(group)
+                log.debug("profiler: NVML %s unavailable: %s", group, exc)
+        return out
+
+    def _shutdown(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+class PsutilSampler(_ThreadSampler):
+    """System and process CPU utilisation and memory: the fallback without a GPU."""
+
+    source = "psutil"
+
+    def __init__(self, hz: float = 5.0) -> None:
+        super().__init__(hz)
+        import psutil  # a base dependency
+
+        self._psutil = psutil
+        self._proc = psutil.Process()
+        psutil.cpu_percent(None)  # prime the deltas
+        self._proc.cpu_percent(None)
+
+    def _read(self) -> Dict[str, float]:
+        ps = self._psutil
+        return {
+            "cpu_util_pct": float(ps.cpu_percent(None)),
+            "proc_cpu_pct": float(self._proc.cpu_percent(None)),
+            "rss_bytes": float(self._proc.memory_info().rss),
+            "mem_used_pct": float(ps.virtual_memory().percent),
+        }
+
+
+_notice_given = False
+
+
+def _notice(reason: str) -> None:
+    global _notice_given
+    if not _notice_given:
+        _notice_given = True
+        log.warning("profiler: NVML unavailable (%s); sampling CPU and process metrics with "
+                    "psutil instead", reason)
+
+
+def create_sampler(kind: str = "auto", device_index: int = 0, hz: float = 5.0) -> Optional[Sampler]:
+    """``auto``: NVML if it initialises, else psutil (one notice); ``nvml``, ``psutil``, ``none``."""
+    if kind not in ("auto", "nvml", "psutil", "none"):
+        raise ProfilerConfigError(f"unknown sampler {kind!r}; known: auto, nvml, psutil, none")
+    if not 0 < hz <= 100:
+        raise ProfilerConfigError(f"sample rate must be in (0, 100] Hz, got {hz}")
+    if kind == "none":
+        return None
+    if kind in ("auto", "nvml"):
+        try:
+            return NvmlSampler(device_index, hz)
+        except ImportError:
+            if kind == "nvml":
+                from elastic._lazy import require
+                require("pynvml", "NVML device metrics")
+            reason = "pynvml is not installed"
+        except Exception as exc:  # NVMLError: no driver, no device, bad index
+            if kind == "nvml":
+                raise
+            reason = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+        _notice(reason)
+    return PsutilSampler(hz)
