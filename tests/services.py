@@ -138,6 +138,8 @@ class S3Server(_Server):
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
 
     def new_bucket(self, name: str) -> str:
-        fs = self.filesystem()
-        fs.mkdir(name)
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.key,
+                     aws_secret_access_key=self.secret, region_name="us-east-1").create_bucket(Bucket=name)
         return name
