@@ -65,8 +65,13 @@ def is_torch(x: Any) -> bool:
 
 
 def is_tf(x: Any) -> bool:
+    """A TensorFlow tensor or variable, or a Keras 3 variable (which wraps one)."""
     tf = _tf()
-    return tf is not None and isinstance(x, (tf.Tensor, tf.Variable))
+    if tf is not None and isinstance(x, (tf.Tensor, tf.Variable)):
+        return True
+    keras = sys.modules.get("keras")
+    variable = getattr(keras, "Variable", None) if keras is not None else None
+    return variable is not None and isinstance(x, variable)
 
 
 def is_tensor(x: Any) -> bool:
@@ -141,7 +146,7 @@ def _leaf_of(x: Any, key: str, kind: str, offsets=None, global_shape=None) -> Te
         dtype_name = str(x.dtype)
     elif isinstance(x, np.ndarray) or is_tf(x):
         fw = "numpy" if isinstance(x, np.ndarray) else "tf"
-        value = np.asarray(x) if fw == "numpy" else x.numpy()
+        value = np.asarray(x) if fw == "numpy" else np.asarray(x.numpy())
         dtype_name = value.dtype.name
         st = _NP_TO_ST.get(dtype_name)
     else:  # pragma: no cover - guarded by is_tensor
@@ -327,10 +332,9 @@ def fill_target(target: Any, raw: np.ndarray, st_dtype: str) -> Any:
     elif isinstance(dst, np.ndarray):
         np.copyto(dst, raw.view(numpy_dtype(st_dtype)), casting="same_kind")
     elif is_tf(dst):
-        tf = _tf()
         value = raw.view(numpy_dtype(st_dtype))
-        if isinstance(dst, tf.Variable):
+        if hasattr(dst, "assign"):  # tf.Variable or Keras variable
             dst.assign(value)
-        else:
-            return tf.convert_to_tensor(value)
+        else:  # an immutable tf.Tensor cannot be filled: hand back a new one
+            return to_framework(raw, st_dtype, "tf")
     return target
