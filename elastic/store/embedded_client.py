@@ -75,8 +75,9 @@ def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> Tuple[str
 class _Connection:
     """One authenticated socket; used by one thread at a time."""
 
-    def __init__(self, sock: socket.socket, instance: str) -> None:
+    def __init__(self, sock: socket.socket, reader: "_Reader", instance: str) -> None:
         self.sock = sock
+        self.reader = reader
         self.instance = instance
         self.next_id = 1
 
@@ -93,7 +94,7 @@ class _Connection:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                reply = _recv_message(self.sock, wire.MAX_MESSAGE_BYTES, deadline)
+                reply = self.reader.message(wire.MAX_MESSAGE_BYTES, deadline)
             except socket.timeout:
                 raise _Lost(f"no reply within {timeout_s:.1f}s", sent=True) from None
             except (OSError, EOFError, wire.ProtocolError) as exc:
@@ -108,7 +109,7 @@ class _Connection:
             readable, _, _ = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):
             return True
-        if isinstance(self.sock, _ssl.SSLSocket) and self.sock.pending():
+        if self.reader.buffered() or (isinstance(self.sock, _ssl.SSLSocket) and self.sock.pending()):
             return True
         return bool(readable)
 
@@ -283,8 +284,9 @@ class EmbeddedStore(Store):
     def _handshake(self, sock: socket.socket, deadline: float) -> _Connection:
         where = f"the rendezvous server {self.endpoint}"
         sock.settimeout(self.timeout_s)
+        reader = _Reader(sock)
         try:
-            hello = _recv_message(sock, wire.MAX_HANDSHAKE_BYTES, deadline)
+            hello = reader.message(wire.MAX_HANDSHAKE_BYTES, deadline)
             if hello.get("hello") != wire.PROTOCOL:
                 raise wire.ProtocolError("no hello")
             server_nonce = wire.unb64(hello.get("nonce"))
@@ -305,7 +307,7 @@ class EmbeddedStore(Store):
                  if self._token is not None else None)
         sock.sendall(wire.encode({"proof": proof, "nonce": wire.b64(client_nonce)}))
         try:
-            answer = _recv_message(sock, wire.MAX_HANDSHAKE_BYTES, deadline)
+            answer = reader.message(wire.MAX_HANDSHAKE_BYTES, deadline)
         except wire.ProtocolError:
             raise StoreUnavailableError(f"{self.endpoint} is not an elastic-rendezvous server") from None
         if not answer.get("ok"):
@@ -321,30 +323,40 @@ class EmbeddedStore(Store):
                 sock.close()
                 raise StoreUnavailableError(
                     f"{where} restarted and lost the rendezvous state; rejoin with a new store")
-        return _Connection(sock, instance)
+        return _Connection(sock, reader, instance)
 
 
 # -- helpers -------------------------------------------------------------------------------
-def _recv_exactly(sock: socket.socket, n: int, deadline: float) -> bytes:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise socket.timeout("timed out")
-        sock.settimeout(remaining)
-        count = sock.recv_into(view[got:], n - got)
-        if count == 0:
-            raise EOFError("connection closed by the server")
-        got += count
-    return bytes(buf)
+class _Reader:
+    """Buffered framing on a blocking socket: one ``recv`` usually brings a whole reply."""
 
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
 
-def _recv_message(sock: socket.socket, limit: int, deadline: float) -> Dict[str, Any]:
-    (length,) = wire.HEADER.unpack(_recv_exactly(sock, wire.HEADER.size, deadline))
-    wire.check_length(length, limit)
-    return wire.decode(_recv_exactly(sock, length, deadline))
+    def buffered(self) -> int:
+        return len(self.buf)
+
+    def _fill(self, n: int, deadline: float) -> None:
+        while len(self.buf) < n:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("timed out")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(max(65536, n - len(self.buf)))
+            if not chunk:
+                raise EOFError("connection closed by the server")
+            self.buf += chunk
+
+    def message(self, limit: int, deadline: float) -> Dict[str, Any]:
+        self._fill(wire.HEADER.size, deadline)
+        (length,) = wire.HEADER.unpack_from(self.buf)
+        wire.check_length(length, limit)
+        end = wire.HEADER.size + length
+        self._fill(end, deadline)
+        body = bytes(self.buf[wire.HEADER.size:end])
+        del self.buf[:end]
+        return wire.decode(body)
 
 
 def _unwrap(reply: Dict[str, Any]) -> Any:

@@ -39,6 +39,7 @@ _MAX_WAITS_PER_CONNECTION = 4096
 _MAX_WAIT_S = 24 * 3600.0
 _MAX_KEY_CHARS = 64 * 1024
 _MAX_LEASE_ID = (1 << 63) - 1
+_DRAIN_ABOVE_BYTES = 256 * 1024
 
 
 class _Drop(Exception):
@@ -162,6 +163,7 @@ class EmbeddedServer:
         except OSError as exc:
             self._start_error = StoreError(
                 f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}")
+            self._start_error.__cause__ = exc  # callers tell "address in use" apart by errno
             self._ready.set()
             return
         self.port = self._server.sockets[0].getsockname()[1]
@@ -349,7 +351,8 @@ class EmbeddedServer:
             except (LeaseNotFoundError, StoreCompactedError, ValueError) as exc:
                 reply = _error_reply(request_id, exc)
             _send(writer, reply)
-            await writer.drain()
+            if writer.transport.get_write_buffer_size() > _DRAIN_ABOVE_BYTES:
+                await writer.drain()  # a client that does not read its replies: stop reading it
 
     async def _answer_wait(self, writer, request_id: int, prefix: str, after: int,
                            timeout_s: float) -> None:

@@ -18,6 +18,8 @@ from .api import Event, KeyValue, LeaseNotFoundError, Store, StoreCompactedError
 
 __all__ = ["MemoryStore"]
 
+_NEVER = float("inf")
+
 
 @dataclass
 class _Lease:
@@ -40,6 +42,7 @@ class MemoryStore(Store):
         self._leases: Dict[int, _Lease] = {}
         self._lease_ids = itertools.count(first_lease_id)
         self._listeners: List[Callable[[Event], None]] = []
+        self._next_deadline = _NEVER
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, key: str) -> Optional[KeyValue]:
@@ -95,6 +98,7 @@ class MemoryStore(Store):
             self._expire_locked()
             lease_id = next(self._lease_ids)
             self._leases[lease_id] = _Lease(ttl_s, self._clock() + ttl_s)
+            self._next_deadline = min(self._next_deadline, self._leases[lease_id].deadline)
             return lease_id
 
     def keep_alive(self, lease: int) -> None:
@@ -122,7 +126,7 @@ class MemoryStore(Store):
                     return events
                 wake = deadline
                 if self._leases:
-                    wake = min(wake, min(l.deadline for l in self._leases.values()))
+                    wake = min(wake, self._next_deadline)
                 self._cond.wait(max(0.001, wake - now))
 
     def events_after(self, prefix: str, after_revision: int) -> List[Event]:
@@ -207,8 +211,13 @@ class MemoryStore(Store):
                 self._delete_locked(key)
 
     def _expire_locked(self) -> None:
+        # ``_next_deadline`` is a lower bound of every lease's deadline (keep-alives only
+        # move deadlines later), so most calls skip the scan over all leases.
         if not self._leases:
             return
         now = self._clock()
+        if now < self._next_deadline:
+            return
         for lease in [i for i, l in self._leases.items() if l.deadline <= now]:
             self._drop_lease_locked(lease)
+        self._next_deadline = min((l.deadline for l in self._leases.values()), default=_NEVER)
