@@ -14,6 +14,7 @@ import uuid
 from typing import List, Optional
 
 from elastic.errors import UserError
+from elastic.store import StoreError
 
 from .config import DEFAULT_MASTER_PORT, LaunchConfig, parse_nnodes, parse_rdzv_conf
 
@@ -105,11 +106,14 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     node_rank = None if args.node_rank is None else _int(args.node_rank, "--node-rank")
     static = backend == "static" or (not endpoint and (args.master_addr or node_rank is not None))
     if args.standalone or (not static and not endpoint and hi == 1 and backend == "embedded"):
-        # One node and no rendezvous flags: a private store in this process, a fresh run id.
+        # One node and no rendezvous flags: our own embedded server on a free loopback port,
+        # with a random token and a fresh run id.
         if args.standalone and (lo, hi) != (1, 1):
             raise UserError("--standalone runs one node; drop --nnodes or use --rdzv-endpoint")
-        backend, endpoint = "memory", ""
+        backend, endpoint = "embedded", "127.0.0.1:0"
         run_id = run_id if run_id != "none" else uuid.uuid4().hex[:12]
+        if "token" not in parse_rdzv_conf(args.rdzv_conf):
+            args.rdzv_conf = ",".join(filter(None, [args.rdzv_conf, f"token={uuid.uuid4().hex}"]))
     elif static:
         if lo != hi:
             raise UserError(f"static rendezvous needs a fixed --nnodes, got {args.nnodes}")
@@ -146,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .launch import launch
 
         return launch(config_from_args(args))
-    except UserError as exc:
+    except (UserError, StoreError) as exc:  # a store that cannot be served or reached is no bug of ours
         print(f"elastic-run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

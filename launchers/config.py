@@ -14,8 +14,9 @@ __all__ = ["LaunchConfig", "parse_nnodes", "parse_endpoint", "parse_rdzv_conf", 
 DEFAULT_RDZV_PORT = 29400
 DEFAULT_MASTER_PORT = 29500
 # --rdzv-conf keys the launcher understands (torchrun's names where torchrun has one).
-PROTOCOL_KEYS = {"join_timeout", "last_call_timeout", "lease_ttl", "is_host", "timeout"}
-EMBEDDED_KEYS = {"token", "token_file", "tls_cert", "tls_key", "tls_ca", "connect_timeout", "auth_timeout_s"}
+PROTOCOL_KEYS = {"join_timeout", "last_call_timeout", "lease_ttl", "is_host"}
+EMBEDDED_KEYS = {"token", "token_file", "tls", "tls_cert", "tls_key", "tls_ca", "tls_verify_hostname",
+                 "timeout_s", "auth_timeout_s"}
 ETCD_KEYS = {"cacert", "cert", "key", "user", "password", "protocol", "ssl", "timeout"}
 
 
@@ -55,7 +56,7 @@ def parse_endpoint(value: str, default_port: int) -> Tuple[str, int]:
         port = int(port_text) if port_text else default_port
     except ValueError:
         raise ConfigError(f"endpoint {value!r}: port {port_text!r} is not a number") from None
-    if not 0 < port < 65536:
+    if not 0 <= port < 65536:
         raise ConfigError(f"endpoint {value!r}: port {port} out of range")
     return host, port
 

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 from elastic.agent import ElasticAgent, WorkerSpec
 from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
-from elastic.store import MemoryStore, Store, create_store
+from elastic.store import MemoryStore, Store, StoreError, create_store
 
 from .config import DEFAULT_RDZV_PORT, LaunchConfig, is_local_host, parse_endpoint
 
@@ -62,16 +62,16 @@ def _open_store(config: LaunchConfig):
     server = None
     is_host = _conf_bool(config.rdzv_conf.get("is_host"))
     if is_host is None:
-        is_host = is_local_host(host)
+        is_host = port == 0 or is_local_host(host)
     if is_host:
         from elastic.store.embedded_server import EmbeddedServer
 
         bind = host if host in ("localhost",) or host.startswith("127.") else "0.0.0.0"
         try:
             server = EmbeddedServer.from_conf(bind, port, **conf).start()
-            log.info("hosting the rendezvous server on %s:%d", bind, port)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
+            port = server.port
+        except StoreError as exc:
+            if getattr(exc.__cause__, "errno", None) != errno.EADDRINUSE:
                 raise
             log.info("rendezvous server already running at %s:%d; joining it", host, port)
     store = create_store("embedded", f"{host}:{port}", **conf)
@@ -98,7 +98,7 @@ def launch(config: LaunchConfig) -> int:
         max_nodes=config.max_nodes,
         last_call_s=config.conf_seconds("last_call_timeout", DEFAULT_LAST_CALL_S),
         lease_ttl_s=config.conf_seconds("lease_ttl", DEFAULT_LEASE_TTL_S) or DEFAULT_LEASE_TTL_S,
-        join_timeout_s=config.conf_seconds("join_timeout", config.conf_seconds("timeout", DEFAULT_JOIN_TIMEOUT_S)),
+        join_timeout_s=config.conf_seconds("join_timeout", DEFAULT_JOIN_TIMEOUT_S),
         max_restarts=config.max_restarts,
     )
     store, server, local = _open_store(config)

@@ -26,13 +26,22 @@ import time
 import traceback
 
 
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback without this runner's and runpy's frames: it starts in the user's code."""
+    tb = exc.__traceback__
+    while tb is not None and (tb.tb_frame.f_code.co_filename in (__file__, "<frozen runpy>")
+                              or tb.tb_frame.f_code.co_filename.endswith("runpy.py")):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 def _write_error_file(exc: BaseException) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     record = {"message": {
         "message": f"{type(exc).__name__}: {exc}",
-        "extraInfo": {"py_callstack": traceback.format_exc(), "timestamp": str(int(time.time()))},
+        "extraInfo": {"py_callstack": _user_traceback(exc), "timestamp": str(int(time.time()))},
     }}
     try:
         tmp = f"{path}.tmp"
@@ -65,7 +74,7 @@ def _run(argv: list, module: bool) -> int:
         return 1
     except BaseException as exc:  # noqa: B902 - report everything, like the interpreter does
         _write_error_file(exc)
-        traceback.print_exc()
+        sys.stderr.write(_user_traceback(exc))
         return 1
     return 0
 
@@ -90,7 +99,24 @@ def _standby(preload: list) -> int:
     return _run(spec["argv"], bool(spec.get("module")))
 
 
+def _die_with_parent() -> None:
+    """A worker must not outlive its agent (a killed node takes its workers with it)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import signal
+
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the agent died before prctl took effect
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> int:
+    _die_with_parent()
     args = sys.argv[1:]
     if args[:1] == ["--standby"]:
         preload = []

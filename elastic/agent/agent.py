@@ -98,7 +98,7 @@ class ElasticAgent:
                 return 0
             if outcome == "failed":
                 failure: WorkerExit = detail
-                log.error("%s; %s", failure.describe(), "restarting the job")
+                log.error("%s", failure.describe())
                 self._report_failure(rnd, failure)
                 self._stop_workers()
                 try:
@@ -186,6 +186,8 @@ class ElasticAgent:
             try:
                 reason = self.handler.watch(rnd, timeout_s=1.0)
             except Exception as exc:  # a store hiccup: keep watching, the lease decides liveness
+                if stop.is_set():
+                    return
                 log.warning("watching the round failed: %s", exc)
                 stop.wait(0.5)
                 continue
@@ -226,7 +228,7 @@ class ElasticAgent:
             lines.append(f"first failure: {first['describe']} on node {first['node_rank']} "
                          f"({first['host']}) at {time.strftime('%H:%M:%S', time.localtime(first['time']))}")
             if first.get("error"):
-                lines.append(first["error"].rstrip())
+                lines.append(first["error"].rstrip())  # message, then the worker's traceback
         lines.append("=" * 72)
         print("\n".join(lines), file=__import__("sys").stderr, flush=True)
 

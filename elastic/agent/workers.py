@@ -120,7 +120,7 @@ class _Worker:
         try:
             with open(self.error_file) as f:
                 record = json.load(f)["message"]
-            return f"{record['message']}\n{record['extraInfo']['py_callstack']}"
+            return record["extraInfo"]["py_callstack"] or record["message"]
         except (OSError, ValueError, KeyError, TypeError):
             return ""
 
