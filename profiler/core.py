@@ -126,7 +126,7 @@ class StepProfiler:
     """
 
     def __init__(self, run_dir: Optional[str] = None, *, world: Optional[World] = None,
-                 timer: str = "auto", sampler: str = "auto", sample_hz: float = 5.0,
+                 timer: Any = "auto", sampler: str = "auto", sample_hz: float = 5.0,
                  device_index: Optional[int] = None, trace: bool = True,
                  prometheus_port: Optional[int] = None, prometheus_addr: str = "127.0.0.1",
                  tensorboard_dir: Optional[str] = None, tensorboard_every: int = 10,
@@ -138,7 +138,7 @@ class StepProfiler:
         if exchange not in ("auto", "collective", "store", "none"):
             raise ProfilerConfigError(
                 f"unknown exchange {exchange!r}; known: auto, collective, store, none")
-        if timer not in ("auto", "cpu", "cuda"):
+        if isinstance(timer, str) and timer not in ("auto", "cpu", "cuda"):
             raise ProfilerConfigError(f"unknown timer {timer!r}; known: auto, cpu, cuda")
         if exchange_every < 1:
             raise ProfilerConfigError(f"exchange_every must be >= 1, got {exchange_every}")
@@ -229,7 +229,9 @@ class StepProfiler:
         atexit.register(self._atexit)
 
     # -- construction helpers ------------------------------------------------------------
-    def _make_clock(self, timer: str):
+    def _make_clock(self, timer: Any):
+        if not isinstance(timer, str):
+            return timer  # a clock object with CudaClock's interface (tests, other devices)
         torch = sys.modules.get("torch")
         if timer == "cuda" or (timer == "auto" and torch is not None and torch.cuda.is_available()):
             if torch is None:
@@ -302,6 +304,8 @@ class StepProfiler:
         intervals = self._carry
         if intervals:
             self._carry = []
+        else:
+            intervals = []
         self._open = _OpenStep(self._next_step, mark, start_perf, intervals, self._next_samples,
                                self._next_flops)
         self._next_step += 1

@@ -1,0 +1,492 @@
+"""The step profiler in one process: records, phases, hooks, sinks, samplers, store exchange."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from elastic import World
+from elastic.errors import ConfigError, UserError
+from elastic.store import create_store
+from profiler import (PHASES, NvmlSampler, ProfilerConfigError, ProfilerUsageError, PsutilSampler,
+                      RankStats, StepProfiler, StepRecord, StragglerReport, create_sampler,
+                      detect_stragglers)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKE_NVML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_nvml")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def busy_wait(seconds):
+    """Spin rather than sleep, so the time is measurable CPU work in a phase."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """Put the fake pynvml first on sys.path for this test; the real one comes back after."""
+    monkeypatch.syspath_prepend(FAKE_NVML)
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    module = importlib.import_module("pynvml")
+    assert getattr(module, "FAKE", False), module.__file__
+    yield module
+    sys.modules.pop("pynvml", None)
+
+
+# -- records and phases ----------------------------------------------------------------------
+
+def test_steps_phases_and_throughput_are_written_as_json_lines(tmp_path):
+    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+        for i in range(5):
+            with prof.phase("data"):  # before the step: counts towards it
+                busy_wait(0.002)
+            with prof.step(samples=32):
+                with prof.phase("forward"):
+                    busy_wait(0.003)
+                with prof.phase("backward"):
+                    busy_wait(0.001)
+                with prof.phase("my_phase"):
+                    pass
+    lines = read_jsonl(tmp_path / "rank-00000.jsonl")
+    assert [l["step"] for l in lines] == [0, 1, 2, 3, 4]
+    for line in lines:
+        rec = StepRecord.from_json(line)
+        assert rec.rank == 0 and rec.generation == 0 and rec.timer == "cpu"
+        assert set(rec.phases_s) == {"data", "forward", "backward", "my_phase"}
+        assert rec.phases_s["data"] >= 0.002 and rec.phases_s["forward"] >= 0.003
+        # the step starts where its data phase started
+        assert rec.step_time_s >= rec.phases_s["data"] + rec.phases_s["forward"] + rec.phases_s["backward"]
+        assert rec.samples == 32
+        assert rec.samples_per_s == pytest.approx(32 / rec.step_time_s)
+        assert rec.mfu is None
+        assert abs(rec.wall_time_s - time.time()) < 60
+    assert prof.last_record.step == 4 and len(prof.records) == 5
+
+
+def test_world_facts_come_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("ELASTIC_GENERATION", "7")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job9")
+    monkeypatch.delenv("ELASTIC_PROF_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with StepProfiler(sampler="none", trace=False) as prof:
+        with prof.step():
+            pass
+    assert prof.jsonl_path == str(tmp_path / "elastic-prof" / "job9" / "rank-00002.jsonl")
+    (line,) = read_jsonl(prof.jsonl_path)
+    assert (line["rank"], line["generation"]) == (2, 7)
+
+
+def test_mfu_from_flops_and_peak(tmp_path):
+    with StepProfiler(str(tmp_path), sampler="none", trace=False, peak_flops=1e9,
+                      flops_per_step=1e6) as prof:
+        with prof.step():
+            busy_wait(0.001)
+        with prof.step(flops=4e6):
+            busy_wait(0.001)
+    first, second = prof.records
+    assert first.mfu == pytest.approx(1e6 / first.step_time_s / 1e9)
+    assert second.flops == 4e6 and second.mfu == pytest.approx(4e6 / second.step_time_s / 1e9)
+
+
+def test_bad_usage_is_a_clear_user_error(tmp_path):
+    with pytest.raises(ProfilerConfigError, match="exchange_every"):
+        StepProfiler(str(tmp_path), exchange_every=0, sampler="none")
+    with pytest.raises(ConfigError, match="unknown timer"):
+        StepProfiler(str(tmp_path), timer="tpu", sampler="none")
+    with pytest.raises(ProfilerConfigError, match="sample rate"):
+        StepProfiler(str(tmp_path), sample_hz=0)
+    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+        with pytest.raises(ProfilerConfigError, match="invalid phase name"):
+            prof.phase("no spaces please")
+        with prof.step():
+            with pytest.raises(ProfilerUsageError, match="do not nest"):
+                with prof.step():
+                    pass
+    with pytest.raises(UserError, match="closed"):
+        with prof.step():
+            pass
+
+
+def test_a_failed_step_is_not_recorded(tmp_path):
+    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+        with prof.step():
+            pass
+        with pytest.raises(RuntimeError):
+            with prof.step():
+                raise RuntimeError("boom")
+        with prof.step():
+            pass
+    assert [r.step for r in prof.records] == [0, 2]
+
+
+def test_wrap_loader_times_data_and_stops_cleanly(tmp_path):
+    def slow_items():
+        for i in range(3):
+            busy_wait(0.002)
+            yield i
+
+    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+        seen = []
+        for item in prof.wrap_loader(slow_items()):
+            with prof.step():
+                seen.append(item)
+        with prof.step():  # the exhausted fetch left nothing behind
+            pass
+    assert seen == [0, 1, 2]
+    assert all(r.phases_s["data"] >= 0.002 for r in list(prof.records)[:3])
+    assert "data" not in prof.records[-1].phases_s
+
+
+# -- CUDA-style lazy reads (events complete later) ---------------------------------------------
+
+class _Event:
+    def __init__(self, clock, t):
+        self.clock, self.t, self.queries = clock, t, 0
+
+
+class LaggingEventClock:
+    """Stands in for CUDA events (no GPU here): a mark completes only ``lag`` marks later,
+    as events recorded on a busy stream; reading before completion is a test failure."""
+
+    kind = "cuda"
+
+    def __init__(self, lag=3):
+        self.lag, self.n, self.released, self.waits = lag, 0, 0, 0
+        self.now = 0.0
+
+    def mark(self):
+        self.n += 1
+        self.now += 0.001
+        ev = _Event(self, self.now)
+        ev.index = self.n
+        return ev
+
+    def ready(self, ev):
+        ev.queries += 1
+        return self.n - ev.index >= self.lag
+
+    def wait(self, ev):
+        self.waits += 1
+        self.n = max(self.n, ev.index + self.lag)
+
+    def elapsed_s(self, a, b):
+        assert self.n - b.index >= self.lag, "read an event before it completed"
+        return b.t - a.t
+
+    def release(self, marks):
+        self.released += len(marks)
+
+
+def test_gpu_style_events_are_read_later_without_waiting(tmp_path):
+    clock = LaggingEventClock(lag=5)
+    prof = StepProfiler(str(tmp_path), timer=clock, sampler="none", trace=True, exchange_every=1000)
+    for i in range(10):
+        with prof.step():
+            with prof.phase("forward"):
+                pass
+        # 4 marks per step, lag 5: the step just ended is never complete yet
+        assert prof.last_record is None or prof.last_record.step < i
+    assert clock.waits == 0  # the hot path never synchronised
+    assert len(prof.records) >= 8
+    prof.close()  # reads the rest (waiting only now)
+    assert [r.step for r in prof.records] == list(range(10))
+    assert all(r.timer == "cuda" for r in prof.records)
+    assert all(r.step_time_s == pytest.approx(0.003) for r in prof.records)
+    assert all(r.phases_s["forward"] == pytest.approx(0.001) for r in prof.records)
+    assert clock.released == 40  # every event went back to the pool
+    trace = json.load(open(prof.trace_path))
+    assert sum(1 for e in trace["traceEvents"] if e.get("cat") == "step") == 10
+
+
+# -- PyTorch hooks --------------------------------------------------------------------------
+
+def test_torch_hooks_time_forward_backward_and_optimizer(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
+    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+        prof.attach(model, opt)
+        for _ in range(4):
+            with prof.step(samples=16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():  # evaluation between steps is not carried into a step
+            model(x)
+        with prof.step():
+            pass
+    records = list(prof.records)
+    for rec in records[:4]:
+        assert set(rec.phases_s) == {"forward", "backward", "optimizer"}
+        assert all(v > 0 for v in rec.phases_s.values())
+        assert sum(rec.phases_s.values()) <= rec.step_time_s
+    assert records[4].phases_s == {}
+    # close() removed the hooks: the model runs without touching the closed profiler
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+
+
+# -- outputs --------------------------------------------------------------------------------
+
+def test_chrome_trace_loads_and_phases_nest_in_their_steps(tmp_path):
+    with StepProfiler(str(tmp_path), sampler="none", world=World(rank=3, world_size=4)) as prof:
+        for _ in range(3):
+            with prof.step():
+                with prof.phase("forward"):
+                    busy_wait(0.001)
+                with prof.phase("optimizer"):
+                    busy_wait(0.0005)
+    assert os.path.basename(prof.trace_path).startswith("trace-rank-00003-g0-")
+    with open(prof.trace_path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"]
+    assert trace["displayTimeUnit"] == "ms"
+    assert {e["ph"] for e in events} == {"M", "X"}
+    steps = [e for e in events if e.get("cat") == "step"]
+    phases = [e for e in events if e.get("cat") == "phase"]
+    assert [e["name"] for e in steps] == ["step 0", "step 1", "step 2"]
+    assert len(phases) == 6 and {e["name"] for e in phases} == {"forward", "optimizer"}
+    assert all(e["pid"] == 3 for e in steps + phases)
+    for ph in phases:
+        owner = [s for s in steps if s["ts"] <= ph["ts"] and ph["ts"] + ph["dur"] <= s["ts"] + s["dur"] + 1]
+        assert len(owner) == 1, ph
+
+
+def test_prometheus_endpoint_is_scraped_over_http_and_parses(tmp_path):
+    parser = pytest.importorskip("prometheus_client.parser")
+    with StepProfiler(str(tmp_path), sampler="psutil", trace=False, prometheus_port=0,
+                      world=World(rank=1, world_size=2)) as prof:
+        for _ in range(7):
+            with prof.step(samples=8):
+                with prof.phase("forward"):
+                    busy_wait(0.001)
+        port = prof.prometheus.port
+        assert port > 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            assert resp.status == 200
+            text = resp.read().decode()
+    families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+    steps = {s.name: s for s in families["elastic_prof_steps"].samples}
+    assert steps["elastic_prof_steps_total"].value == 7
+    assert steps["elastic_prof_steps_total"].labels == {"rank": "1"}
+    hist = {s.name: s.value for s in families["elastic_prof_step_seconds"].samples}
+    assert hist["elastic_prof_step_seconds_count"] == 7
+    assert hist["elastic_prof_step_seconds_sum"] == pytest.approx(
+        sum(r.step_time_s for r in prof.records))
+    phase = {s.labels["phase"]: s.value for s in families["elastic_prof_phase_seconds"].samples}
+    assert set(phase) == set(PHASES) and phase["forward"] >= 0.001
+    assert families["elastic_prof_samples_per_second"].samples[0].value > 0
+    device = {s.labels["metric"] for s in families["elastic_prof_device"].samples}
+    assert "proc_cpu_pct" in device
+    # the server is gone after close
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_tensorboard_scalars_without_importing_tensorflow(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        from profiler import StepProfiler
+        with StepProfiler({str(tmp_path)!r}, sampler="none", trace=False,
+                          tensorboard_dir={str(tmp_path / 'tb')!r}, tensorboard_every=2) as prof:
+            for _ in range(6):
+                with prof.step(samples=4):
+                    with prof.phase("forward"):
+                        pass
+        print("TF", "tensorflow" in sys.modules)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        acc = EventAccumulator({str(tmp_path / 'tb' / 'rank-0')!r})
+        acc.Reload()
+        print("TAGS", sorted(acc.Tags()["scalars"]))
+        print("STEPS", [e.step for e in acc.Scalars("step_time_s")])
+        print("VALUES", [round(e.value, 9) == round(r.step_time_s, 9)
+                         for e, r in zip(acc.Scalars("step_time_s"), list(prof.records)[::2])])
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "TF False" in res.stdout
+    assert "TAGS ['phase/forward_s', 'samples_per_s', 'step_time_s']" in res.stdout
+    assert "STEPS [0, 2, 4]" in res.stdout
+    assert "VALUES [True, True, True]" in res.stdout
+
+
+# -- device samplers ------------------------------------------------------------------------
+
+def test_nvml_sampler_runs_against_the_fake_nvml(fake_nvml, tmp_path):
+    sampler = create_sampler("auto", device_index=0, hz=10)
+    assert isinstance(sampler, NvmlSampler)
+    for _ in range(4):
+        sampler.sample_once()
+    window = sampler.window()
+    assert window["gpu_util_pct"] == 70.0  # 60/80 alternating
+    assert window["mem_util_pct"] == 30.0
+    assert window["mem_used_bytes"] == 10 * 1024 ** 3 and window["mem_total_bytes"] == 80 * 1024 ** 3
+    assert window["power_w"] == 250.0
+    assert window["energy_j"] >= 1000.0
+    assert window["sm_clock_mhz"] == 1410.0
+    assert window["throttle_reasons_mask"] == float(0x4 | 0x1)  # OR over the window
+    assert window["temperature_c"] == 65.0
+    # no new sample since: the latest one stands in
+    assert sampler.window()["throttle_reasons_mask"] in (0x1, 0x4)
+    sampler.stop()
+    assert fake_nvml.calls["nvmlShutdown"] == 1
+
+    with pytest.raises(fake_nvml.NVMLError):
+        create_sampler("nvml", device_index=5)  # no such device: asked for NVML, so it raises
+
+    with StepProfiler(str(tmp_path), sampler="nvml", sample_hz=10, trace=False) as prof:
+        assert prof.sampler.source == "nvml"
+        for _ in range(3):
+            with prof.step():
+                pass
+    (first, *_rest) = read_jsonl(prof.jsonl_path)
+    assert first["device"]["power_w"] == 250.0 and "gpu_util_pct" in first["device"]
+
+
+def test_unsupported_nvml_metric_is_dropped_not_fatal(fake_nvml, monkeypatch):
+    monkeypatch.setenv("FAKE_NVML_NO_ENERGY", "1")
+    sampler = create_sampler("auto", hz=10)
+    try:
+        values = sampler.sample_once()
+        assert "energy_j" not in values and values["power_w"] == 250.0
+    finally:
+        sampler.stop()
+
+
+def _run_with_nvml(env_extra, fake=True):
+    code = textwrap.dedent("""
+        from profiler import StepProfiler
+        import tempfile
+        d = tempfile.mkdtemp()
+        for _ in range(2):  # two profilers, one notice
+            with StepProfiler(d, trace=False) as prof:
+                with prof.step():
+                    pass
+        print("SOURCE", prof.sampler.source, sorted(prof.last_record.device))
+    """)
+    env = dict(os.environ, **env_extra)
+    env["PYTHONPATH"] = os.pathsep.join(([FAKE_NVML] if fake else []) + [REPO])
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_without_a_driver_it_falls_back_to_psutil_with_one_notice():
+    res = _run_with_nvml({"FAKE_NVML_INIT_ERROR": "9"})
+    assert res.returncode == 0, res.stderr
+    notices = [l for l in res.stderr.splitlines() if "NVML unavailable" in l]
+    assert notices == ["profiler: NVML unavailable (NVMLError_DriverNotLoaded: Driver Not Loaded); "
+                       "sampling CPU and process metrics with psutil instead"]
+    assert "SOURCE psutil ['cpu_util_pct', 'mem_used_pct', 'proc_cpu_pct', 'rss_bytes']" in res.stdout
+
+
+def test_real_pynvml_without_a_gpu_falls_back_too():
+    pytest.importorskip("pynvml")
+    res = _run_with_nvml({}, fake=False)
+    assert res.returncode == 0, res.stderr
+    assert "SOURCE psutil" in res.stdout or "SOURCE nvml" in res.stdout
+    if "SOURCE psutil" in res.stdout:
+        assert sum("NVML unavailable" in l for l in res.stderr.splitlines()) == 1
+
+
+def test_psutil_sampler_values():
+    sampler = PsutilSampler(hz=10)
+    try:
+        values = sampler.sample_once()
+        assert values["rss_bytes"] > 1e6 and 0 <= values["mem_used_pct"] <= 100
+    finally:
+        sampler.stop()
+    with pytest.raises(ProfilerConfigError, match="unknown sampler"):
+        create_sampler("dcgm")
+
+
+# -- stragglers -----------------------------------------------------------------------------
+
+def _stats(rank, busy):
+    return RankStats(rank=rank, generation=1, window=2, step=99, steps=50, step_p50_s=busy,
+                     busy_p50_s=busy, phases_s={**{p: 0.0 for p in PHASES}, "forward": busy / 2})
+
+
+def test_detect_stragglers_uses_the_median_and_threshold():
+    report = detect_stragglers([_stats(0, 0.010), _stats(1, 0.0125), _stats(2, 0.011),
+                                _stats(3, 0.030)], threshold_frac=0.1, world_size=5)
+    assert report.median_busy_s == pytest.approx(0.01175)
+    assert report.stragglers == (3,)  # 0.0125 is within 10% of the median
+    assert report.missing == (4,)
+    assert report.slowdown(3) == pytest.approx(0.030 / 0.01175 - 1)
+    assert "rank 3" in report.describe()
+    again = StragglerReport.from_json(json.loads(json.dumps(report.to_json())))
+    assert again == report
+    assert detect_stragglers([_stats(0, 0.01), _stats(1, 0.01)], 0.1).stragglers == ()
+    vec = _stats(2, 0.5).to_vector()
+    assert len(vec) == RankStats.VECTOR_LEN and RankStats.from_vector(vec) == _stats(2, 0.5)
+    assert RankStats.from_vector([0.0] * RankStats.VECTOR_LEN) is None  # an empty slot
+
+
+def test_store_exchange_names_the_slow_rank():
+    store = create_store("memory")
+    world_size, steps, every = 3, 15, 5
+    reports = {r: [] for r in range(world_size)}
+    profs = [StepProfiler(None, world=World(rank=r, world_size=world_size, run_id="storejob"),
+                          store=store, exchange="store", exchange_every=every,
+                          straggler_threshold=0.5, sampler="none", trace=False,
+                          exchange_timeout_s=30)
+             for r in range(world_size)]
+    for r, prof in enumerate(profs):
+        prof.add_straggler_hook(reports[r].append)
+    done = threading.Barrier(world_size, timeout=60)
+    errors = []
+
+    def rank_loop(rank):
+        try:
+            prof = profs[rank]
+            for _ in range(steps):
+                with prof.step(samples=1):
+                    with prof.phase("forward"):
+                        busy_wait(0.001)
+                        if rank == 1:
+                            time.sleep(0.02)  # the slow rank
+            done.wait()
+            prof.close()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank_loop, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads) and not errors, errors
+    for rank in range(world_size):
+        complete = [rep for rep in reports[rank] if not rep.missing]
+        assert complete, f"rank {rank} got no complete report: {reports[rank]}"
+        assert all(rep.stragglers == (1,) for rep in complete), complete
+        assert all(rep.source == "store" for rep in complete)
+    # rank 0 published the report under the store prefix for an agent to read
+    kv = store.get("/elastic-prof/storejob/g0/report")
+    published = StragglerReport.from_json(json.loads(kv.value))
+    assert published.stragglers == (1,)
+    kvs, _ = store.get_prefix("/elastic-prof/storejob/g0/rank/")
+    assert len(kvs) == world_size and json.loads(kvs[1].value)["rank"] == 1
+    rank0_lines = read_jsonl(profs[0].jsonl_path)
+    assert any(l["kind"] == "stragglers" and l["stragglers"] == [1] for l in rank0_lines)
