@@ -375,3 +375,11 @@ def test_cli_port_in_use_is_one_line(server):
     res = _run_cli("serve", "--host", "127.0.0.1", "--port", str(server.port), "--token", "t")
     assert res.returncode == 1
     assert "Traceback" not in res.stderr and "cannot listen" in res.stderr
+
+
+def test_address_in_use_error_keeps_the_errno(server):
+    import errno
+
+    with pytest.raises(StoreError) as info:
+        EmbeddedServer("127.0.0.1", server.port, token=TOKEN).start()
+    assert info.value.__cause__.errno == errno.EADDRINUSE

@@ -163,6 +163,7 @@ class EmbeddedServer:
         except OSError as exc:
             self._start_error = StoreError(
                 f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}")
+            self._start_error.__cause__ = exc  # callers check .errno (EADDRINUSE: join it)
             self._start_error.__cause__ = exc  # callers tell "address in use" apart by errno
             self._ready.set()
             return

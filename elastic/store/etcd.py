@@ -66,7 +66,8 @@ class EtcdStore(Store):
 
     Settings (strings accepted, as from ``--rdzv-conf``): ``cacert`` (CA bundle; turns TLS on),
     ``cert``/``key`` (client certificate), ``tls`` (TLS with the system CAs), ``user`` and
-    ``password``, ``timeout_s`` (per-request timeout, default 10). Other keys are ignored.
+    ``password``, ``timeout_s`` (per-request timeout, default 10). torchrun's spellings
+    ``timeout``, ``protocol=https`` and ``ssl`` work as well. Other keys are ignored.
     Checks the cluster is reachable at construction: a wrong endpoint fails here in one line.
     """
 
@@ -83,7 +84,8 @@ class EtcdStore(Store):
         self._token_credentials = EtcdTokenCallCredentials
         self.endpoints = parse_endpoints(endpoint)
         self.endpoint = ",".join(f"{h}:{p}" for h, p in self.endpoints)
-        self.timeout_s = parse_seconds(conf.get("timeout_s", 10.0), "timeout_s")
+        # torchrun's etcd settings are accepted too: timeout, protocol=https, ssl.
+        self.timeout_s = parse_seconds(conf.get("timeout_s", conf.get("timeout", 10.0)), "timeout_s")
         user, password = conf.get("user"), conf.get("password")
         if (user is None) != (password is None):
             raise ConfigError("etcd authentication needs both user and password")
@@ -216,7 +218,8 @@ class EtcdStore(Store):
 
     def _credentials(self, conf: dict):
         cacert, cert, key = conf.get("cacert"), conf.get("cert"), conf.get("key")
-        tls = parse_bool(conf.get("tls", False), "tls")
+        tls = (parse_bool(conf.get("tls", conf.get("ssl", False)), "tls")
+               or str(conf.get("protocol", "")).lower() == "https")
         if not (cacert or cert or key or tls):
             return None
         if bool(cert) != bool(key):
