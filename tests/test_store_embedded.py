@@ -383,3 +383,20 @@ def test_address_in_use_error_keeps_the_errno(server):
     with pytest.raises(StoreError) as info:
         EmbeddedServer("127.0.0.1", server.port, token=TOKEN).start()
     assert info.value.__cause__.errno == errno.EADDRINUSE
+
+
+def test_a_forked_child_uses_its_own_connections(server, prefix):
+    with create_store("embedded", server.endpoint, token=TOKEN) as store:
+        store.put(prefix + "k", b"parent")
+        pid = os.fork()
+        if pid == 0:  # child: must not reuse the parent's pooled socket
+            code = 1
+            try:
+                store.put(prefix + "child", b"1")
+                code = 0 if store.get(prefix + "k").value == b"parent" else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert store.get(prefix + "child").value == b"1"  # the parent's pool still works
+        assert store.get(prefix + "k").value == b"parent"

@@ -13,6 +13,7 @@ state is gone), calls raise :class:`StoreUnavailableError` instead of talking to
 """
 from __future__ import annotations
 
+import os
 import select
 import socket
 import ssl as _ssl
@@ -147,6 +148,7 @@ class EmbeddedStore(Store):
         self._idle: List[_Connection] = []
         self._instance: Optional[str] = None
         self._closed = False
+        self._pid = os.getpid()
         self._release(self._connect())
 
     # -- Store ---------------------------------------------------------------------------
@@ -225,6 +227,8 @@ class EmbeddedStore(Store):
         with self._lock:
             if self._closed:
                 raise StoreError(f"the store client for {self.endpoint} is closed")
+            if self._pid != os.getpid():  # forked: the pooled sockets belong to the parent
+                self._idle, self._pid = [], os.getpid()
             while self._idle:
                 conn = self._idle.pop()
                 if not conn.looks_closed():
