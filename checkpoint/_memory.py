@@ -15,7 +15,8 @@ import mmap
 import os
 from typing import Any, Dict, Optional
 
-import numpy as np
+
+from ._storage import alloc_bytes
 
 DEFAULT_MEMORY_DIR = "/dev/shm/elastic-run"
 _META = "slot.json"
@@ -109,7 +110,7 @@ def read_snapshot(directory: str) -> Optional[tuple]:
         with open(os.path.join(directory, _META)) as f:
             meta = json.load(f)
         nbytes = int(meta["data_bytes"])
-        buf = np.empty(nbytes, dtype=np.uint8)
+        buf = alloc_bytes(nbytes)
         with open(os.path.join(directory, _DATA), "rb", buffering=0) as f:
             view = memoryview(buf)
             got = 0

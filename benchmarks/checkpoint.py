@@ -1,0 +1,214 @@
+"""Checkpoint benchmark: training stall, persist and load throughput, side by side.
+
+    python benchmarks/checkpoint.py [--quick] [--dir /tmp] [--size-mib N]
+
+Compares, on one torch state of 1 GiB (``--quick``: 256 MiB) in one run:
+
+* the training stall of ``Checkpointer.save()`` (time until it returns) against ``torch.save``
+  and ``torch.distributed.checkpoint.async_save`` (1-rank gloo group), and against an
+  in-memory copy of the state into preallocated buffers (``memcpy_s``, the floor);
+* our persist throughput (state bytes / time from ``save()`` to durable commit) against
+  ``dd oflag=direct`` writing as many bytes to the same disk;
+* our load throughput (cold page cache) against a sequential ``dd`` read of a file as big.
+
+Stalls are steady-state figures (the median over saves after a first warm-up save, which
+allocates the staging memory once); the first save's stall is printed too. The last line is
+one JSON object with the keys the issue names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_state(torch, total_bytes: int) -> dict:
+    """A model-like state: a few large float32 matrices and some small tensors."""
+    n_big = 8
+    rows = max(1, total_bytes // n_big // (4 * 4096))
+    gen = torch.Generator().manual_seed(0)
+    model = {f"layer{i}.weight": torch.empty(rows, 4096).uniform_(-1, 1, generator=gen)
+             for i in range(n_big)}
+    model.update({f"layer{i}.bias": torch.zeros(4096) for i in range(n_big)})
+    return {"model": model, "step": 1, "rng": torch.get_rng_state()}
+
+
+def state_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state["model"].values()) + state["rng"].numel()
+
+
+def drop_cache(path: str) -> None:
+    """Evict a file (or every file under a directory) from the page cache (no root needed)."""
+    paths = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path)
+                                                 for f in fs]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def dd_bytes_per_s(args: list) -> float:
+    res = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
+    m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", res.stderr)
+    return int(m.group(1)) / float(m.group(2))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="256 MiB of state instead of 1 GiB")
+    ap.add_argument("--size-mib", type=int, default=None)
+    ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
+    ap.add_argument("--saves", type=int, default=3, help="timed saves after the warm-up")
+    args = ap.parse_args()
+    size = (args.size_mib or (256 if args.quick else 1024)) << 20
+
+    import torch
+
+    from checkpoint import Checkpointer
+
+    work = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or "/tmp")
+    shm = tempfile.mkdtemp(prefix="ckpt-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    rows = []
+    try:
+        state = make_state(torch, size)
+        nbytes = state_bytes(state)
+        gib = nbytes / 2**30
+
+        # 1. in-memory copy into preallocated buffers: the floor for any stall
+        dst = {k: torch.empty_like(v) for k, v in state["model"].items()}
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for k, v in state["model"].items():
+                dst[k].copy_(v)
+            times.append(time.perf_counter() - t0)
+        memcpy_s = statistics.median(times[1:])  # the first run faults the buffers in
+        del dst
+
+        # 2. ours: stall, and persist time until the manifest is committed
+        url = os.path.join(work, "ours")
+        ck = Checkpointer(url, keep=1, memory_dir=shm, rank=0, world_size=1, run_id="bench")
+        stalls, persists = [], []
+        for step in range(1 + args.saves):
+            state["step"] = step
+            t0 = time.perf_counter()
+            ck.save(step, state)
+            t1 = time.perf_counter()
+            ck.wait()
+            t2 = time.perf_counter()
+            stalls.append(t1 - t0)
+            persists.append(t2 - t0)
+        stall_s = statistics.median(stalls[1:])
+        persist_s = statistics.median(persists[1:])
+        ckpt_dir = os.path.join(url, f"step-{args.saves:012d}")
+        written = sum(os.path.getsize(os.path.join(ckpt_dir, f)) for f in os.listdir(ckpt_dir))
+        persist_bps = written / persist_s
+
+        # 3. load: cold page cache from storage; and from node memory
+        drop_cache(url)
+        reader = Checkpointer(url, memory=False)
+        t0 = time.perf_counter()
+        loaded = reader.load()
+        load_s = time.perf_counter() - t0
+        assert torch.equal(loaded["model"]["layer0.weight"], state["model"]["layer0.weight"])
+        del loaded
+        t0 = time.perf_counter()
+        loaded = ck.load()
+        mem_load_s = time.perf_counter() - t0
+        assert ck.last_load.source == "memory"
+        del loaded
+        ck.drop_memory()
+        ck.close()
+        load_bps = written / load_s
+        shutil.rmtree(url)
+
+        # 4. torch.save (its stall is the whole save)
+        path = os.path.join(work, "torch.pt")
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            torch.save(state, path)
+            times.append(time.perf_counter() - t0)
+            os.unlink(path)
+        torch_save_s = min(times)
+
+        # 5. DCP async_save on a 1-rank gloo group: stall until it returns
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        dcp_stalls, dcp_totals = [], []
+        for i in range(2):
+            t0 = time.perf_counter()
+            fut = dcp.async_save({"model": state["model"]}, checkpoint_id=os.path.join(work, f"dcp{i}"))
+            t1 = time.perf_counter()
+            fut.result()
+            dcp_stalls.append(t1 - t0)
+            dcp_totals.append(time.perf_counter() - t0)
+        dist.destroy_process_group()
+        dcp_async_stall_s = dcp_stalls[-1]
+
+        # 6. baselines on the same disk: dd direct write, dd sequential read (cold)
+        dd_path = os.path.join(work, "dd.bin")
+        count = max(1, written // (64 << 20))
+        dd_write = statistics.median(
+            dd_bytes_per_s([f"if=/dev/zero", f"of={dd_path}", "bs=64M", f"count={count}",
+                            "oflag=direct"]) for _ in range(2))
+        drop_cache(dd_path)
+        dd_read = dd_bytes_per_s([f"if={dd_path}", "of=/dev/null", "bs=64M"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+
+    rows = [
+        ("state", f"{gib:.2f} GiB", ""),
+        ("in-memory copy (memcpy_s)", f"{memcpy_s:.3f} s", "floor"),
+        ("ours: save() stall (stall_s)", f"{stall_s:.3f} s", f"{stall_s / memcpy_s:.2f}x memcpy"),
+        ("ours: first save() stall", f"{stalls[0]:.3f} s", "allocates the staging slot"),
+        ("torch.save", f"{torch_save_s:.3f} s", f"{torch_save_s / stall_s:.1f}x ours"),
+        ("DCP async_save stall", f"{dcp_async_stall_s:.3f} s",
+         f"{dcp_async_stall_s / stall_s:.1f}x ours (first call {dcp_stalls[0]:.3f} s)"),
+        ("ours: persist (save->commit)", f"{persist_s:.3f} s", f"{persist_bps / 1e9:.2f} GB/s"),
+        ("dd oflag=direct write", f"{dd_write / 1e9:.2f} GB/s", ""),
+        ("ours: load, cold cache", f"{load_s:.3f} s", f"{load_bps / 1e9:.2f} GB/s"),
+        ("dd sequential read, cold", f"{dd_read / 1e9:.2f} GB/s", ""),
+        ("ours: load from node memory", f"{mem_load_s:.3f} s", f"{written / mem_load_s / 1e9:.2f} GB/s"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'checkpoint benchmark':<{width}}  {'value':>12}  note")
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:>12}  {note}")
+    print(f"persist = {persist_bps / dd_write:.2f} of dd direct write; "
+          f"load = {load_bps / dd_read:.2f} of sequential read")
+    print(json.dumps({
+        "stall_s": round(stall_s, 4),
+        "torch_save_s": round(torch_save_s, 4),
+        "dcp_async_stall_s": round(dcp_async_stall_s, 4),
+        "memcpy_s": round(memcpy_s, 4),
+        "persist_frac_of_dd": round(persist_bps / dd_write, 3),
+        "load_frac_of_read": round(load_bps / dd_read, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
