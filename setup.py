@@ -21,7 +21,7 @@ EXTRAS = {
     ],
 }
 # Console scripts are added by the issues that build them.
-CONSOLE_SCRIPTS: list = ["elastic-rendezvous=elastic.rendezvous_cli:main", "elastic-run=launchers.cli:main", "elastic-prof=profiler.cli:main", "elastic-shards=dataload.cli:main"]
+CONSOLE_SCRIPTS: list = ["elastic-rendezvous=elastic.rendezvous_cli:main", "elastic-run=launchers.cli:main", "elastic-prof=profiler.cli:main", "elastic-shards=dataload.cli:main", "elastic-ckpt=checkpoint.cli:main"]
 
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "test" for dep in deps})
 
