@@ -23,3 +23,15 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# A separate venv for benchmarks/dataload.py's MosaicML Streaming side: its pins (numpy<2.2,
+# transformers<5, ...) clash with ours. Only what its reader imports is installed; its
+# torchvision-based `streaming.vision` is not (PyPI's torchvision needs CUDA torch).
+BENCH_VENV := .bench-venv
+bench-env:
+	@[ -x $(BENCH_VENV)/bin/python ] || python3 -m venv $(BENCH_VENV)
+	@echo '*' > $(BENCH_VENV)/.gitignore
+	$(BENCH_VENV)/bin/pip install -q -c .ci/constraints.txt --no-deps mosaicml-streaming==0.13.0
+	$(BENCH_VENV)/bin/pip install -q -c .ci/constraints.txt 'numpy<2.2' torch==2.13.0 \
+	  'transformers<5' 'xxhash<4' boto3 filelock typing_extensions catalogue zstd tqdm \
+	  python-snappy brotli pillow psutil

@@ -32,12 +32,14 @@ class _Prefetcher(threading.Thread):
         self._depth = depth
         self._cond = threading.Condition()
         self._consumed = 0
+        self._wake_at = 0
         self._stopped = False
 
     def consumed(self, batches: int) -> None:
-        with self._cond:
-            self._consumed = batches
-            self._cond.notify()
+        self._consumed = batches
+        if batches >= self._wake_at:  # wake the thread only when it has work to do
+            with self._cond:
+                self._cond.notify()
 
     def stop(self) -> None:
         with self._cond:
@@ -56,9 +58,11 @@ class _Prefetcher(threading.Thread):
             first_batch = (first[by_first] // self._batch_size).tolist()
             for i, k in enumerate(seq):
                 with self._cond:
+                    if i >= self._depth:
+                        self._wake_at = first_batch[i - self._depth]
                     while not self._stopped and \
                             i >= bisect.bisect_right(first_batch, self._consumed) + self._depth:
-                        self._cond.wait()
+                        self._cond.wait(timeout=1.0)
                     if self._stopped:
                         return
                 self._dataset.prefetch(int(k))
