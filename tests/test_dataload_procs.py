@@ -208,3 +208,42 @@ def test_a_fill_killed_midway_is_never_served_and_is_refilled(procs, tmp_path, b
     assert out == {"filled": 1, "ok": True}
     assert not parts[0].exists() and os.listdir(tmp_dir) == []
     assert cache.get(info, ".bin") is not None
+
+
+HOROVOD_WORKER = textwrap.dedent("""
+    import json, os, sys
+    import horovod.torch as hvd
+    import torch
+    import dataload
+
+    hvd.init()
+    ds = dataload.ShardedDataset(sys.argv[1])
+    loader = dataload.ElasticDataLoader(ds, 16, seed=4)  # world from HOROVOD_RANK/SIZE
+    assert loader.sampler.world.world_size == hvd.size() == 2
+    ids = torch.cat([b["id"] for b in loader])
+    sizes = hvd.allgather(torch.tensor([len(ids)]))
+    every = hvd.allgather(ids)
+    if hvd.rank() == 0:
+        print("IDS", json.dumps(sorted(every.tolist())), json.dumps(sizes.tolist()), flush=True)
+""")
+
+
+def test_horovod_through_the_torch_path(procs, tmp_path):
+    pytest.importorskip("horovod.torch")
+    import shutil
+    import sys
+
+    horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable))
+    if horovodrun is None:
+        pytest.skip("horovodrun is not installed")
+    url = str(tmp_path / "ds")
+    write_shards({"id": np.arange(300, dtype=np.int64)}, url, samples_per_shard=50)
+    script = tmp_path / "hvd_worker.py"
+    script.write_text(HOROVOD_WORKER)
+    env = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    procs.start("hvd", [horovodrun, "-np", "2", "--gloo", sys.executable, str(script), url],
+                env=env)
+    out = procs.wait(timeout_s=120, names=["hvd"])["hvd"].output
+    line = out.split("IDS", 1)[1].strip().splitlines()[0]
+    ids = json.loads(line.split("] ", 1)[0] + "]")
+    assert ids == list(range(300))
