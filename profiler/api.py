@@ -181,7 +181,7 @@ class Sink(abc.ABC):
 
     @abc.abstractmethod
     def write_step(self, record: StepRecord, intervals: Sequence[PhaseInterval]) -> None:
-        """Called once per finished step, on the training thread: keep it cheap."""
+        """Called once per finished step, in step order, on the profiler's writer thread."""
 
     def write_report(self, report: StragglerReport) -> None:
         """Called with each straggler report (possibly from a background thread)."""

@@ -116,6 +116,50 @@ class _Step:
         self._prof._end_step(exc_type is None)
 
 
+class _Writer:
+    """Hands finished steps to the sinks on a background thread, in step order.
+
+    The training thread only appends to a deque (thread-safe, no lock, no wake-up); the
+    thread drains it every ``interval_s``. JSON encoding, trace formatting and gauge updates
+    thus run beside the step (PyTorch releases the GIL in its kernels), not inside it.
+    """
+
+    def __init__(self, sinks: List[Sink], interval_s: float = 0.05) -> None:
+        self._sinks = sinks
+        self._queue: Deque[tuple] = collections.deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._interval_s = interval_s
+        self._failed: set = set()
+        self._thread = threading.Thread(target=self._run, name="profiler-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, record: StepRecord, intervals: Sequence[tuple]) -> None:
+        self._queue.append((record, intervals))
+
+    def drain(self) -> None:
+        with self._lock:
+            queue = self._queue
+            while queue:
+                record, intervals = queue.popleft()
+                for sink in self._sinks:
+                    try:
+                        sink.write_step(record, intervals)
+                    except Exception as exc:
+                        if id(sink) not in self._failed:  # say it once per sink
+                            self._failed.add(id(sink))
+                            log.warning("profiler: %s failed: %s", type(sink).__name__, exc)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.drain()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.drain()
+
+
 class StepProfiler:
     """Per-step timing, phases, device metrics, cross-rank stragglers, and their outputs.
 
@@ -224,6 +268,7 @@ class StepProfiler:
             raise
         if self.sampler is not None:
             self.sampler.start()
+        self._writer = _Writer(self._sinks)
         ref = weakref.ref(self)
         self._atexit = lambda: (ref() is not None and ref().close())
         atexit.register(self._atexit)
@@ -370,8 +415,7 @@ class StepProfiler:
                             self._wall_offset + st.start_perf, step_time, phases, samples, sps,
                             flops, mfu, self.sampler.window() if self.sampler else {},
                             self._clock.kind)
-        for sink in self._sinks:
-            sink.write_step(record, intervals or ())
+        self._writer.put(record, intervals or ())
         self.records.append(record)
         self.last_record = record
         self._win_step.append(step_time)
@@ -522,6 +566,7 @@ class StepProfiler:
         old = self.world
         self.world = world
         if world.rank != old.rank:
+            self._writer.drain()
             self._sinks[0].close()
             self.jsonl_path = os.path.join(self.run_dir, f"rank-{world.rank:05d}.jsonl")
             self._sinks[0] = JsonlSink(self.jsonl_path)
@@ -535,6 +580,7 @@ class StepProfiler:
     def flush(self) -> None:
         """Read every finished step (waiting for the GPU if needed) and flush the outputs."""
         self._drain(wait_all=True)
+        self._writer.drain()
         for sink in self._sinks:
             sink.flush()
 
@@ -556,6 +602,7 @@ class StepProfiler:
                 self._exchange.close()
             if self.sampler is not None:
                 self.sampler.stop()
+            self._writer.close()
             for sink in self._sinks:
                 try:
                     sink.close()

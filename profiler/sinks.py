@@ -1,6 +1,6 @@
 """Outputs of step records: JSON lines (always on), a Chrome/Perfetto trace, a Prometheus
-endpoint and TensorBoard scalars. Each ``write_step`` runs on the training thread, so each is a
-few microseconds: buffered writes, preformatted strings, no per-step flush.
+endpoint and TensorBoard scalars. ``write_step`` runs on the profiler's writer thread (not the
+training thread), in step order; writes are buffered and flushed about once a second.
 """
 from __future__ import annotations
 

@@ -280,6 +280,7 @@ def test_prometheus_endpoint_is_scraped_over_http_and_parses(tmp_path):
             with prof.step(samples=8):
                 with prof.phase("forward"):
                     busy_wait(0.001)
+        prof.flush()  # the writer thread updates the gauges within ~50 ms; flush makes it now
         port = prof.prometheus.port
         assert port > 0
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
