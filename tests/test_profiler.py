@@ -491,3 +491,26 @@ def test_store_exchange_names_the_slow_rank():
     assert len(kvs) == world_size and json.loads(kvs[1].value)["rank"] == 1
     rank0_lines = read_jsonl(profs[0].jsonl_path)
     assert any(l["kind"] == "stragglers" and l["stragglers"] == [1] for l in rank0_lines)
+
+
+@pytest.mark.gpu
+def test_cuda_events_time_steps_on_a_gpu(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = torch.nn.Linear(1024, 1024).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(256, 1024, device="cuda")
+    with StepProfiler(str(tmp_path), sampler="none") as prof:
+        assert prof.timer == "cuda"
+        prof.attach(model, opt)
+        for _ in range(20):
+            with prof.step(samples=256):
+                loss = model(x).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    records = list(prof.records)
+    assert [r.step for r in records] == list(range(20))
+    assert all(r.timer == "cuda" and r.step_time_s > 0 for r in records)
+    assert all({"forward", "backward", "optimizer"} <= set(r.phases_s) for r in records)
