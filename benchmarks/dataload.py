@@ -10,7 +10,8 @@ from the local shards (``local_sps``), and the time to resume at 90% of an epoch
 new loader, ``load_state_dict``, first batch). MosaicML Streaming 0.13 runs from
 ``.bench-venv`` (``make bench-env``), writes its own MDS format from the same arrays to the same
 endpoint and reads it through its own cache with torch's DataLoader (``mosaic_cached_sps``:
-its second epoch). Cached and local epochs alternate, best of several each. Last line: JSON.
+its second epoch). After a warm-up epoch on each side, cached and local epochs alternate
+(five rounds, the same order in each pair); the best of each is reported (the machine is shared). Last line: JSON.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     n, dim = (10_000, 1024) if args.quick else (80_000, 1024)  # 4 KiB per sample
     shard_bytes = (4 << 20) if args.quick else (32 << 20)
-    rounds = 5 if args.quick else 3
+    rounds = 5
     work = tempfile.mkdtemp(prefix="bench-dataload-")
     rng = np.random.default_rng(0)
     x = rng.random((n, dim), dtype=np.float32)
@@ -115,9 +116,11 @@ def main() -> None:
             results["remote_sps"] = n / secs
             local_loader = dataload.ElasticDataLoader(dataload.ShardedDataset(local), BATCH,
                                                       seed=1)
+            _epoch(local_loader)  # warm-up: the local side reads each file once too
             cached, local_runs = [], []
             for epoch in range(1, 1 + rounds):
                 local_loader.set_epoch(epoch)  # the same order as the cached epoch
+                loader.set_epoch(epoch)
                 got, secs = _epoch(loader)
                 cached.append(n / secs)
                 got, secs = _epoch(local_loader)
