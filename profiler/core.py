@@ -406,9 +406,11 @@ class StepProfiler:
             phases["comm"] = total
         if self._cuda:
             self._clock.release([start, st.end_mark] + [m for _, a, b in st.intervals for m in (a, b)])
-        samples = st.samples
+        samples = None if st.samples is None else int(st.samples)
         sps = samples / step_time if samples and step_time > 0 else None
         flops = st.flops if st.flops is not None else self.flops_per_step
+        if flops is not None:
+            flops = float(flops)
         mfu = (flops / step_time / self.peak_flops
                if flops and self.peak_flops and step_time > 0 else None)
         record = StepRecord(st.step, self.world.rank, self.world.generation,

@@ -19,6 +19,44 @@ __all__ = ["JsonlSink", "ChromeTraceSink", "PrometheusSink", "TensorBoardSink"]
 _BUFFER_BYTES = 1 << 16
 
 
+_KEYS: Dict[str, str] = {}
+
+
+def _key(name: str) -> str:
+    encoded = _KEYS.get(name)
+    if encoded is None:
+        encoded = _KEYS[name] = json.dumps(str(name))
+    return encoded
+
+
+def _num(value: float) -> str:
+    text = repr(float(value))
+    return text if text[-1] not in "fn" else json.dumps(float(value))  # inf/nan as json does
+
+
+def step_json(record: StepRecord) -> str:
+    """``json.dumps(record.to_json())`` in a few microseconds: a fixed layout, cached keys."""
+    r = record
+    parts = ['{"kind":"step","step":%d,"rank":%d,"generation":%d,"wall_time_s":%s,'
+             '"step_time_s":%s,"phases_s":{' % (r.step, r.rank, r.generation,
+                                                _num(r.wall_time_s), _num(r.step_time_s)),
+             ",".join([f"{_key(k)}:{_num(v)}" for k, v in r.phases_s.items()]),
+             '},"timer":', _key(r.timer)]
+    if r.samples is not None:
+        parts.append(',"samples":%d' % r.samples)
+    if r.samples_per_s is not None:
+        parts.append(',"samples_per_s":' + _num(r.samples_per_s))
+    if r.flops is not None:
+        parts.append(',"flops":' + _num(r.flops))
+    if r.mfu is not None:
+        parts.append(',"mfu":' + _num(r.mfu))
+    if r.device:
+        parts.append(',"device":{' + ",".join([f"{_key(k)}:{_num(v)}" for k, v in r.device.items()])
+                     + "}")
+    parts.append("}")
+    return "".join(parts)
+
+
 class JsonlSink(Sink):
     """One JSON object per line: ``{"kind": "step", ...}`` and ``{"kind": "stragglers", ...}``."""
 
@@ -32,7 +70,9 @@ class JsonlSink(Sink):
         self._dumps = json.JSONEncoder(separators=(",", ":")).encode
 
     def _write(self, obj: Dict[str, Any]) -> None:
-        line = self._dumps(obj) + "\n"
+        self._write_line(self._dumps(obj) + "\n")
+
+    def _write_line(self, line: str) -> None:
         with self._lock:
             if self._file is None:
                 return
@@ -43,7 +83,7 @@ class JsonlSink(Sink):
                 self._last_flush = now
 
     def write_step(self, record: StepRecord, intervals: Sequence[PhaseInterval]) -> None:
-        self._write(record.to_json())
+        self._write_line(step_json(record) + "\n")
 
     def write_report(self, report: StragglerReport) -> None:
         self._write(report.to_json())

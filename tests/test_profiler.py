@@ -75,6 +75,19 @@ def test_steps_phases_and_throughput_are_written_as_json_lines(tmp_path):
         assert rec.mfu is None
         assert abs(rec.wall_time_s - time.time()) < 60
     assert prof.last_record.step == 4 and len(prof.records) == 5
+    assert lines == [r.to_json() for r in prof.records]  # the fast encoder writes the same JSON
+
+
+def test_fast_step_encoder_matches_json_dumps():
+    from profiler.sinks import step_json
+
+    rec = StepRecord(3, 1, 2, 1.7e9 + 0.125, 1e-05, {"forward": 0.5, "my.phase-2": 1 / 3},
+                     samples=7, samples_per_s=7e5, flops=1e12, mfu=0.25,
+                     device={"power_w": 250.0, "odd \"key\"": float("nan"), "t": float("inf")},
+                     timer="cuda")
+    assert step_json(rec) == json.dumps(rec.to_json(), separators=(",", ":"))
+    bare = StepRecord(0, 0, 0, 1.0, 0.5)
+    assert json.loads(step_json(bare)) == bare.to_json()
 
 
 def test_world_facts_come_from_the_environment(tmp_path, monkeypatch):
