@@ -73,6 +73,16 @@ class NodeInfo:
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
 
+    def to_row(self) -> list:
+        """Compact form for the closed round, which every node reads: O(N) bytes per node."""
+        return [self.node_id, self.host, self.nproc, self.master_port, self.rank_hint]
+
+    @classmethod
+    def from_row(cls, row: list) -> "NodeInfo":
+        node_id, host, nproc, master_port, rank_hint = row
+        return cls(str(node_id), str(host), int(nproc), int(master_port),
+                   None if rank_hint is None else int(rank_hint))
+
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "NodeInfo":
         return cls(node_id=str(data["node_id"]), host=str(data["host"]), nproc=int(data["nproc"]),

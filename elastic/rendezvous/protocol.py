@@ -2,8 +2,9 @@
 
 Keys of a job live under ``/elastic/<run_id>/``:
 
-``round``                 the current round: ``{"generation", "state": "open"|"closed", "nodes", ...}``
+``round``                 the current round: ``{"generation", "state": "open"|"closed", "nodes": [row...]}``
 ``join/<gen>/<node>``     a node joining round ``gen`` (leased: a dead joiner disappears)
+``coordinator/<gen>``     the node that closes round ``gen`` (leased: taken over if it dies)
 ``alive/<node>``          a node's liveness (leased, kept alive by a heartbeat thread)
 ``waiting/<node>``        a node that wants in while a full round runs (leased)
 ``done/<gen>/<node>``     a node whose workers all succeeded in round ``gen``
@@ -11,10 +12,10 @@ Keys of a job live under ``/elastic/<run_id>/``:
 ``failures/<gen>/<rank>`` a worker failure (exit code or signal, traceback) for the summary
 ``status``                ``{"failed": reason}`` once the job has failed for good
 
-Joining costs each node O(1) writes with no contention: every joiner puts its own key. The
-earliest joiner (lowest revision) coordinates: it alone watches the join keys and closes the
-round with one compare-and-set on ``round``, which every other joiner waits for. If the
-coordinator dies its join key expires and the next earliest takes over.
+Joining costs each node O(1) requests with no contention: every joiner puts its own key and
+waits on ``round``. The first joiner to create the coordinator key alone follows the join keys
+(read once, then through events) and closes the round with one compare-and-set on ``round``.
+If the coordinator dies its key expires with its lease and a waiting joiner takes over.
 """
 from __future__ import annotations
 
@@ -184,50 +185,96 @@ class RendezvousHandler:
 
     # -- joining ---------------------------------------------------------------------------
     def _join_open_round(self, gen: int, prev: Optional[Round], deadline: float) -> Optional[Round]:
+        """Join open round ``gen``; returns the closed round, or None to start over."""
         join_prefix = self._key("join", str(gen)) + "/"
-        info = {**self.node.to_json(),
-                "prev_gen": prev.generation if prev else None}
-        self.store.put(join_prefix + self.node.node_id, _dumps(info), lease=self._lease)
-        log.debug("joined round %d as %s", gen, self.node.node_id)
-        min_reached_at: Optional[float] = None
+        coordinator_key = self._key("coordinator", str(gen))
+        info = _dumps({**self.node.to_json(), "prev_gen": prev.generation if prev else None})
+        self.store.put(join_prefix + self.node.node_id, info, lease=self._lease)
+        kv = None
         while True:
             self._raise_if_failed()
-            now = time.monotonic()
-            if now >= deadline:
-                raise RendezvousTimeoutError(
-                    f"round {gen} did not close within {self.settings.join_timeout_s:.0f}s "
-                    f"(need {self.settings.min_nodes} node(s) for job {self.settings.run_id!r})")
-            kv = self.store.get(self._round_key)
+            self._check_deadline(gen, deadline)
+            if kv is None:
+                kv = self.store.get(self._round_key)
             state = _loads(kv)
             if state is None or state["generation"] != gen or state["state"] != "open":
                 if state and state["generation"] == gen and state["state"] == "closed":
-                    ids = [n["node_id"] for n in state["nodes"]]
-                    if self.node.node_id in ids:
+                    if self.node.node_id in [row[0] for row in state["nodes"]]:
                         return self._round_from(state, kv)
-                return None  # superseded or closed without us: start over
-            joins, rev = self.store.get_prefix(join_prefix)
-            if not any(j.key.endswith("/" + self.node.node_id) for j in joins):
+                return None  # superseded, or closed without us: start over
+            if self.store.get(join_prefix + self.node.node_id) is None:
                 # Our join key vanished (lease lost while paused): join again.
-                self.store.put(join_prefix + self.node.node_id, _dumps(info), lease=self._lease)
-                continue
-            joins.sort(key=lambda j: j.mod_revision)
-            coordinator = joins[0].key.rsplit("/", 1)[1] == self.node.node_id
-            if coordinator:
-                n = len(joins)
-                if n >= self.settings.min_nodes and min_reached_at is None:
-                    min_reached_at = now
-                if n >= self.settings.max_nodes or (
-                        min_reached_at is not None and now - min_reached_at >= self.settings.last_call_s):
-                    self._close(kv, state, joins)
-                    continue
-                timeout = self._poll_s(deadline)
-                if min_reached_at is not None:
-                    timeout = min(timeout, max(0.0, min_reached_at + self.settings.last_call_s - now))
-                self.store.wait(join_prefix, rev, timeout_s=timeout)
-                if len(self.store.get_prefix(join_prefix)[0]) < self.settings.min_nodes:
-                    min_reached_at = None  # someone left during last call
+                self.store.put(join_prefix + self.node.node_id, info, lease=self._lease)
+            # One node coordinates: whoever holds the (leased) coordinator key. A dead
+            # coordinator's key expires with its lease and the next node to look takes over.
+            me = self.node.node_id.encode()
+            won, holder = self.store.compare_and_set(coordinator_key, None, me, lease=self._lease)
+            if won or (holder is not None and holder.value == me):
+                self._coordinate(gen, join_prefix, deadline)
+                kv = None
             else:
-                self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline))
+                # The round's new value arrives with the event: no second read of it.
+                try:
+                    events = self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline))
+                except StoreCompactedError:
+                    events = []
+                puts = [e for e in events if e.kind == "put"]
+                kv = KeyValue(self._round_key, puts[-1].value, puts[-1].revision) if puts else None
+
+    def _coordinate(self, gen: int, join_prefix: str, deadline: float) -> None:
+        """Watch the joiners of round ``gen`` and close it at MAX, or at MIN after last call.
+
+        The joiners are read once and then followed through events, so coordinating N
+        joiners costs O(N), not O(N^2) re-reads. Returns once the round is closed or gone.
+        """
+        settings = self.settings
+        kvs, rev = self.store.get_prefix(join_prefix)
+        joins: Dict[str, KeyValue] = {kv.key: kv for kv in kvs}
+        min_reached_at: Optional[float] = None
+        kv = None
+        while True:
+            self._check_deadline(gen, deadline)
+            if kv is None:  # re-read only after a timeout or a lost close: one round trip per
+                kv = self.store.get(self._round_key)  # event batch keeps a 1024-node join fast
+                state = _loads(kv)
+                if state is None or state["generation"] != gen or state["state"] != "open":
+                    return
+            now = time.monotonic()
+            n = len(joins)
+            if n < settings.min_nodes:
+                min_reached_at = None
+            elif min_reached_at is None:
+                min_reached_at = now
+            if n >= settings.max_nodes or (
+                    min_reached_at is not None and now - min_reached_at >= settings.last_call_s):
+                self._close(kv, state, sorted(joins.values(), key=lambda j: j.mod_revision))
+                kv = None
+                continue
+            timeout = self._poll_s(deadline)
+            if min_reached_at is not None:
+                timeout = min(timeout, max(0.0, min_reached_at + settings.last_call_s - now))
+            try:
+                events = self.store.wait(join_prefix, rev, timeout_s=timeout)
+            except StoreCompactedError:
+                kvs, rev = self.store.get_prefix(join_prefix)
+                joins = {j.key: j for j in kvs}
+                kv = None
+                continue
+            if not events:
+                self._raise_if_failed()
+                kv = None
+            for event in events:
+                if event.kind == "put":
+                    joins[event.key] = KeyValue(event.key, event.value, event.revision)
+                else:
+                    joins.pop(event.key, None)
+                rev = event.revision
+
+    def _check_deadline(self, gen: int, deadline: float) -> None:
+        if time.monotonic() >= deadline:
+            raise RendezvousTimeoutError(
+                f"round {gen} did not close within {self.settings.join_timeout_s:.0f}s "
+                f"(need {self.settings.min_nodes} node(s) for job {self.settings.run_id!r})")
 
     def _close(self, kv: KeyValue, state: dict, joins: List[KeyValue]) -> None:
         prev_order = {node_id: i for i, node_id in enumerate(state.get("prev_nodes", []))}
@@ -246,7 +293,7 @@ class RendezvousHandler:
         closed = {
             "generation": state["generation"],
             "state": "closed",
-            "nodes": [NodeInfo.from_json(i).to_json() for i in chosen],
+            "nodes": [NodeInfo.from_json(i).to_row() for i in chosen],
             "restart_count": self.restart_count(),
         }
         ok, _ = self.store.compare_and_set(self._round_key, kv.mod_revision, _dumps(closed))
@@ -254,7 +301,7 @@ class RendezvousHandler:
             log.info("round %d closed with %d node(s)", state["generation"], len(chosen))
 
     def _open_next(self, kv: KeyValue, state: dict, reason: str = "") -> None:
-        nodes = [n["node_id"] for n in state.get("nodes", [])] if state["state"] == "closed" else []
+        nodes = [row[0] for row in state.get("nodes", [])] if state["state"] == "closed" else []
         nxt = {"generation": state["generation"] + 1, "state": "open", "prev_nodes": nodes}
         if reason:
             nxt["reason"] = reason
@@ -263,7 +310,7 @@ class RendezvousHandler:
             log.info("opened round %d%s", nxt["generation"], f" ({reason})" if reason else "")
 
     def _round_from(self, state: dict, kv: KeyValue) -> Round:
-        nodes = tuple(NodeInfo.from_json(n) for n in state["nodes"])
+        nodes = tuple(NodeInfo.from_row(row) for row in state["nodes"])
         rank = [n.node_id for n in nodes].index(self.node.node_id)
         return Round(generation=state["generation"], nodes=nodes, node_rank=rank,
                      restart_count=int(state.get("restart_count", 0)), revision=kv.mod_revision,
