@@ -278,7 +278,10 @@ class StepProfiler:
         if not isinstance(timer, str):
             return timer  # a clock object with CudaClock's interface (tests, other devices)
         torch = sys.modules.get("torch")
-        if timer == "cuda" or (timer == "auto" and torch is not None and torch.cuda.is_available()):
+        # auto: CUDA events only once the job has put work on the GPU (CUDA initialised);
+        # a CPU job on a GPU machine keeps the wall clock.
+        if timer == "cuda" or (timer == "auto" and torch is not None and torch.cuda.is_available()
+                               and torch.cuda.is_initialized()):
             if torch is None:
                 from elastic._lazy import require
                 torch = require("torch", "CUDA step timing")
