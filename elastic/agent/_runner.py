@@ -79,8 +79,17 @@ def _run(argv: list, module: bool) -> int:
     return 0
 
 
+# What a warm standby imports for each framework the script uses: the framework and the
+# modules its first distributed calls import lazily (DDP's first construction imports
+# torch._dynamo, over a second of a restart if left to the worker).
+_WARM_IMPORTS = {
+    "torch": ["torch", "torch.distributed", "torch.nn.parallel", "torch._dynamo"],
+    "tensorflow": ["tensorflow"],
+}
+
+
 def _standby(preload: list) -> int:
-    for name in preload:
+    for name in [m for p in preload for m in _WARM_IMPORTS.get(p, [p])]:
         try:
             importlib.import_module(name)
         except ImportError:
