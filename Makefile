@@ -15,11 +15,12 @@ test-slow: setup
 	$(PYTEST) -m slow tests
 
 demo: setup
-	@echo "make demo will run an elastic DDP job on scikit-learn's digits under elastic-run;"
-	@echo "it arrives with the runtime (rendezvous, agent, launcher). Meanwhile: make test."
+	@ckpt=$$(mktemp -d) && trap 'rm -rf $$ckpt' EXIT && \
+	$(VENV)/bin/elastic-run --standalone --nproc-per-node 2 --max-restarts 3 \
+		examples/torch_ddp.py --ckpt-dir $$ckpt
 
 bench: setup
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
+	@for b in benchmarks/[a-z]*.py; do echo "== $$b"; $(PY) $$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -65,18 +65,18 @@ class StandbyPool:
         return proc
 
     def close(self) -> None:
+        """Kill the unused standbys: they hold no state, and may still be importing."""
         with self._lock:
             ready, self._ready = list(self._ready), collections.deque()
         for proc in ready:
             try:
-                proc.stdin.close()  # EOF: the standby exits by itself
-            except OSError:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
         for proc in ready:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                pipe.close()
 
 
 class _Worker:
