@@ -119,6 +119,7 @@ class LaunchConfig:
     standby: bool = True
     preload: Optional[Tuple[str, ...]] = None  # None: guess from the script's imports
     env: Dict[str, str] = field(default_factory=dict)
+    adapter: Optional[object] = None  # an elastic.agent.FrameworkAdapter; None: PyTorch's (nothing extra)
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:

@@ -114,7 +114,8 @@ def launch(config: LaunchConfig) -> int:
             no_python=config.no_python, env=dict(config.env), log_dir=config.log_dir, tee=config.tee,
             preload=guess_preload(config), standby=config.standby and not config.no_python, role=config.role,
         )
-        code = ElasticAgent(spec, handler, monitor_interval_s=config.monitor_interval_s).run()
+        code = ElasticAgent(spec, handler, monitor_interval_s=config.monitor_interval_s,
+                            adapter=config.adapter).run()
         return code
     finally:
         if handler is not None:

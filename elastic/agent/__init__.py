@@ -1,5 +1,5 @@
 """The per-node agent: spawns and supervises workers, re-rendezvouses on change."""
 from .agent import ElasticAgent, free_port
-from .api import AgentError, WorkerExit, WorkerSpec
+from .api import AgentError, FrameworkAdapter, WorkerExit, WorkerSpec
 
-__all__ = ["ElasticAgent", "WorkerSpec", "WorkerExit", "AgentError", "free_port"]
+__all__ = ["ElasticAgent", "FrameworkAdapter", "WorkerSpec", "WorkerExit", "AgentError", "free_port"]

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
                           Round)
-from .api import WorkerExit, WorkerSpec
+from .api import FrameworkAdapter, WorkerExit, WorkerSpec
 from .workers import StandbyPool, WorkerGroup
 
 __all__ = ["ElasticAgent", "free_port"]
@@ -47,8 +47,10 @@ class ElasticAgent:
     """Runs ``spec`` on this node for as long as the job lasts; ``run()`` returns the exit code."""
 
     def __init__(self, spec: WorkerSpec, handler: RendezvousHandler, *, monitor_interval_s: float = 0.1,
-                 reconfigure: Optional[Callable[[Round], bool]] = None) -> None:
+                 reconfigure: Optional[Callable[[Round], bool]] = None,
+                 adapter: Optional[FrameworkAdapter] = None) -> None:
         self.spec = spec
+        self.adapter = adapter or FrameworkAdapter()
         self.handler = handler
         self.settings = handler.settings
         self.monitor_interval_s = monitor_interval_s
@@ -84,6 +86,7 @@ class ElasticAgent:
                 signal.signal(s, h)
             if self._standbys:
                 self._standbys.close()
+            self.adapter.close()
 
     def _loop(self) -> int:
         rnd = self._next_round(None)
@@ -120,7 +123,8 @@ class ElasticAgent:
 
     def _next_round(self, prev: Optional[Round]) -> Round:
         node = self.handler.node
-        node = NodeInfo(node.node_id, node.host, node.nproc, master_port=free_port(), rank_hint=node.rank_hint)
+        node = NodeInfo(node.node_id, node.host, node.nproc, master_port=free_port(), rank_hint=node.rank_hint,
+                        aux_port=free_port())
         t0 = time.monotonic()
         rnd = self.handler.next_round(prev, node)
         self.round = rnd
@@ -153,6 +157,7 @@ class ElasticAgent:
             "TORCHELASTIC_USE_AGENT_STORE": "False",
             "ELASTIC_GENERATION": str(rnd.generation), "ELASTIC_NUM_NODES": str(rnd.num_nodes),
         })
+        env.update(self.adapter.worker_env(rnd, local_rank, rank))
         return env
 
     def _start_workers(self, rnd: Round) -> None:
@@ -161,6 +166,7 @@ class ElasticAgent:
         attempt_dir = os.path.join(self.spec.log_dir or self._scratch_dir(), self.settings.run_id,
                                    f"attempt_{rnd.generation}")
         os.makedirs(attempt_dir, exist_ok=True)
+        self.adapter.on_round(rnd)
         group = WorkerGroup(self.spec, self._standbys)
         group.start([self.worker_env(rnd, i) for i in range(rnd.node.nproc)], attempt_dir)
         self._group = group

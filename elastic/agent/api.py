@@ -7,11 +7,33 @@ from typing import Mapping, Optional, Tuple
 
 from ..errors import ConfigError, ElasticError
 
-__all__ = ["WorkerSpec", "WorkerExit", "AgentError"]
+__all__ = ["WorkerSpec", "WorkerExit", "AgentError", "FrameworkAdapter"]
 
 
 class AgentError(ElasticError):
     """Base class of agent errors."""
+
+
+class FrameworkAdapter:
+    """What a framework needs from the agent beyond torchrun's environment.
+
+    The agent calls :meth:`on_round` once a round has closed, before it starts (or
+    re-forms) its workers, and merges :meth:`worker_env` into each worker's environment.
+    Node rank 0 offers ``round.nodes[0].aux_port`` for a per-round service (Horovod's Gloo
+    rendezvous server); :meth:`close` runs when the agent exits. The default does nothing:
+    PyTorch needs only torchrun's variables.
+    """
+
+    name = "torch"
+
+    def on_round(self, rnd) -> None:
+        pass
+
+    def worker_env(self, rnd, local_rank: int, rank: int) -> Mapping[str, str]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True)

@@ -69,25 +69,27 @@ class NodeInfo:
     nproc: int
     master_port: int = 0  # used when this node is node rank 0
     rank_hint: Optional[int] = None  # static --node-rank: orders nodes when given
+    aux_port: int = 0  # a second port node rank 0 offers (e.g. Horovod's Gloo rendezvous)
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
 
     def to_row(self) -> list:
         """Compact form for the closed round, which every node reads: O(N) bytes per node."""
-        return [self.node_id, self.host, self.nproc, self.master_port, self.rank_hint]
+        return [self.node_id, self.host, self.nproc, self.master_port, self.rank_hint, self.aux_port]
 
     @classmethod
     def from_row(cls, row: list) -> "NodeInfo":
-        node_id, host, nproc, master_port, rank_hint = row
+        node_id, host, nproc, master_port, rank_hint, aux_port = row
         return cls(str(node_id), str(host), int(nproc), int(master_port),
-                   None if rank_hint is None else int(rank_hint))
+                   None if rank_hint is None else int(rank_hint), int(aux_port))
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "NodeInfo":
         return cls(node_id=str(data["node_id"]), host=str(data["host"]), nproc=int(data["nproc"]),
                    master_port=int(data.get("master_port", 0)),
-                   rank_hint=None if data.get("rank_hint") is None else int(data["rank_hint"]))
+                   rank_hint=None if data.get("rank_hint") is None else int(data["rank_hint"]),
+                   aux_port=int(data.get("aux_port", 0)))
 
 
 @dataclass(frozen=True)
