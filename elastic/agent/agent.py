@@ -26,7 +26,7 @@ from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, Re
 from .api import FrameworkAdapter, WorkerExit, WorkerSpec
 from .workers import StandbyPool, WorkerGroup
 
-__all__ = ["ElasticAgent", "free_port"]
+__all__ = ["ElasticAgent", "free_port", "free_port_range"]
 
 log = logging.getLogger("elastic.agent")
 
@@ -35,6 +35,27 @@ def free_port(host: str = "") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def free_port_range(count: int, host: str = "", tries: int = 50) -> int:
+    """The first of ``count`` consecutive free ports (one per local worker, e.g. TF_CONFIG)."""
+    for _ in range(tries):
+        base = free_port(host)
+        if base + count > 65535:
+            continue
+        socks = []
+        try:
+            for port in range(base + 1, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise OSError(f"no {count} consecutive free ports found")
 
 
 class _Terminated(Exception):
@@ -124,7 +145,7 @@ class ElasticAgent:
     def _next_round(self, prev: Optional[Round]) -> Round:
         node = self.handler.node
         node = NodeInfo(node.node_id, node.host, node.nproc, master_port=free_port(), rank_hint=node.rank_hint,
-                        aux_port=free_port())
+                        aux_port=free_port_range(node.nproc))
         t0 = time.monotonic()
         rnd = self.handler.next_round(prev, node)
         self.round = rnd

@@ -19,8 +19,9 @@ class FrameworkAdapter:
 
     The agent calls :meth:`on_round` once a round has closed, before it starts (or
     re-forms) its workers, and merges :meth:`worker_env` into each worker's environment.
-    Node rank 0 offers ``round.nodes[0].aux_port`` for a per-round service (Horovod's Gloo
-    rendezvous server); :meth:`close` runs when the agent exits. The default does nothing:
+    Every node offers ``aux_port`` .. ``aux_port + nproc - 1`` (free when it joined): node
+    rank 0's first one suits a per-round service (Horovod's Gloo rendezvous server), one per
+    local worker suits ``TF_CONFIG``. :meth:`close` runs when the agent exits. The default does nothing:
     PyTorch needs only torchrun's variables.
     """
 
