@@ -55,9 +55,10 @@ def _open_store(config: LaunchConfig):
     conf = {k: v for k, v in config.rdzv_conf.items() if k not in ("join_timeout", "last_call_timeout",
                                                                     "lease_ttl", "is_host")}
     if backend == "memory":
-        return MemoryStore(), None, "127.0.0.1"
+        return MemoryStore(), None, "127.0.0.1", {}
     if backend == "etcd":
-        return create_store("etcd", config.rdzv_endpoint, **conf), None, None
+        store = create_store("etcd", config.rdzv_endpoint, **conf)
+        return store, None, None, _store_env("etcd", config.rdzv_endpoint, conf)
     host, port = parse_endpoint(config.rdzv_endpoint or f"127.0.0.1:{DEFAULT_RDZV_PORT}", DEFAULT_RDZV_PORT)
     server = None
     is_host = _conf_bool(config.rdzv_conf.get("is_host"))
@@ -76,7 +77,15 @@ def _open_store(config: LaunchConfig):
             log.info("rendezvous server already running at %s:%d; joining it", host, port)
     store = create_store("embedded", f"{host}:{port}", **conf)
     local = "127.0.0.1" if host.startswith("127.") or host == "localhost" else None
-    return store, server, local
+    return store, server, local, _store_env("embedded", f"{host}:{port}", conf)
+
+
+def _store_env(backend: str, endpoint: str, conf: dict) -> dict:
+    """How workers reach the job's store (``@elastic.run`` reads its new place there)."""
+    import json
+
+    return {"ELASTIC_RDZV_BACKEND": backend, "ELASTIC_RDZV_ENDPOINT": endpoint,
+            "ELASTIC_RDZV_CONF": json.dumps(conf)}
 
 
 def _wait_for_others(store: Store, prefix: str, timeout_s: float) -> None:
@@ -101,7 +110,7 @@ def launch(config: LaunchConfig) -> int:
         join_timeout_s=config.conf_seconds("join_timeout", DEFAULT_JOIN_TIMEOUT_S),
         max_restarts=config.max_restarts,
     )
-    store, server, local = _open_store(config)
+    store, server, local, store_env = _open_store(config)
     handler = None
     code = 1
     try:
@@ -115,7 +124,7 @@ def launch(config: LaunchConfig) -> int:
             preload=guess_preload(config), standby=config.standby and not config.no_python, role=config.role,
         )
         code = ElasticAgent(spec, handler, monitor_interval_s=config.monitor_interval_s,
-                            adapter=config.adapter).run()
+                            adapter=config.adapter, store_env=store_env).run()
         return code
     finally:
         if handler is not None:

@@ -7,9 +7,10 @@ budget and start the next round), the round changed because a node joined, left 
 (stop the workers, rejoin), or the agent was told to stop (SIGTERM/SIGINT: stop workers with
 a grace period, leave the round so the others rescale at once).
 
-The restart path is the one seam the in-process path (``@elastic.run``) plugs into: before
-stopping workers on a membership change, the agent asks ``reconfigure(round)`` whether the
-workers can re-form in place.
+Workers under ``@elastic.run`` register in the store; when all live local workers have, a
+change does not stop them: the agent joins the next round, publishes each worker's new
+place (``assign/<node>/<local_rank>``), and starts fresh workers only for dead local ranks;
+the survivors re-form their process group in place and sync state from a peer.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
                           Round)
@@ -68,14 +69,16 @@ class ElasticAgent:
     """Runs ``spec`` on this node for as long as the job lasts; ``run()`` returns the exit code."""
 
     def __init__(self, spec: WorkerSpec, handler: RendezvousHandler, *, monitor_interval_s: float = 0.1,
-                 reconfigure: Optional[Callable[[Round], bool]] = None,
-                 adapter: Optional[FrameworkAdapter] = None) -> None:
+                 adapter: Optional[FrameworkAdapter] = None,
+                 store_env: Optional[Dict[str, str]] = None) -> None:
         self.spec = spec
         self.adapter = adapter or FrameworkAdapter()
         self.handler = handler
         self.settings = handler.settings
         self.monitor_interval_s = monitor_interval_s
-        self.reconfigure = reconfigure or (lambda rnd: False)
+        # How workers reach the store (ELASTIC_RDZV_*): @elastic.run workers read their new
+        # rank from it when the agent re-forms them in place.
+        self.store_env = dict(store_env or {})
         self.round: Optional[Round] = None
         self._group: Optional[WorkerGroup] = None
         self._standbys: Optional[StandbyPool] = None
@@ -111,8 +114,8 @@ class ElasticAgent:
 
     def _loop(self) -> int:
         rnd = self._next_round(None)
+        self._start_workers(rnd)
         while True:
-            self._start_workers(rnd)
             outcome, detail = self._monitor(rnd)
             if outcome == "succeeded":
                 log.info("all %d local workers succeeded", self.spec.nproc_per_node)
@@ -120,14 +123,18 @@ class ElasticAgent:
                 self._stop_workers()
                 self.handler.leave()
                 return 0
+            in_place = self._workers_recover_in_place(
+                exclude=[detail.local_rank] if outcome == "failed" else [])
             if outcome == "failed":
                 failure: WorkerExit = detail
                 log.error("%s", failure.describe())
                 self._report_failure(rnd, failure)
-                self._stop_workers()
+                if not in_place:
+                    self._stop_workers()
                 try:
                     self.handler.request_new_round(rnd, failure.describe(), count_restart=True)
                 except RestartBudgetExceededError as exc:
+                    self._stop_workers()
                     self._print_failure_summary(str(exc))
                     self.handler.leave()
                     return 1
@@ -139,8 +146,51 @@ class ElasticAgent:
                     self.handler.leave()
                     return 1
                 log.warning("membership changed: %s", reason)
-                self._stop_workers()
+                if not in_place:
+                    self._stop_workers()
             rnd = self._next_round(rnd)
+            if in_place:
+                self._reform_in_place(rnd)
+            else:
+                self._start_workers(rnd)
+
+    # -- in-process recovery (@elastic.run workers) -------------------------------------
+    def _inproc_key(self, local_rank: int, kind: str) -> str:
+        return f"{self.handler.prefix}{kind}/{self.handler.node.node_id}/{local_rank}"
+
+    def _workers_recover_in_place(self, exclude: List[int]) -> bool:
+        """Whether every other live local worker runs under @elastic.run (it registered)."""
+        group = self._group
+        if group is None:
+            return False
+        live = [w for w in group.workers if w.local_rank not in exclude and w.proc.poll() is None]
+        if not live:
+            return False
+        for w in live:
+            kv = self.handler.store.get(self._inproc_key(w.local_rank, "inproc"))
+            if kv is None or kv.value.decode() != str(w.proc.pid):
+                return False
+        return True
+
+    def _reform_in_place(self, rnd: Round) -> None:
+        """Tell live workers their place in ``rnd``; start new ones for dead local ranks."""
+        import json
+
+        group = self._group
+        self.adapter.on_round(rnd)
+        self._restart_watch(rnd)
+        dead = [w.local_rank for w in group.workers if w.proc.poll() not in (None, 0)]
+        for w in group.workers:
+            if w.local_rank in dead:
+                continue
+            env = self.worker_env(rnd, w.local_rank)
+            news = {k: v for k, v in env.items() if self._base_env.get(k) != v}
+            self.handler.store.put(self._inproc_key(w.local_rank, "assign"),
+                                   json.dumps({"generation": rnd.generation, "env": news}).encode())
+        if dead:
+            group.replace({i: self.worker_env(rnd, i) for i in dead}, self._attempt_dir(rnd))
+        log.info("round %d: workers re-formed in place (pids %s; new: local ranks %s)",
+                 rnd.generation, group.pids, dead or "none")
 
     def _next_round(self, prev: Optional[Round]) -> Round:
         node = self.handler.node
@@ -177,21 +227,30 @@ class ElasticAgent:
             "TORCHELASTIC_RUN_ID": self.settings.run_id,
             "TORCHELASTIC_USE_AGENT_STORE": "False",
             "ELASTIC_GENERATION": str(rnd.generation), "ELASTIC_NUM_NODES": str(rnd.num_nodes),
+            "ELASTIC_NODE_ID": self.handler.node.node_id, "ELASTIC_RUN_PREFIX": self.handler.prefix,
+            **self.store_env,
         })
         env.update(self.adapter.worker_env(rnd, local_rank, rank))
         return env
 
+    def _attempt_dir(self, rnd: Round) -> str:
+        path = os.path.join(self.spec.log_dir or self._scratch_dir(), self.settings.run_id,
+                            f"attempt_{rnd.generation}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
     def _start_workers(self, rnd: Round) -> None:
-        self._change.clear()
-        self._change_reason = ""
-        attempt_dir = os.path.join(self.spec.log_dir or self._scratch_dir(), self.settings.run_id,
-                                   f"attempt_{rnd.generation}")
-        os.makedirs(attempt_dir, exist_ok=True)
         self.adapter.on_round(rnd)
         group = WorkerGroup(self.spec, self._standbys)
-        group.start([self.worker_env(rnd, i) for i in range(rnd.node.nproc)], attempt_dir)
+        group.start([self.worker_env(rnd, i) for i in range(rnd.node.nproc)], self._attempt_dir(rnd))
         self._group = group
         log.info("started %d worker(s), pids %s", len(group.pids), group.pids)
+        self._restart_watch(rnd)
+
+    def _restart_watch(self, rnd: Round) -> None:
+        self._watch_stop.set()
+        self._change.clear()
+        self._change_reason = ""
         self._watch_stop = threading.Event()
         threading.Thread(target=self._watch, args=(rnd, self._watch_stop), name="rdzv-watch",
                          daemon=True).start()
@@ -226,18 +285,15 @@ class ElasticAgent:
     def _monitor(self, rnd: Round):
         group = self._group
         while True:
+            group.kill_stopped()  # a SIGSTOPped worker hangs its peers: treat it as dead
             exits = group.poll()
             failed = [e for e in exits if e.returncode != 0]
             if failed:
                 return "failed", failed[0]
-            if len(exits) == len(group.workers):
+            if exits and len(exits) == len(group.workers) and all(e.returncode == 0 for e in exits):
                 return "succeeded", None
             if self._change.wait(self.monitor_interval_s):
-                reason = self._change_reason
-                if not reason.startswith("job failed") and self.reconfigure(rnd):
-                    self._change.clear()
-                    continue
-                return "changed", reason
+                return "changed", self._change_reason
 
     # -- failures --------------------------------------------------------------------------
     def _report_failure(self, rnd: Round, failure: WorkerExit) -> None:

@@ -135,8 +135,12 @@ class WorkerGroup:
 
     def start(self, envs: List[Dict[str, str]], attempt_dir: str) -> None:
         """Start one worker per environment (index = local rank)."""
+        self.replace(dict(enumerate(envs)), attempt_dir)
+
+    def replace(self, envs: Dict[int, Dict[str, str]], attempt_dir: str) -> None:
+        """Start workers for the given local ranks, replacing any earlier ones there."""
         cwd = self.spec.cwd or os.getcwd()
-        for local_rank, env in enumerate(envs):
+        for local_rank, env in sorted(envs.items()):
             out_dir = None
             if self.spec.log_dir:
                 out_dir = os.path.join(attempt_dir, str(local_rank))
@@ -153,8 +157,9 @@ class WorkerGroup:
             else:
                 runner = [self.spec.python or sys.executable, "-m", "elastic.agent._runner"]
                 proc = _popen(runner + (["-m"] if self.spec.module else []) + argv, env, cwd)
-            self.workers.append(_Worker(proc, int(env["RANK"]), local_rank, error_file, out_dir,
-                                        self.spec.tee))
+            worker = _Worker(proc, int(env["RANK"]), local_rank, error_file, out_dir, self.spec.tee)
+            self.workers = [w for w in self.workers if w.local_rank != local_rank] + [worker]
+            self.workers.sort(key=lambda w: w.local_rank)
 
     @property
     def pids(self) -> List[int]:
@@ -173,6 +178,24 @@ class WorkerGroup:
                                     error=w.read_error() if code else "",
                                     stderr_tail="".join(w.stderr_tail) if code else "")
         return sorted((w.exit for w in self.workers if w.exit), key=lambda e: e.at_s)
+
+    def kill_stopped(self) -> None:
+        """SIGKILL workers that are stopped (SIGSTOP, a debugger): to their peers they hang."""
+        for w in self.workers:
+            if w.proc.poll() is not None:
+                continue
+            try:
+                with open(f"/proc/{w.proc.pid}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state in (b"T", b"t"):
+                log.warning("rank %d (pid %d) is stopped; killing it so its peers can recover",
+                            w.rank, w.proc.pid)
+                try:
+                    os.killpg(w.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def running(self) -> bool:
         return any(w.proc.poll() is None for w in self.workers)
