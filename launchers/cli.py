@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--role", dest="role", default="default", help="worker role name (ROLE_NAME)")
     _flag(p, "--preload", dest="preload", default=None,
           help="modules warm standbys import ahead of time (default: frameworks the script imports)")
+    _flag(p, "--framework", dest="framework", default="auto",
+          help="auto (default: from the script's imports), torch, horovod or tensorflow")
     p.add_argument("--no-standby", dest="standby", action="store_false", default=True,
                    help="start every worker cold instead of from a warm standby")
     p.add_argument("-m", "--module", action="store_true", default=_truthy(_env_default("module", False)),
@@ -126,6 +128,12 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         raise UserError("--rdzv-backend etcd needs --rdzv-endpoint host:port[,host:port...]")
     tee = True if not args.log_dir else (args.tee is not None and str(args.tee) not in ("0", "false", "off"))
     preload = None if args.preload is None else tuple(m for m in args.preload.split(",") if m)
+    from .frameworks import create_adapter, resolve_framework, standby_preload
+
+    script = None if args.module or args.no_python else args.training_script
+    adapter = create_adapter(resolve_framework(args.framework, script))
+    if preload is None and script:
+        preload = standby_preload(script) or None
     return LaunchConfig(
         entrypoint=(args.training_script, *args.training_script_args),
         min_nodes=lo, max_nodes=hi, nproc_per_node=nproc,
@@ -134,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         max_restarts=_int(args.max_restarts, "--max-restarts"), monitor_interval_s=monitor,
         log_dir=args.log_dir, tee=tee, module=args.module, no_python=args.no_python,
         local_addr=args.local_addr, role=args.role, standby=args.standby, preload=preload,
+        adapter=adapter,
     )
 
 

@@ -1,0 +1,260 @@
+"""Horovod under ``elastic-run``: the launcher side of what ``horovodrun --gloo`` does, per round.
+
+For every round, node rank 0's agent hosts Horovod's own Gloo rendezvous HTTP server
+(:class:`horovod.runner.http.http_server.RendezvousServer`, the one ``horovodrun`` starts) on
+its first aux port, initialised with the round's host allocation plan
+(:func:`horovod.runner.common.util.hosts.get_host_assignments`, one "host" per agent); the
+previous round's server is stopped. Every worker gets the variables ``horovodrun`` sets
+(``gloo_run.create_slot_env_vars`` + ``create_run_env_vars``): ``HOROVOD_RANK``/``SIZE``,
+``LOCAL_RANK``/``SIZE``, ``CROSS_RANK``/``SIZE``, ``HOROVOD_HOSTNAME``, the rendezvous address
+and port, ``HOROVOD_CONTROLLER=gloo``, ``HOROVOD_CPU_OPERATIONS=gloo``, ``HOROVOD_GLOO_IFACE``
+and ``NCCL_SOCKET_IFNAME``. Unmodified ``hvd.init()`` scripts then run as under ``horovodrun``.
+
+A membership change restarts the workers with the next round's variables (state from the
+script's checkpoint). The server also answers Horovod's elastic ``rank_and_size`` query from
+the plan, so a worker that re-initialises in place (``HOROVOD_ELASTIC=1``, the ``@elastic.run``
+path) gets its new slot from the same server.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+from typing import Dict, List, Mapping, Optional
+
+from elastic._lazy import require
+from elastic.agent import FrameworkAdapter
+from elastic.errors import ConfigError
+
+from .errors import LauncherError
+
+__all__ = ["HorovodAdapter", "HorovodError", "init", "slot_hostname", "host_plan", "network_interface"]
+
+log = logging.getLogger("elastic.launcher")
+_RANK_AND_SIZE = "rank_and_size"  # horovod.runner.elastic.rendezvous.GET_RANK_AND_SIZE
+
+
+class HorovodError(LauncherError):
+    """Horovod's rendezvous could not be served, or a worker's Horovod is misconfigured."""
+
+
+def slot_hostname(node) -> str:
+    """The name Horovod knows a node by (``HOROVOD_HOSTNAME``; its ``local_<name>`` scope).
+
+    One per agent, not per machine: two agents on one host are two "hosts" to Horovod, each
+    with its own local ranks. URL-safe, as Horovod puts it into HTTP paths, and free of ``:``
+    (Horovod's elastic keys are ``host:local_rank``).
+    """
+    return re.sub(r"[^\w.-]", "-", node.node_id)
+
+
+def host_plan(rnd) -> list:
+    """Horovod's ``SlotInfo`` for every rank of the round, in rank order (as ``horovodrun``)."""
+    hosts_mod = require("horovod.runner.common.util.hosts", "--framework horovod")
+    hosts = [hosts_mod.HostInfo(slot_hostname(n), n.nproc) for n in rnd.nodes]
+    return hosts_mod.get_host_assignments(hosts, rnd.world_size)
+
+
+def _addresses(host: str) -> List[str]:
+    try:
+        return sorted({ai[4][0] for ai in socket.getaddrinfo(host, None, socket.AF_INET)})
+    except socket.gaierror:
+        return []
+
+
+def _source_address(peer: str) -> Optional[str]:
+    """The local IPv4 address the kernel would use to reach ``peer`` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((peer, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def network_interface(host: str, peer: Optional[str] = None) -> str:
+    """The name of the local interface that holds ``host``'s address (``lo`` for 127.0.0.1).
+
+    When ``host`` is not an address of this machine (a name behind NAT, say), the interface
+    the kernel routes ``peer`` (node rank 0) through is used instead.
+    """
+    import psutil
+
+    by_addr: Dict[str, str] = {}
+    for iface, addrs in psutil.net_if_addrs().items():
+        for a in addrs:
+            if a.family == socket.AF_INET:
+                by_addr.setdefault(a.address, iface)
+    candidates = _addresses(host)
+    if peer:
+        src = _source_address(_addresses(peer)[0] if _addresses(peer) else peer)
+        if src:
+            candidates.append(src)
+    for addr in candidates:
+        if addr in by_addr:
+            return by_addr[addr]
+        try:
+            if ipaddress.ip_address(addr).is_loopback:
+                loop = [i for a, i in by_addr.items() if ipaddress.ip_address(a).is_loopback]
+                if loop:
+                    return loop[0]
+        except ValueError:
+            continue
+    raise HorovodError(f"no local network interface holds {host!r}: pass --local-addr with an address "
+                       "of this machine, or set HOROVOD_GLOO_IFACE")
+
+
+def _handler_class(plan_ref):
+    http = require("horovod.runner.http.http_server", "--framework horovod")
+
+    class Handler(http.RendezvousHandler):
+        """Horovod's Gloo rendezvous, plus its elastic ``rank_and_size`` lookup from the plan."""
+
+        def _get_value(self, scope, key):
+            if scope == _RANK_AND_SIZE:
+                host, _, local_rank = key.rpartition(":")
+                for slot in plan_ref[0]:
+                    if slot.hostname == host and str(slot.local_rank) == local_rank:
+                        return slot.to_response_string().encode("ascii")
+                return b"-1,-1,-1,-1,-1,-1"  # Horovod's answer for "not part of the job"
+            return super()._get_value(scope, key)
+
+    return Handler
+
+
+class _PlanServer:
+    """Horovod's ``RendezvousServer`` bound to a given port instead of a random one."""
+
+    def __init__(self, bind: str, port: int, plan: list) -> None:
+        http = require("horovod.runner.http.http_server", "--framework horovod")
+        self._plan = [plan]
+        self._server = http.RendezvousServer()
+        try:
+            self._server._httpd = http.RendezvousHTTPServer((bind, port), _handler_class(self._plan), 0)
+        except OSError as exc:
+            raise HorovodError(f"cannot serve Horovod's rendezvous on {bind or '*'}:{port}: {exc}") from exc
+        self._server._httpd.daemon_threads = True
+        self._server.init(plan)
+        self._server._listen_thread = threading.Thread(target=self._server._httpd.serve_forever,
+                                                       name="horovod-rendezvous", daemon=True)
+        self._server._listen_thread.start()
+        self.port = port
+
+    def stop(self) -> None:
+        self._server.stop()
+        self._server._httpd.server_close()
+
+
+class HorovodAdapter(FrameworkAdapter):
+    """Hosts Horovod's Gloo rendezvous on node rank 0 each round; gives workers ``HOROVOD_*``.
+
+    ``iface`` forces ``HOROVOD_GLOO_IFACE`` (default: ``$HOROVOD_GLOO_IFACE``, else the
+    interface that holds this node's address). ``verbose`` turns on the server's own logging.
+    """
+
+    name = "horovod"
+
+    def __init__(self, iface: Optional[str] = None) -> None:
+        require("horovod.runner.http.http_server", "--framework horovod")  # fail at start, in one line
+        self._iface_forced = iface or os.environ.get("HOROVOD_GLOO_IFACE") or None
+        self._server: Optional[_PlanServer] = None
+        self._plan: list = []
+        self._generation = -1
+        self._iface: Optional[str] = None
+
+    def on_round(self, rnd) -> None:
+        self._plan = host_plan(rnd)
+        self._generation = rnd.generation
+        self._iface = self._iface_forced or network_interface(rnd.node.host, rnd.master_addr)
+        self._stop_server()
+        if rnd.node_rank == 0:
+            port = rnd.nodes[0].aux_port
+            if not port:
+                raise HorovodError("node rank 0 offered no aux port for Horovod's rendezvous")
+            host = rnd.nodes[0].host
+            bind = "127.0.0.1" if _is_loopback(host) else ""
+            self._server = _PlanServer(bind, port, self._plan)
+            log.info("round %d: Horovod rendezvous on %s:%d, %d rank(s), interface %s", rnd.generation,
+                     host, port, len(self._plan), self._iface)
+
+    def worker_env(self, rnd, local_rank: int, rank: int) -> Mapping[str, str]:
+        if rnd.generation != self._generation:
+            self._plan = host_plan(rnd)
+            self._generation = rnd.generation
+        slot = self._plan[rank]
+        iface = self._iface or network_interface(rnd.node.host, rnd.master_addr)
+        # horovod.runner.gloo_run.create_slot_env_vars + create_run_env_vars, as horovodrun sets them
+        return {
+            "HOROVOD_HOSTNAME": slot.hostname,
+            "HOROVOD_RANK": str(slot.rank),
+            "HOROVOD_SIZE": str(slot.size),
+            "HOROVOD_LOCAL_RANK": str(slot.local_rank),
+            "HOROVOD_LOCAL_SIZE": str(slot.local_size),
+            "HOROVOD_CROSS_RANK": str(slot.cross_rank),
+            "HOROVOD_CROSS_SIZE": str(slot.cross_size),
+            "HOROVOD_GLOO_RENDEZVOUS_ADDR": rnd.nodes[0].host,
+            "HOROVOD_GLOO_RENDEZVOUS_PORT": str(rnd.nodes[0].aux_port),
+            "HOROVOD_CONTROLLER": "gloo",
+            "HOROVOD_CPU_OPERATIONS": "gloo",
+            "HOROVOD_GLOO_IFACE": iface,
+            "NCCL_SOCKET_IFNAME": iface,
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def _stop_server(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def close(self) -> None:
+        self._stop_server()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+_MODULES = {"torch": "horovod.torch", "pytorch": "horovod.torch", "tensorflow": "horovod.tensorflow",
+            "tf": "horovod.tensorflow", "keras": "horovod.tensorflow.keras"}
+
+
+def _pick_module(framework: Optional[str]) -> str:
+    if framework is not None:
+        try:
+            return _MODULES[framework.lower()]
+        except KeyError:
+            raise ConfigError(f"launchers.horovod.init(framework={framework!r}): expected "
+                              f"{', '.join(sorted(set(_MODULES)))}") from None
+    for name in ("horovod.tensorflow.keras", "horovod.tensorflow", "horovod.torch"):
+        if name in sys.modules:
+            return name
+    if "torch" in sys.modules:
+        return "horovod.torch"
+    if "tensorflow" in sys.modules or "keras" in sys.modules:
+        return "horovod.tensorflow"
+    return "horovod.torch"
+
+
+def init(framework: Optional[str] = None, **kwargs):
+    """``hvd.init()`` for this round; returns the Horovod module (``hvd``).
+
+    ``framework``: ``torch``, ``tensorflow`` or ``keras`` (default: the Horovod module or
+    framework already imported). Under ``elastic-run --framework horovod`` Horovod reads the
+    round from ``HOROVOD_*``; a plain ``python script.py`` is a world of one. A worker started
+    by ``elastic-run`` without the Horovod adapter (``RANK`` set, ``HOROVOD_RANK`` not) is an
+    error: every rank would believe it is alone.
+    """
+    env = os.environ
+    if "RANK" in env and "HOROVOD_RANK" not in env and env.get("WORLD_SIZE", "1") != "1":
+        raise HorovodError("this worker was launched without Horovod's environment: run it with "
+                           "`elastic-run --framework horovod` (or let --framework auto see `import horovod`)")
+    hvd = require(_pick_module(framework), "launchers.horovod.init")
+    hvd.init(**kwargs)
+    return hvd
