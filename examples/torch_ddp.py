@@ -87,6 +87,9 @@ def main():
     if rank == 0:
         print(f"final test accuracy {evaluate(model.module, test):.4f}", flush=True)
     dist.barrier()  # nobody tears the group down while a peer still uses it
+    # Drop DDP (its reducer holds the group) before the group itself: freeing the group from
+    # the reducer's destructor can deadlock against gloo's worker thread (seen in torch 2.13).
+    del model, opt
     dist.destroy_process_group()
 
 
