@@ -7,4 +7,19 @@ from .world import World
 
 __version__ = "0.1.0"
 
-__all__ = ["ElasticError", "UserError", "ConfigError", "MissingExtraError", "World", "__version__"]
+__all__ = ["ElasticError", "UserError", "ConfigError", "MissingExtraError", "World", "__version__",
+           "run", "State", "ObjectState", "TorchState", "MembershipChangedError"]
+
+_LAZY = {"run": ".recovery", "State": ".state", "ObjectState": ".state", "TorchState": ".state",
+         "MembershipChangedError": "._worker"}
+
+
+def __getattr__(name: str):
+    """``elastic.run`` and the State classes load on first use (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'elastic' has no attribute {name!r}")

@@ -1,0 +1,141 @@
+"""``@elastic.run``: recover inside the running processes when the world changes.
+
+    @elastic.run
+    def train(state):
+        model = DDP(state.model)              # wrap inside: the group is rebuilt on a change
+        for state.step in range(state.step, steps):
+            ...
+            state.commit()                    # copy to roll back to; membership news raises here
+
+    train(elastic.TorchState(model=net, optimizer=opt, step=0))
+
+When a peer dies (a collective raises because its connection dropped) or the agent reports a
+new round (scale-up or scale-down), every surviving worker tears its process group down,
+rolls back to its last ``commit()``, waits for its place in the new round from its agent,
+builds a new group with its new rank and world size, takes the state of the surviving lowest
+rank by broadcast, runs the reset callbacks and calls ``train(state)`` again. Its PID does not
+change. Outside ``elastic-run`` (one plain process) ``train`` simply runs.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import os
+import time
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+from ._lazy import require
+from ._worker import MembershipChangedError, WorkerLink
+from .state import State
+
+__all__ = ["run", "is_recoverable"]
+
+log = logging.getLogger("elastic.recovery")
+# Messages of torch.distributed errors that mean "a peer went away", not a bug in train().
+_PEER_LOST = ("connection reset", "connection closed", "broken pipe", "connection refused",
+              "timed out", "timeout", "gloo", "nccl", "socket", "end of file", "eof")
+
+
+def is_recoverable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the world changed under us (rather than a bug in the script)."""
+    if isinstance(exc, MembershipChangedError):
+        return True
+    try:
+        dist = require("torch.distributed")
+    except ImportError:
+        return False
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _PEER_LOST)
+
+
+class _Session:
+    def __init__(self, state: State, link: Optional[WorkerLink], timeout_s: float, backend: Optional[str]):
+        self.state = state
+        self.link = link
+        self.timeout_s = timeout_s
+        self.backend = backend
+        self.owns_group = False
+        self.recoveries = 0
+
+    def _init_group(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and self.link is None:
+            return
+        torch = require("torch", "@elastic.run")
+        dist = require("torch.distributed", "@elastic.run")
+        if dist.is_initialized():
+            return
+        backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(seconds=self.timeout_s))
+        self.owns_group = True
+
+    def _teardown_group(self) -> None:
+        try:
+            dist = require("torch.distributed")
+        except ImportError:
+            return
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # a group whose peers died may not close cleanly
+                log.debug("destroying the old process group: %s", exc)
+
+    def run(self, func: Callable[..., Any], args, kwargs) -> Any:
+        self.state._link = self.link
+        if self.link is not None:
+            self.link.register()
+        self._init_group()
+        self.state.sync()
+        try:
+            while True:
+                try:
+                    return func(self.state, *args, **kwargs)
+                except Exception as exc:
+                    if self.link is None or not is_recoverable(exc):
+                        raise
+                    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                # Out of the except block the failed call's frames (and the DDP module, whose
+                # reducer holds the old group) are gone before the group is torn down.
+                gc.collect()
+                self._recover(reason)
+        finally:
+            if self.link is not None:
+                self.link.close()
+            if self.owns_group:
+                self._teardown_group()
+
+    def _recover(self, reason: str) -> None:
+        t0 = time.monotonic()
+        self.recoveries += 1
+        log.warning("rank %s: %s; recovering in process (pid %d)", os.environ.get("RANK"), reason, os.getpid())
+        self._teardown_group()
+        self.state.restore()
+        self.link.wait_for_new_place(self.timeout_s)
+        self._init_group()
+        self.state.sync()
+        self.state.on_reset()
+        log.warning("rank %s of %s: re-formed in %.2fs (generation %s)", os.environ.get("RANK"),
+                    os.environ.get("WORLD_SIZE"), time.monotonic() - t0, os.environ.get("ELASTIC_GENERATION"))
+
+
+def run(func: Optional[Callable[..., Any]] = None, *, timeout_s: float = 300.0, backend: Optional[str] = None):
+    """Decorate ``train(state, *args)`` so it survives world changes in process.
+
+    ``timeout_s`` bounds every collective and the wait for a new round (so a peer that stops
+    without its connection closing cannot hang the others forever); ``backend`` overrides the
+    process-group backend (default: nccl with CUDA, else gloo).
+    """
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(state: State, *args: Any, **kwargs: Any) -> Any:
+            if not isinstance(state, State):
+                raise TypeError("@elastic.run: the first argument must be an elastic.State")
+            return _Session(state, WorkerLink.from_env(), timeout_s, backend).run(f, args, kwargs)
+        return wrapper
+
+    return decorate(func) if func is not None else decorate
