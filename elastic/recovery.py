@@ -19,7 +19,6 @@ change. Outside ``elastic-run`` (one plain process) ``train`` simply runs.
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import os
 import time
@@ -100,8 +99,7 @@ class _Session:
                         raise
                     reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
                 # Out of the except block the failed call's frames (and the DDP module, whose
-                # reducer holds the old group) are gone before the group is torn down.
-                gc.collect()
+                # reducer holds the old group) are freed before the group is torn down.
                 self._recover(reason)
         finally:
             if self.link is not None:

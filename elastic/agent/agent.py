@@ -79,6 +79,7 @@ class ElasticAgent:
         # How workers reach the store (ELASTIC_RDZV_*): @elastic.run workers read their new
         # rank from it when the agent re-forms them in place.
         self.store_env = dict(store_env or {})
+        self._worker_store = None  # node rank 0's TCPStore for the workers of the current round
         self.round: Optional[Round] = None
         self._group: Optional[WorkerGroup] = None
         self._standbys: Optional[StandbyPool] = None
@@ -111,6 +112,7 @@ class ElasticAgent:
             if self._standbys:
                 self._standbys.close()
             self.adapter.close()
+            self._worker_store = None
 
     def _loop(self) -> int:
         rnd = self._next_round(None)
@@ -177,6 +179,7 @@ class ElasticAgent:
         import json
 
         group = self._group
+        self._host_worker_store(rnd)
         self.adapter.on_round(rnd)
         self._restart_watch(rnd)
         dead = [w.local_rank for w in group.workers if w.proc.poll() not in (None, 0)]
@@ -225,7 +228,7 @@ class ElasticAgent:
             "TORCHELASTIC_RESTART_COUNT": str(rnd.restart_count),
             "TORCHELASTIC_MAX_RESTARTS": str(self.settings.max_restarts),
             "TORCHELASTIC_RUN_ID": self.settings.run_id,
-            "TORCHELASTIC_USE_AGENT_STORE": "False",
+            "TORCHELASTIC_USE_AGENT_STORE": str(self._hosts_worker_store),
             "ELASTIC_GENERATION": str(rnd.generation), "ELASTIC_NUM_NODES": str(rnd.num_nodes),
             "ELASTIC_NODE_ID": self.handler.node.node_id, "ELASTIC_RUN_PREFIX": self.handler.prefix,
             **self.store_env,
@@ -239,7 +242,30 @@ class ElasticAgent:
         os.makedirs(path, exist_ok=True)
         return path
 
+    @property
+    def _hosts_worker_store(self) -> bool:
+        """PyTorch jobs: node rank 0's agent hosts the workers' TCPStore, as torchrun's does.
+
+        It is up before any worker connects, so no worker waits out a connect-retry backoff
+        (rank 0 of a re-formed group may be a replacement that starts after its peers).
+        """
+        return self.adapter.name == "torch" and not self.spec.no_python
+
+    def _host_worker_store(self, rnd: Round) -> None:
+        if not self._hosts_worker_store:
+            return
+        self._worker_store = None  # the previous round's server stops with it
+        if rnd.node_rank != 0:
+            return
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        self._worker_store = TCPStore(rnd.master_addr, rnd.master_port, is_master=True,
+                                      wait_for_workers=False, timeout=timedelta(seconds=300))
+
     def _start_workers(self, rnd: Round) -> None:
+        self._host_worker_store(rnd)
         self.adapter.on_round(rnd)
         group = WorkerGroup(self.spec, self._standbys)
         group.start([self.worker_env(rnd, i) for i in range(rnd.node.nproc)], self._attempt_dir(rnd))
