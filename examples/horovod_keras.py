@@ -13,6 +13,7 @@ writes it every ``--save-steps`` steps, at each epoch's end and on SIGTERM; ever
 import argparse
 import os
 import tempfile
+import time
 
 import horovod.tensorflow as hvd_tf
 import horovod.tensorflow.keras as hvd
@@ -42,6 +43,15 @@ class BroadcastFromRankZero(keras.callbacks.Callback):
         hvd_tf.broadcast_variables([v.value for v in self.model.variables], root_rank=0)
 
 
+class StepDelay(keras.callbacks.Callback):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(self.seconds)
+
+
 class Report(keras.callbacks.Callback):
     def __init__(self, xte, yte, epochs):
         super().__init__()
@@ -60,6 +70,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=32, help="per worker")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--save-steps", type=int, default=10)
+    p.add_argument("--step-delay", type=float, default=0.0, help="seconds of extra work per step (demos, tests)")
     p.add_argument("--ckpt-dir", default=os.environ.get("CKPT_DIR", ""),
                    help="checkpoint URL or directory (default: one per run id under the temp dir)")
     args = p.parse_args()
@@ -83,7 +94,7 @@ def main():
               batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=0,
               callbacks=[ElasticCheckpoint(url, every_steps=args.save_steps),  # restores first
                          BroadcastFromRankZero(),
-                         Report(xte, yte, args.epochs)])
+                         Report(xte, yte, args.epochs), StepDelay(args.step_delay)])
     if rank == 0:
         print(f"final test accuracy {accuracy(model, xte, yte):.4f} world size {world}", flush=True)
 

@@ -13,6 +13,7 @@ steps, at every epoch's end, and on SIGTERM).
 import argparse
 import os
 import tempfile
+import time
 
 import numpy as np
 from sklearn.datasets import load_digits
@@ -29,6 +30,15 @@ def data():
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
     return train_test_split(x, y.astype(np.int64), test_size=0.25, random_state=0, stratify=y)
+
+
+class StepDelay(keras.callbacks.Callback):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_train_batch_end(self, batch, logs=None):
+        time.sleep(self.seconds)
 
 
 class Report(keras.callbacks.Callback):
@@ -58,6 +68,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=64, help="global batch size")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--save-steps", type=int, default=10)
+    p.add_argument("--step-delay", type=float, default=0.0, help="seconds of extra work per step (demos, tests)")
     p.add_argument("--ckpt-dir", default=os.environ.get("CKPT_DIR", ""),
                    help="checkpoint URL or directory (default: one per run id under the temp dir)")
     args = p.parse_args()
@@ -77,7 +88,7 @@ def main():
                                         os.environ.get("TORCHELASTIC_RUN_ID", "local"))
     model.fit(xtr, ytr, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=0,
               callbacks=[ltf.ElasticCheckpoint(url, every_steps=args.save_steps),
-                         Report(xte, yte, args.epochs)])
+                         Report(xte, yte, args.epochs), StepDelay(args.step_delay)])
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"final test accuracy {accuracy(model, xte, yte):.4f} world size {world}", flush=True)
 

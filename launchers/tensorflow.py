@@ -98,6 +98,44 @@ def strategy(communication: str = "auto"):
     return tf.distribute.get_strategy()
 
 
+def _closed_round_fence(generation: int):
+    """``current_generation`` for the Checkpointer: the newest *closed* round of the job.
+
+    Read from the job's store (``ELASTIC_RDZV_*``, ``ELASTIC_RUN_PREFIX``, which the agent
+    gives its workers). A round that is still open does not fence: the final save on SIGTERM
+    happens exactly then. Once a newer round has closed, its workers may be restoring, and a
+    writer of an older one must not publish. None outside ``elastic-run``.
+    """
+    env = os.environ
+    backend, endpoint = env.get("ELASTIC_RDZV_BACKEND"), env.get("ELASTIC_RDZV_ENDPOINT")
+    prefix = env.get("ELASTIC_RUN_PREFIX")
+    if not (backend and endpoint and prefix) or backend == "memory":
+        return None
+    try:
+        conf = json.loads(env.get("ELASTIC_RDZV_CONF") or "{}")
+    except ValueError:
+        return None
+    holder: Dict[str, Any] = {}
+
+    def current() -> int:
+        try:
+            if "store" not in holder:
+                from elastic.store import create_store
+
+                holder["store"] = create_store(backend, endpoint, **conf)
+            kv = holder["store"].get(prefix + "round")
+            state = json.loads(kv.value) if kv is not None else None
+        except Exception as exc:  # noqa: BLE001 - the store is gone: the agent decides our fate
+            log.warning("cannot read the current round (%s); fencing on published checkpoints only", exc)
+            return generation
+        if not state:
+            return generation
+        gen = int(state.get("generation", generation))
+        return gen if state.get("state") == "closed" else gen - 1
+
+    return current
+
+
 def _rank(value) -> Optional[int]:
     values = getattr(value, "values", None)
     t = values[0] if isinstance(values, (tuple, list)) and values else value
@@ -165,7 +203,7 @@ class TrainingCheckpoint:
 
     def __init__(self, url: str, *, every_steps: Optional[int] = None, every_s: Optional[float] = None,
                  keep: int = 2, storage_options: Optional[dict] = None, rank: Optional[int] = None,
-                 save_on_sigterm: bool = True, **objects: Any) -> None:
+                 save_on_sigterm: bool = True, sigterm_grace_s: float = 3.0, **objects: Any) -> None:
         if not objects:
             raise ConfigError("TrainingCheckpoint needs the objects to save (model=..., optimizer=...)")
         if every_steps is not None and every_steps < 1:
@@ -188,13 +226,17 @@ class TrainingCheckpoint:
         self.restored_step: Optional[int] = None
         self.last_saved_step: Optional[int] = None
         self._last_save_t = time.monotonic()
+        self.sigterm_grace_s = float(sigterm_grace_s)
         self._term = threading.Event()
+        self._final = threading.Event()  # the main thread took the SIGTERM path
         self._prev_handler = None
+        self._wakeup: Optional[tuple] = None
         # The chief writes the whole (replicated) state as a world of one; the others only read.
         self._ck = Checkpointer(url, keep=keep, storage_options=storage_options, rank=0, world_size=1,
-                                generation=world.generation, memory=self.is_chief)
+                                generation=world.generation, memory=self.is_chief,
+                                current_generation=_closed_round_fence(world.generation))
         if save_on_sigterm and threading.current_thread() is threading.main_thread():
-            self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._install_sigterm()
 
     # -- restore ---------------------------------------------------------------------------
     def _variables(self) -> Dict[str, Dict[str, Any]]:
@@ -245,7 +287,11 @@ class TrainingCheckpoint:
         it is committed, and the process then ends by SIGTERM as it would have.
         """
         if self._term.is_set():
-            self.save(step, extra, blocking=True)
+            self._final.set()
+            try:
+                self.save(step, extra, blocking=True)
+            except Exception as exc:  # noqa: BLE001 - fenced or failed: the worker is stopping anyway
+                log.warning("final save of step %d on SIGTERM not published: %s", step, exc)
             self._die()
         if self.due(step):
             self.save(step, extra)
@@ -265,11 +311,63 @@ class TrainingCheckpoint:
         try:
             self._ck.close()
         finally:
-            if self._prev_handler is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, self._prev_handler)
-                self._prev_handler = None
+            self._uninstall_sigterm()
 
     # -- SIGTERM ---------------------------------------------------------------------------
+    # The agent stops workers with SIGTERM and SIGKILLs them after a grace period. The Python
+    # handler only sets a flag: the main thread saves at its next step end. A main thread stuck
+    # in a collective with a dead peer never gets there (and Python handlers only run between
+    # bytecodes), so a watchdog thread hears the signal through the wakeup fd, which the C-level
+    # handler writes at once, and ends the process if no step ends within ``sigterm_grace_s``.
+    def _install_sigterm(self) -> None:
+        self._prev_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            old = None
+        if old is None or old != -1:  # someone else's (asyncio's): keep it, flag only
+            if old is not None:
+                signal.set_wakeup_fd(old)
+            os.close(r)
+            os.close(w)
+            return
+        self._wakeup = (r, w)
+        threading.Thread(target=self._watch_sigterm, args=(r,), name="sigterm-watchdog", daemon=True).start()
+
+    def _uninstall_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wakeup[1])  # the watchdog reads EOF and ends
+            self._wakeup = None
+        if self._prev_handler is not None:
+            signal.signal(signal.SIGTERM, self._prev_handler)
+            self._prev_handler = None
+
+    def _watch_sigterm(self, r: int) -> None:
+        try:
+            while True:
+                data = os.read(r, 64)
+                if not data:
+                    return
+                if signal.SIGTERM in data:
+                    break
+        finally:
+            os.close(r)
+        self._term.set()
+        if self._final.wait(self.sigterm_grace_s):
+            return  # the main thread is saving; it ends the process when done
+        log.warning("SIGTERM: no step ended within %.1fs (a peer is gone?); exiting without a final save",
+                    self.sigterm_grace_s)
+        try:
+            self._ck.wait()  # a save already in the background (an epoch's end) may still commit
+        except Exception as exc:  # noqa: BLE001
+            log.warning("the last background save was not published: %s", exc)
+        os._exit(128 + signal.SIGTERM)
+
     def _on_sigterm(self, signum, frame) -> None:
         self._term.set()
 
@@ -278,6 +376,7 @@ class TrainingCheckpoint:
             self._ck.close()
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.set_wakeup_fd(-1)
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)  # the signal ends us before this does
 
@@ -296,7 +395,7 @@ def _elastic_checkpoint_class():
 
         def __init__(self, url: str, *, every_steps: Optional[int] = None, every_s: Optional[float] = None,
                      every_epochs: Optional[int] = None, keep: int = 2, storage_options: Optional[dict] = None,
-                     save_on_sigterm: bool = True, verbose: bool = True) -> None:
+                     save_on_sigterm: bool = True, sigterm_grace_s: float = 3.0, verbose: bool = True) -> None:
             super().__init__()
             if every_steps is None and every_s is None and every_epochs is None:
                 every_epochs = 1
@@ -304,7 +403,8 @@ def _elastic_checkpoint_class():
                 raise ConfigError(f"every_epochs must be >= 1, got {every_epochs}")
             self.url = url
             self._opts = dict(every_steps=every_steps, every_s=every_s, keep=keep,
-                              storage_options=storage_options, save_on_sigterm=save_on_sigterm)
+                              storage_options=storage_options, save_on_sigterm=save_on_sigterm,
+                              sigterm_grace_s=sigterm_grace_s)
             self.every_epochs = every_epochs
             self.verbose = verbose
             self.ck: Optional[TrainingCheckpoint] = None

@@ -1,0 +1,354 @@
+"""Framework adapters: detection, the environment each framework gets, Horovod's rendezvous
+server, and TensorFlow's checkpoint helper (in real worker processes)."""
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from services import free_port
+
+BIN = os.path.dirname(sys.executable)
+ELASTIC_RUN = os.path.join(BIN, "elastic-run")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_HOROVOD = os.path.exists(os.path.join(BIN, "horovodrun"))
+
+
+def make_round(nprocs, node_rank=0, generation=3, host="127.0.0.1"):
+    from elastic.rendezvous import NodeInfo, Round
+
+    nodes = tuple(NodeInfo(f"host{i}-{1000 + i}-abc", host, n, master_port=free_port(), aux_port=free_port())
+                  for i, n in enumerate(nprocs))
+    return Round(generation=generation, nodes=nodes, node_rank=node_rank, max_nodes=len(nodes))
+
+
+# -- detection ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("source, expected", [
+    ("import torch\nimport torch.distributed as dist\n", "torch"),
+    ("import numpy as np\n", "torch"),
+    ("import horovod.torch as hvd\nimport torch\n", "horovod"),
+    ("import tensorflow as tf\nimport horovod.tensorflow.keras as hvd\n", "horovod"),
+    ("from horovod import torch as hvd\n", "horovod"),
+    ("import tensorflow as tf\n", "tensorflow"),
+    ("import keras\n", "tensorflow"),
+    ("import os, keras\n", "tensorflow"),
+    ("import launchers.tensorflow as ltf\n", "tensorflow"),
+    ("from launchers import horovod\n", "horovod"),
+    ("from launchers.horovod import init\nimport torch\n", "horovod"),
+    ("import torch\n# import horovod.torch as hvd\n", "torch"),  # a comment is not an import
+    ("def f():\n    import tensorflow as tf\n", "tensorflow"),  # an indented import counts
+])
+def test_detect_framework_from_imports(tmp_path, source, expected):
+    from launchers.frameworks import detect_framework
+
+    script = tmp_path / "train.py"
+    script.write_text(source)
+    assert detect_framework(str(script)) == expected
+
+
+def test_detection_defaults_to_torch_for_what_it_cannot_read():
+    from launchers.frameworks import detect_framework, resolve_framework
+
+    assert detect_framework(None) == "torch"
+    assert detect_framework("/no/such/script.py") == "torch"
+    assert resolve_framework("auto", None) == "torch"
+    assert resolve_framework("tf", None) == "tensorflow"
+    assert resolve_framework("Horovod", None) == "horovod"
+
+
+def test_standby_preload_follows_the_imports(tmp_path):
+    from launchers.frameworks import standby_preload
+
+    script = tmp_path / "train.py"
+    script.write_text("import horovod.tensorflow.keras as hvd\nimport keras\nimport numpy\n")
+    assert standby_preload(str(script)) == ("horovod.tensorflow", "tensorflow")
+    script.write_text("import launchers.tensorflow as ltf\n")
+    assert standby_preload(str(script)) == ("tensorflow",)
+
+
+def test_unknown_framework_is_one_line_error(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("print('hi')\n")
+    res = subprocess.run([ELASTIC_RUN, "--framework", "mxnet", str(script)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "elastic-run: error: --framework 'mxnet': expected auto, horovod, tensorflow, torch"]
+
+
+def test_adapter_registry_takes_third_party_adapters():
+    from elastic.agent import FrameworkAdapter
+    from elastic.errors import ConfigError
+    from launchers.frameworks import ADAPTERS, create_adapter, register_adapter, resolve_framework
+
+    class Jax(FrameworkAdapter):
+        name = "jax"
+
+        def worker_env(self, rnd, local_rank, rank):
+            return {"JAX_PROCESS_ID": str(rank)}
+
+    register_adapter("jax-test", Jax)
+    try:
+        assert resolve_framework("jax-test", None) == "jax-test"
+        assert create_adapter("jax-test").worker_env(None, 0, 5) == {"JAX_PROCESS_ID": "5"}
+        with pytest.raises(ConfigError, match="already registered"):
+            register_adapter("jax-test", Jax)
+    finally:
+        ADAPTERS._entries.pop("jax-test")
+
+
+# -- TensorFlow: TF_CONFIG -------------------------------------------------------------------------
+def test_tf_config_lists_every_rank_on_its_nodes_aux_ports():
+    from launchers.tensorflow import TensorFlowAdapter
+
+    rnd = make_round([2, 1, 3], node_rank=2)
+    adapter = TensorFlowAdapter()
+    adapter.on_round(rnd)
+    expected = [f"127.0.0.1:{n.aux_port + j}" for n in rnd.nodes for j in range(n.nproc)]
+    for local_rank in range(3):
+        rank = rnd.rank_offset + local_rank
+        cfg = json.loads(adapter.worker_env(rnd, local_rank, rank)["TF_CONFIG"])
+        assert cfg == {"cluster": {"worker": expected}, "task": {"type": "worker", "index": rank}}
+    assert rnd.rank_offset == 3
+
+
+# -- Horovod: the environment horovodrun gives, and its rendezvous server ----------------------------
+pytest_horovod = pytest.mark.skipif(not HAVE_HOROVOD, reason="horovod not installed (make setup)")
+
+
+@pytest_horovod
+def test_horovod_env_is_what_horovodrun_sets():
+    from horovod.runner.common.util.hosts import HostInfo, get_host_assignments
+    from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
+
+    from launchers.horovod import HorovodAdapter, slot_hostname
+
+    rnd = make_round([2, 1, 2], node_rank=1)
+    adapter = HorovodAdapter()
+    adapter.on_round(rnd)  # not node rank 0: serves nothing
+    try:
+        plan = get_host_assignments([HostInfo(slot_hostname(n), n.nproc) for n in rnd.nodes], rnd.world_size)
+        env = dict(adapter.worker_env(rnd, 0, rnd.rank_offset))
+        expected = {k: str(v) for k, v in create_slot_env_vars(plan[2]).items()}
+        expected.update({k: str(v) for k, v in create_run_env_vars(
+            "127.0.0.1", ["lo"], rnd.nodes[0].aux_port).items()})
+        assert {k: env[k] for k in expected} == expected
+        assert (env["HOROVOD_RANK"], env["HOROVOD_SIZE"], env["HOROVOD_LOCAL_RANK"], env["HOROVOD_LOCAL_SIZE"],
+                env["HOROVOD_CROSS_RANK"], env["HOROVOD_CROSS_SIZE"]) == ("2", "5", "0", "1", "1", "3")
+        assert env["HOROVOD_CONTROLLER"] == env["HOROVOD_CPU_OPERATIONS"] == "gloo"
+        assert env["HOROVOD_GLOO_IFACE"] == "lo"
+        # one Horovod "host" per agent, so two agents on one machine have separate local ranks
+        assert len({slot_hostname(n) for n in rnd.nodes}) == 3
+        assert all(re.fullmatch(r"[\w.-]+", slot_hostname(n)) for n in rnd.nodes)
+    finally:
+        adapter.close()
+
+
+def http(method, url, data=None):
+    req = urllib.request.Request(url, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return resp.status, resp.read()
+
+
+@pytest_horovod
+def test_node_rank_zero_serves_horovods_rendezvous_per_round():
+    from horovod.runner.http.http_client import put_data_into_kvstore, read_data_from_kvstore
+
+    from launchers.horovod import HorovodAdapter, slot_hostname
+
+    adapter = HorovodAdapter()
+    rnd = make_round([2, 1], node_rank=0)
+    adapter.on_round(rnd)
+    try:
+        port = rnd.nodes[0].aux_port
+        # Horovod's own client against our server: its key-value scopes work
+        put_data_into_kvstore("127.0.0.1", port, "global", "k", b"v1")
+        assert read_data_from_kvstore("127.0.0.1", port, "global", "k") == b"v1"
+        # and Horovod's elastic re-init query answers the slot of host:local_rank
+        host1 = slot_hostname(rnd.nodes[1])
+        assert http("GET", f"http://127.0.0.1:{port}/rank_and_size/{host1}:0") == (200, b"2,3,0,1,1,2")
+        assert http("GET", f"http://127.0.0.1:{port}/rank_and_size/nobody:0")[1] == b"-1,-1,-1,-1,-1,-1"
+        # the next round stops this server and serves a fresh one on the new round's port
+        nxt = make_round([2], node_rank=0, generation=4)
+        adapter.on_round(nxt)
+        with pytest.raises(OSError):
+            http("GET", f"http://127.0.0.1:{port}/global/k")
+        new_port = nxt.nodes[0].aux_port
+        assert http("GET", f"http://127.0.0.1:{new_port}/rank_and_size/{slot_hostname(nxt.nodes[0])}:1") == \
+            (200, b"1,2,1,2,0,1")
+    finally:
+        adapter.close()
+    with pytest.raises(OSError):
+        http("GET", f"http://127.0.0.1:{new_port}/global/k")
+
+
+@pytest_horovod
+def test_horovod_init_refuses_a_worker_without_horovods_environment(tmp_path):
+    code = textwrap.dedent("""
+        import os
+        from launchers.errors import LauncherError
+        import launchers.horovod as lh
+        os.environ.update(RANK="1", WORLD_SIZE="2")
+        try:
+            lh.init("torch")
+        except LauncherError as exc:
+            print("REFUSED", exc)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "REFUSED this worker was launched without Horovod's environment" in res.stdout, res.stderr
+
+
+# -- TensorFlow: TrainingCheckpoint in real worker processes ------------------------------------------
+TRAIN = textwrap.dedent("""
+    import os, sys, signal, threading, time
+    import numpy as np
+    import keras
+    from launchers.tensorflow import TrainingCheckpoint
+
+    mode, url = sys.argv[1], sys.argv[2]
+    keras.utils.set_random_seed(int(os.environ.get("SEED", "0")))
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    opt.build(model.trainable_variables)
+    x = np.random.RandomState(1).rand(8, 4).astype("float32")
+    y = np.random.RandomState(2).rand(8, 3).astype("float32")
+
+    def train_step():
+        import tensorflow as tf
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((model(x) - y) ** 2)
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+
+    def digest():
+        return round(float(sum(np.abs(v.numpy()).sum() for v in model.variables + opt.variables)), 5)
+
+    ck = TrainingCheckpoint(url, every_steps=3, sigterm_grace_s=1.0, model=model, optimizer=opt)
+    step = ck.restore()
+    print("RESTORED", step, ck.extra.get("samples"), digest(), flush=True)
+    if mode == "until-sigterm":
+        while True:
+            train_step(); step += 1
+            print("STEP", step, digest(), flush=True)
+            ck.step_end(step, {"samples": 8 * step})
+            time.sleep(0.02)
+    elif mode == "stuck":
+        print("STUCK", flush=True)
+        threading.Event().wait()  # like a collective whose peer is gone: no step ever ends
+""")
+
+
+def run_worker(tmp_path, mode, url, env):
+    script = tmp_path / "ck_worker.py"
+    script.write_text(TRAIN)
+    full = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", **env}
+    proc = subprocess.Popen([sys.executable, str(script), mode, url], env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
+    proc.lines = queue.Queue()
+    proc.seen = []
+    threading.Thread(target=lambda: [proc.lines.put(line) for line in proc.stdout] + [proc.lines.put(None)],
+                     daemon=True).start()
+    return proc
+
+
+def read_until(proc, prefix, timeout_s=120):
+    """The fields of the first line starting with ``prefix`` (lines before it are kept in .seen)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            line = proc.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+        if line is None:
+            proc.kill()
+            raise AssertionError(f"no {prefix!r} line; stderr:\n{proc.stderr.read()[-3000:]}")
+        proc.seen.append(line)
+        if line.startswith(prefix):
+            return line.split()
+
+
+def rest_of_output(proc):
+    proc.wait(timeout=60)
+    lines = list(proc.seen)
+    while True:
+        line = proc.lines.get(timeout=10)
+        if line is None:
+            return lines
+        lines.append(line)
+
+
+def test_training_checkpoint_saves_on_sigterm_and_restores_at_another_world_size(tmp_path):
+    url = str(tmp_path / "ckpt")
+    env = {"RANK": "0", "WORLD_SIZE": "2", "ELASTIC_GENERATION": "1", "TORCHELASTIC_RUN_ID": f"t{free_port()}"}
+    stuck = run_worker(tmp_path, "stuck", str(tmp_path / "other"), env)  # meanwhile: the watchdog case
+    chief = run_worker(tmp_path, "until-sigterm", url, env)
+    try:
+        assert read_until(chief, "RESTORED")[1:3] == ["0", "None"]  # nothing saved yet
+        # the chief, told to stop between steps, saves the step it reached, then ends by SIGTERM
+        read_until(chief, "STEP 10 ")
+        chief.send_signal(signal.SIGTERM)
+        chief.wait(timeout=60)
+        assert chief.returncode == -signal.SIGTERM, chief.stderr.read()[-3000:]
+        lines = rest_of_output(chief)
+        printed = {int(f[1]): f[2] for f in (line.split() for line in lines) if f and f[0] == "STEP"}
+        last = max(printed)
+        from checkpoint import Checkpointer
+
+        ck = Checkpointer(url, rank=0, world_size=1, memory=False)
+        steps = ck.steps()
+        # the newest is the step it stopped at; before it, the every-3-steps saves (keep=2)
+        assert steps[-1] == last and len(steps) == 2 and steps[0] % 3 == 0 and steps[0] >= 9, (steps, last)
+        assert ck.list()[-1].world_size == 1  # the chief alone wrote the replicated state
+
+        # a non-chief rank of a larger world (2 -> 3) restores exactly that state
+        other = run_worker(tmp_path, "until-sigterm", url,
+                           {**env, "RANK": "2", "WORLD_SIZE": "3", "ELASTIC_GENERATION": "2"})
+        fields = read_until(other, "RESTORED")
+        other.kill()
+        other.wait()
+        assert fields[1:] == [str(last), str(8 * last), printed[last]]
+
+        # a worker stuck in a collective cannot reach a step end: the watchdog ends it after the grace
+        read_until(stuck, "STUCK")
+        stuck.send_signal(signal.SIGTERM)
+        stuck.wait(timeout=30)
+        assert stuck.returncode == 128 + signal.SIGTERM
+        assert "no step ended within 1.0s" in stuck.stderr.read()
+    finally:
+        for p in (stuck, chief):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_closed_round_fence_reads_the_jobs_store():
+    from elastic.store import create_store
+    from elastic.store.embedded_server import EmbeddedServer
+    from launchers.tensorflow import _closed_round_fence
+
+    server = EmbeddedServer("127.0.0.1", 0, token="tok").start()
+    store = create_store("embedded", f"127.0.0.1:{server.port}", token="tok")
+    saved = dict(os.environ)
+    try:
+        os.environ.update(ELASTIC_RDZV_BACKEND="embedded", ELASTIC_RDZV_ENDPOINT=f"127.0.0.1:{server.port}",
+                          ELASTIC_RDZV_CONF=json.dumps({"token": "tok"}), ELASTIC_RUN_PREFIX="/elastic/job/")
+        fence = _closed_round_fence(4)
+        assert fence() == 4  # no round yet: nothing newer
+        store.put("/elastic/job/round", json.dumps({"generation": 5, "state": "open"}).encode())
+        assert fence() == 4  # a round that is still open does not fence the final save
+        store.put("/elastic/job/round", json.dumps({"generation": 5, "state": "closed"}).encode())
+        assert fence() == 5  # a newer round closed: generation 4 may no longer publish
+        os.environ.pop("ELASTIC_RDZV_ENDPOINT")
+        assert _closed_round_fence(4) is None  # outside elastic-run
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        store.close()
+        server.stop()
