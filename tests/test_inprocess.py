@@ -73,7 +73,7 @@ def test_scale_up_two_to_three_in_process(procs, tmp_path, reference):
     def agent(name):
         procs.start(name, [ELASTIC_RUN, "--nnodes", "2:3", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
                            "--rdzv-id", "grow", "--rdzv-conf", "last_call_timeout=0.5,lease_ttl=2,join_timeout=60",
-                           TRAIN, *ARGS, "--out", str(out)])
+                           TRAIN, *ARGS, "--out", str(out), "--hold-at-step", "20", "--hold-until-world", "3"])
 
     agent("a0")
     procs.wait_for_output("a0", "listening", timeout_s=60)

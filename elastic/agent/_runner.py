@@ -94,6 +94,9 @@ def _standby(preload: list) -> int:
             importlib.import_module(name)
         except ImportError:
             pass  # the script will raise its own, clearer error if it needs it
+    ready = os.environ.pop("ELASTIC_STANDBY_READY", "")
+    if ready:  # tell the agent we are warm (it waits for that before joining a running job)
+        open(f"{ready}.{os.getpid()}", "w").close()
     line = sys.stdin.readline()
     if not line:
         return 0  # the agent no longer needs us

@@ -115,6 +115,10 @@ class ElasticAgent:
             self._worker_store = None
 
     def _loop(self) -> int:
+        if self._standbys is not None and self._joining_a_running_job():
+            # Joining makes every running worker pause for us: be ready to start at once.
+            log.info("a job is running; warming standbys before joining it")
+            self._standbys.wait_warm(timeout_s=self.settings.join_timeout_s)
         rnd = self._next_round(None)
         self._start_workers(rnd)
         while True:
@@ -155,6 +159,12 @@ class ElasticAgent:
                 self._reform_in_place(rnd)
             else:
                 self._start_workers(rnd)
+
+    def _joining_a_running_job(self) -> bool:
+        import json
+
+        kv = self.handler.store.get(self.handler.prefix + "round")
+        return kv is not None and json.loads(kv.value).get("state") == "closed"
 
     # -- in-process recovery (@elastic.run workers) -------------------------------------
     def _inproc_key(self, local_rank: int, kind: str) -> str:

@@ -5,9 +5,11 @@ import collections
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import IO, Deque, Dict, List, Mapping, Optional
@@ -40,6 +42,8 @@ class StandbyPool:
         self._size = size
         self._ready: Deque[subprocess.Popen] = collections.deque()
         self._lock = threading.Lock()
+        self._marker = os.path.join(tempfile.mkdtemp(prefix="elastic-standby-"), "ready")
+        self._env["ELASTIC_STANDBY_READY"] = self._marker
         self._fill()
 
     def _argv(self) -> List[str]:
@@ -50,6 +54,18 @@ class StandbyPool:
         with self._lock:
             while len(self._ready) < self._size:
                 self._ready.append(_popen(self._argv(), self._env, self._cwd, stdin=subprocess.PIPE))
+
+    def wait_warm(self, timeout_s: float) -> bool:
+        """Block until every standby has finished its imports (or ``timeout_s`` passes)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                pending = [p for p in self._ready
+                           if p.poll() is None and not os.path.exists(f"{self._marker}.{p.pid}")]
+            if not pending:
+                return True
+            time.sleep(0.05)
+        return False
 
     def take(self, argv: List[str], module: bool, env: Mapping[str, str], cwd: str) -> subprocess.Popen:
         with self._lock:
@@ -77,6 +93,7 @@ class StandbyPool:
             proc.wait()
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 pipe.close()
+        shutil.rmtree(os.path.dirname(self._marker), ignore_errors=True)
 
 
 class _Worker:

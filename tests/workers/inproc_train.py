@@ -19,6 +19,8 @@ p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=60)
 p.add_argument("--step-delay", type=float, default=0.0)
 p.add_argument("--out", default="")
+p.add_argument("--hold-at-step", type=int, default=-1, help="wait there until --hold-until-world workers")
+p.add_argument("--hold-until-world", type=int, default=0)
 args = p.parse_args()
 
 GLOBAL_BATCH = 12
@@ -50,6 +52,9 @@ def train(state):
         if args.step_delay:
             time.sleep(args.step_delay)
         state.commit()
+        while state.step == args.hold_at_step and world < args.hold_until_world:
+            time.sleep(0.05)  # a test's gate: hold until the job has grown (news raises here)
+            state.check_membership()
 
 
 train(state)
