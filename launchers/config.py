@@ -9,7 +9,7 @@ from typing import Dict, Optional, Tuple
 
 from elastic.errors import ConfigError
 
-__all__ = ["LaunchConfig", "parse_nnodes", "parse_endpoint", "parse_rdzv_conf", "is_local_host"]
+__all__ = ["LaunchConfig", "parse_nnodes", "parse_rdzv_conf", "is_local_host"]
 
 DEFAULT_RDZV_PORT = 29400
 DEFAULT_MASTER_PORT = 29500
@@ -38,27 +38,6 @@ def parse_nnodes(value: str) -> Tuple[int, int]:
     if lo > hi:
         raise ConfigError(f"--nnodes {text!r}: MIN ({lo}) is greater than MAX ({hi})")
     return lo, hi
-
-
-def parse_endpoint(value: str, default_port: int) -> Tuple[str, int]:
-    """``host[:port]`` (``[v6]:port`` too) -> (host, port)."""
-    text = value.strip()
-    if not text:
-        raise ConfigError("empty rendezvous endpoint")
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    try:
-        port = int(port_text) if port_text else default_port
-    except ValueError:
-        raise ConfigError(f"endpoint {value!r}: port {port_text!r} is not a number") from None
-    if not 0 <= port < 65536:
-        raise ConfigError(f"endpoint {value!r}: port {port} out of range")
-    return host, port
 
 
 def parse_rdzv_conf(value: str) -> Dict[str, str]:

@@ -17,8 +17,9 @@ from typing import Optional, Tuple
 from elastic.agent import ElasticAgent, WorkerSpec
 from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
 from elastic.store import MemoryStore, Store, StoreError, create_store
+from elastic.store.embedded_client import parse_endpoint
 
-from .config import DEFAULT_RDZV_PORT, LaunchConfig, is_local_host, parse_endpoint
+from .config import DEFAULT_RDZV_PORT, LaunchConfig, is_local_host
 
 __all__ = ["launch", "guess_preload"]
 
@@ -59,7 +60,7 @@ def _open_store(config: LaunchConfig):
     if backend == "etcd":
         store = create_store("etcd", config.rdzv_endpoint, **conf)
         return store, None, None, _store_env("etcd", config.rdzv_endpoint, conf)
-    host, port = parse_endpoint(config.rdzv_endpoint or f"127.0.0.1:{DEFAULT_RDZV_PORT}", DEFAULT_RDZV_PORT)
+    host, port = parse_endpoint(config.rdzv_endpoint, DEFAULT_RDZV_PORT, any_port=True)
     server = None
     is_host = _conf_bool(config.rdzv_conf.get("is_host"))
     if is_host is None:

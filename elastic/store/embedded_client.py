@@ -42,8 +42,12 @@ class _Lost(Exception):
         self.sent = sent
 
 
-def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> Tuple[str, int]:
-    """``host[:port]`` or ``[v6]:port`` -> (host, port); empty -> 127.0.0.1."""
+def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT, *, any_port: bool = False) -> Tuple[str, int]:
+    """``host[:port]`` or ``[v6]:port`` -> (host, port); empty -> 127.0.0.1.
+
+    The one endpoint parser of the project (etcd's lists and the launcher use it too);
+    ``any_port`` admits port 0 ("pick a free one"), for a server about to be started.
+    """
     text = (endpoint or "").strip()
     if "," in text:
         raise ConfigError(f"the embedded rendezvous takes one endpoint, not {endpoint!r}")
@@ -68,7 +72,7 @@ def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT) -> Tuple[str
         port = int(port_text)
     except ValueError:
         raise ConfigError(f"invalid port in rendezvous endpoint {endpoint!r}") from None
-    if not 0 < port < 65536:
+    if not (0 <= port if any_port else 0 < port) or port >= 65536:
         raise ConfigError(f"invalid port in rendezvous endpoint {endpoint!r}")
     return host, port
 

@@ -35,6 +35,8 @@ _MIN_HISTORY_WAIT_S = 0.25
 
 def parse_endpoints(endpoint: str) -> List[Tuple[str, int]]:
     """``h1:p1,h2:p2`` (optionally ``http://`` / ``https://``) -> [(host, port), ...]."""
+    from .embedded_client import parse_endpoint
+
     out = []
     for item in (endpoint or "").split(","):
         text = item.strip()
@@ -42,22 +44,8 @@ def parse_endpoints(endpoint: str) -> List[Tuple[str, int]]:
             if text.startswith(scheme):
                 text = text[len(scheme):]
         text = text.rstrip("/")
-        if not text:
-            continue
-        if text.startswith("["):
-            host, _, rest = text[1:].partition("]")
-            port_text = rest[1:] if rest.startswith(":") else ""
-        elif text.count(":") == 1:
-            host, port_text = text.split(":")
-        else:
-            host, port_text = text, ""
-        try:
-            port = int(port_text) if port_text else DEFAULT_PORT
-        except ValueError:
-            raise ConfigError(f"invalid port in etcd endpoint {item.strip()!r}") from None
-        if not host or not 0 < port < 65536:
-            raise ConfigError(f"invalid etcd endpoint {item.strip()!r}; expected host:port")
-        out.append((host, port))
+        if text:
+            out.append(parse_endpoint(text, DEFAULT_PORT))
     return out or [("127.0.0.1", DEFAULT_PORT)]
 
 
