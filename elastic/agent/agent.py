@@ -14,10 +14,13 @@ the survivors re-form their process group in place and sync state from a peer.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 from typing import Dict, List, Optional
@@ -161,8 +164,6 @@ class ElasticAgent:
                 self._start_workers(rnd)
 
     def _joining_a_running_job(self) -> bool:
-        import json
-
         kv = self.handler.store.get(self.handler.prefix + "round")
         return kv is not None and json.loads(kv.value).get("state") == "closed"
 
@@ -186,8 +187,6 @@ class ElasticAgent:
 
     def _reform_in_place(self, rnd: Round) -> None:
         """Tell live workers their place in ``rnd``; start new ones for dead local ranks."""
-        import json
-
         group = self._group
         self._host_worker_store(rnd)
         self.adapter.on_round(rnd)
@@ -292,7 +291,6 @@ class ElasticAgent:
                          daemon=True).start()
 
     def _scratch_dir(self) -> str:
-        import tempfile
         path = os.path.join(tempfile.gettempdir(), f"elastic-run-{os.getuid()}")
         os.makedirs(path, exist_ok=True)
         return path
@@ -349,7 +347,7 @@ class ElasticAgent:
             if first.get("error"):
                 lines.append(first["error"].rstrip())  # message, then the worker's traceback
         lines.append("=" * 72)
-        print("\n".join(lines), file=__import__("sys").stderr, flush=True)
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
     def _on_signal(self, signum, frame) -> None:
         raise _Terminated(signum)
