@@ -89,11 +89,14 @@ def network_interface(host: str, peer: Optional[str] = None) -> str:
         for a in addrs:
             if a.family == socket.AF_INET:
                 by_addr.setdefault(a.address, iface)
-    candidates = _addresses(host)
-    if peer:
-        src = _source_address(_addresses(peer)[0] if _addresses(peer) else peer)
+    own = _addresses(host)
+    candidates = [a for a in own if not _is_loopback(a)]
+    if peer:  # the route to node rank 0 (a name that resolves to 127.0.1.1 says nothing)
+        peer_addrs = _addresses(peer)
+        src = _source_address(peer_addrs[0] if peer_addrs else peer)
         if src:
             candidates.append(src)
+    candidates += [a for a in own if _is_loopback(a)]
     for addr in candidates:
         if addr in by_addr:
             return by_addr[addr]
