@@ -33,6 +33,8 @@ from .workers import StandbyPool, WorkerGroup
 __all__ = ["ElasticAgent", "free_port", "free_port_range"]
 
 log = logging.getLogger("elastic.agent")
+# What a collective library prints when the other end of a connection went away.
+_LOST_PEER_SIGNS = ("connection reset by peer", "connection closed by peer", "broken pipe")
 
 
 def free_port(host: str = "") -> int:
@@ -132,6 +134,13 @@ class ElasticAgent:
                 self._stop_workers()
                 self.handler.leave()
                 return 0
+            if outcome == "failed" and self._lost_a_peer(rnd, detail):
+                # Its peers' node died: that is a membership change, not a failure to charge
+                # to --max-restarts, once the dead node's lease has expired.
+                log.warning("%s after losing a peer; waiting up to %.0fs for the membership change",
+                            detail.describe(), self.settings.lease_ttl_s)
+                if self._change.wait(self.settings.lease_ttl_s + 1.0) and "left or died" in self._change_reason:
+                    outcome, detail = "changed", self._change_reason
             in_place = self._workers_recover_in_place(
                 exclude=[detail.local_rank] if outcome == "failed" else [])
             if outcome == "failed":
@@ -162,6 +171,14 @@ class ElasticAgent:
                 self._reform_in_place(rnd)
             else:
                 self._start_workers(rnd)
+
+    @staticmethod
+    def _lost_a_peer(rnd: Round, failure: WorkerExit) -> bool:
+        """Whether a worker died of a connection to another node breaking (not of a bug)."""
+        if rnd.num_nodes < 2 or failure.signal:
+            return False
+        text = (failure.error + failure.stderr_tail).lower()
+        return any(sign in text for sign in _LOST_PEER_SIGNS)
 
     def _joining_a_running_job(self) -> bool:
         kv = self.handler.store.get(self.handler.prefix + "round")
