@@ -27,8 +27,10 @@ def test_node_death_mid_collective_costs_no_restart(procs):
     procs.signal("a1", signal.SIGKILL)
     result = procs.wait(timeout_s=180, names=["a0"])["a0"]
     out = result.output
-    assert "after losing a peer" in out and "left or died" in out
-    assert "restart budget exhausted" not in out
+    # Usually the survivor's worker dies of the broken connection first ("after losing a
+    # peer"); on a loaded machine the lease may expire first. Either way: no restart charged.
+    assert "left or died" in out, out[-3000:]
+    assert "restart budget exhausted" not in out and result.returncode == 0
     gens = [int(g) for g in re.findall(r"round (\d+): node rank", out)]
     assert gens[-1] > gens[0] and "world size 1" in out.split("left or died")[-1]
     assert "STEP 399 " in out.split("left or died")[-1]  # the survivor trained to the end

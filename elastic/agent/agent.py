@@ -137,9 +137,10 @@ class ElasticAgent:
             if outcome == "failed" and self._lost_a_peer(rnd, detail):
                 # Its peers' node died: that is a membership change, not a failure to charge
                 # to --max-restarts, once the dead node's lease has expired.
+                grace_s = 2 * self.settings.lease_ttl_s + 1.0  # expiry, plus a loaded store's lag
                 log.warning("%s after losing a peer; waiting up to %.0fs for the membership change",
-                            detail.describe(), self.settings.lease_ttl_s)
-                if self._change.wait(self.settings.lease_ttl_s + 1.0) and "left or died" in self._change_reason:
+                            detail.describe(), grace_s)
+                if self._change.wait(grace_s) and "left or died" in self._change_reason:
                     outcome, detail = "changed", self._change_reason
             in_place = self._workers_recover_in_place(
                 exclude=[detail.local_rank] if outcome == "failed" else [])
