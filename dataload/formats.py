@@ -162,18 +162,23 @@ class ParquetFormat(ShardFormat):
         pq = require("pyarrow.parquet", "Parquet shards")
         src = source if isinstance(source, str) else pa.BufferReader(source)
         table = pq.read_table(src, columns=[c.name for c in schema])
-        columns: Dict[str, Any] = {}
-        for col in schema:
-            chunked = table.column(col.name)
-            if col.kind == "array":
-                arr = chunked.combine_chunks()
-                for _ in col.shape:
-                    arr = arr.flatten()
-                values = arr.to_numpy(zero_copy_only=False)
-                columns[col.name] = values.reshape((table.num_rows, *col.shape))
-            else:
-                columns[col.name] = chunked.to_pylist()
-        return DecodedShard(table.num_rows, columns)
+        return DecodedShard(table.num_rows, arrow_columns(table, schema))
+
+
+def arrow_columns(table: Any, schema: Sequence[Column]) -> Dict[str, Any]:
+    """A pyarrow table's columns as NumPy arrays (array columns) or lists (the rest)."""
+    columns: Dict[str, Any] = {}
+    for col in schema:
+        chunked = table.column(col.name)
+        if col.kind == "array":
+            arr = chunked.combine_chunks()
+            for _ in col.shape:
+                arr = arr.flatten()
+            values = arr.to_numpy(zero_copy_only=False)
+            columns[col.name] = values.reshape((table.num_rows, *col.shape))
+        else:
+            columns[col.name] = chunked.to_pylist()
+    return columns
 
 
 FORMATS: Dict[str, ShardFormat] = {"npy": NpzFormat(), "parquet": ParquetFormat()}

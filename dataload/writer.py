@@ -17,7 +17,7 @@ from elastic._lazy import require
 from ._fs import join, url_to_fs
 from .api import INDEX_NAME, Column, DatasetIndex, ShardInfo
 from .errors import ShardFormatError
-from .formats import ParquetFormat, get_format, schema_of
+from .formats import ParquetFormat, arrow_columns, get_format, schema_of
 
 __all__ = ["write_shards", "DEFAULT_SHARD_SIZE_BYTES"]
 
@@ -194,17 +194,6 @@ def _table_blocks(table: Any, fmt: str, per_shard: Optional[int],
             if fmt == "parquet":
                 yield part
                 continue
-            block: Dict[str, Any] = {}
-            for col in schema:
-                chunked = part.column(col.name)
-                if col.kind == "array":
-                    arr = chunked.combine_chunks()
-                    for _ in col.shape:
-                        arr = arr.flatten()
-                    block[col.name] = arr.to_numpy(zero_copy_only=False).reshape(
-                        (part.num_rows, *col.shape))
-                else:
-                    block[col.name] = chunked.to_pylist()
-            yield block
+            yield arrow_columns(part, schema)
 
     return schema, gen()
