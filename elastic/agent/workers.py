@@ -162,9 +162,12 @@ class WorkerGroup:
             if self.spec.log_dir:
                 out_dir = os.path.join(attempt_dir, str(local_rank))
                 os.makedirs(out_dir, exist_ok=True)
-            error_file = os.path.join(attempt_dir, f"error_{local_rank}.json")
-            if os.path.exists(error_file):
+            # Several agents on one host share the attempt dir: the node rank keeps them apart.
+            error_file = os.path.join(attempt_dir, f"error_{env.get('GROUP_RANK', '0')}_{local_rank}.json")
+            try:
                 os.unlink(error_file)
+            except FileNotFoundError:
+                pass
             env = {**env, "TORCHELASTIC_ERROR_FILE": error_file}
             argv = list(self.spec.entrypoint)
             if self.spec.no_python:
