@@ -203,8 +203,9 @@ class Sampler(abc.ABC):
         """Start sampling (a daemon thread)."""
 
     @abc.abstractmethod
-    def window(self) -> Dict[str, float]:
-        """Averages of the samples taken since the previous call (the latest sample if none)."""
+    def window(self, until_s: Optional[float] = None) -> Dict[str, float]:
+        """Averages of the samples taken since the previous call and up to ``until_s`` (a
+        ``time.perf_counter()`` time; None: up to now), or the latest sample before if none."""
 
     @abc.abstractmethod
     def stop(self) -> None:

@@ -1,10 +1,14 @@
 """The :class:`StepProfiler`: an always-on, per-step record for every step of every rank.
 
-Cheap by construction: a step or phase boundary is one clock read (a ``perf_counter()`` on a
-CPU, a CUDA event from a pool on a GPU) and a list append; a finished step becomes one
-:class:`StepRecord`, one buffered JSON line and, if enabled, a few trace events and gauge
-updates. On a GPU the step's events are read when they have completed, at a later step end,
-so the hot path never synchronises with the device (except once per exchange window).
+Cheap by construction, because after a real training step the caches are cold and every line
+of Python on the training thread costs ten times its warm price: a step or phase boundary is
+one clock read (``perf_counter()`` on a CPU, a CUDA event from a pool on a GPU) and a list
+append, and a finished step is one tuple appended to a deque. A background writer thread
+turns those tuples into :class:`StepRecord` s (elapsed times, throughput, MFU, the device
+sampler's window) every ~100 ms and writes them to the outputs (a buffered JSON line, trace
+events, gauges). On a GPU it reads a step's events only once they have completed, so nothing
+synchronises with the device, except the training thread once per exchange window, which
+reads every finished step before the cross-rank exchange.
 """
 from __future__ import annotations
 
@@ -33,7 +37,8 @@ __all__ = ["StepProfiler", "PEAK_FLOPS"]
 log = logging.getLogger("profiler")
 
 _PHASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
-_MAX_PENDING_STEPS = 64  # GPU steps not yet read before the profiler waits for the oldest
+_perf = time.perf_counter
+_sleep = time.sleep
 
 #: Dense BF16/FP16 tensor-core peaks (FLOP/s) by GPU name fragment, for MFU when no peak is given.
 PEAK_FLOPS = {
@@ -42,23 +47,12 @@ PEAK_FLOPS = {
 }
 
 
-class _OpenStep:
-    __slots__ = ("step", "start_mark", "start_perf", "intervals", "samples", "flops",
-                 "end_mark", "comm")
-
-    def __init__(self, step, start_mark, start_perf, intervals, samples, flops):
-        self.step = step
-        self.start_mark = start_mark
-        self.start_perf = start_perf
-        self.intervals = intervals
-        self.samples = samples
-        self.flops = flops
-        self.end_mark = None
-        self.comm = None
-
-
 class _Phase:
-    """A reusable context manager for one phase name; re-entering an open phase is a no-op."""
+    """A reusable context manager for one phase name; re-entering an open phase is a no-op.
+
+    ``begin``/``end`` take and ignore any arguments so they can be registered directly as
+    hooks (an optimizer's step pre/post hooks call them with ``(optimizer, args, kwargs)``).
+    """
 
     __slots__ = ("_prof", "name", "_depth", "_mark")
 
@@ -68,64 +62,102 @@ class _Phase:
         self._depth = 0
         self._mark = None
 
-    def begin(self) -> None:
-        self._depth += 1
-        if self._depth == 1:
-            prof = self._prof
-            self._mark = mark = prof._clock.mark()
-            if prof._open is None and prof._carry_start is None:
-                prof._carry_start = (mark, time.perf_counter() if prof._cuda else mark)
-
-    def end(self) -> None:
-        if self._depth == 0:
+    def begin(self, *_: Any) -> None:
+        if self._depth:
+            self._depth += 1
             return
-        self._depth -= 1
-        if self._depth == 0:
-            prof = self._prof
-            interval = (self.name, self._mark, prof._clock.mark())
-            if prof._open is not None:
-                prof._open.intervals.append(interval)
-            else:
-                prof._carry.append(interval)
+        self._depth = 1
+        prof = self._prof
+        self._mark = mark = prof._mark()
+        if not prof._in_step and prof._carry_start is None:
+            prof._carry_start = (mark, _perf() if prof._cuda else mark)
+
+    def end(self, *_: Any) -> None:
+        depth = self._depth
+        if depth != 1:
+            if depth:
+                self._depth = depth - 1
+            return
+        self._depth = 0
+        prof = self._prof
+        prof._intervals.append((self.name, self._mark, prof._mark()))
 
     def cancel(self) -> None:
         """Forget an open phase that measured nothing (the loader was exhausted)."""
         if self._depth:
             self._depth -= 1
             prof = self._prof
-            if self._depth == 0 and prof._open is None and not prof._carry:
+            if self._depth == 0 and not prof._in_step and not prof._intervals:
                 prof._carry_start = None
 
     __enter__ = begin
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.end()
 
 
 class _Step:
+    """The step context manager: two clock reads, a few attribute stores and one append.
+
+    Everything else a finished step needs (elapsed times, the record, device window,
+    outputs) is done later, off the training thread, from the raw tuple appended here.
+    """
+
     __slots__ = ("_prof",)
 
     def __init__(self, prof: "StepProfiler") -> None:
         self._prof = prof
 
     def __enter__(self) -> "_Step":
-        self._prof._begin_step()
+        p = self._prof
+        if p._in_step or p._closed:
+            p._refuse_step()
+        p._in_step = True
+        start = p._carry_start
+        if start is None:
+            mark = p._mark()
+            p._start = (mark, _perf() if p._cuda else mark)
+        else:
+            p._start = start
+            p._carry_start = None
+        p._cur_step = p._next_step
+        p._next_step += 1
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._prof._end_step(exc_type is None)
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        p = self._prof
+        if not p._in_step:
+            return
+        end = p._mark()
+        p._in_step = False
+        intervals = p._intervals
+        p._intervals = []
+        if exc_type is not None:  # a failed step is not a measurement
+            if p._cuda:
+                p._clock.release([p._start[0], end] + [m for _, a, b in intervals for m in (a, b)])
+            return
+        p._raw.append((p._cur_step, p._start, end, _perf() if p._cuda else end, intervals,
+                       p._next_samples, p._next_flops,
+                       p._take_comm() if p._comm_intervals else None))
+        p._ended += 1
+        if p._ended >= p._boundary:
+            p._at_boundary()
 
 
 class _Writer:
-    """Hands finished steps to the sinks on a background thread, in step order.
+    """Turns raw steps into records and hands them to the sinks, on a background thread.
 
-    The training thread only appends to a deque (thread-safe, no lock, no wake-up); the
-    thread drains it every ``interval_s``. JSON encoding, trace formatting and gauge updates
-    thus run beside the step (PyTorch releases the GIL in its kernels), not inside it.
+    The training thread only appends to deques (thread-safe, no lock, no wake-up); every
+    ``interval_s`` this thread reads the finished steps (on a GPU: those whose events have
+    completed, never waiting), builds their records and writes them to the sinks in step
+    order. All of that runs beside the training step (PyTorch releases the GIL in its
+    kernels), in batches, not inside it; the GIL is offered back between records.
     """
 
-    def __init__(self, sinks: List[Sink], interval_s: float = 0.05) -> None:
+    def __init__(self, sinks: List[Sink], collect: Callable[[], None],
+                 interval_s: float = 0.1) -> None:
         self._sinks = sinks
+        self._collect = weakref.WeakMethod(collect)  # the profiler may be dropped unclosed
         self._queue: Deque[tuple] = collections.deque()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -137,21 +169,34 @@ class _Writer:
     def put(self, record: StepRecord, intervals: Sequence[tuple]) -> None:
         self._queue.append((record, intervals))
 
+    def _warn_once(self, key: Any, what: str, exc: BaseException) -> None:
+        if key not in self._failed:
+            self._failed.add(key)
+            log.warning("profiler: %s failed: %s", what, exc)
+
     def drain(self) -> None:
         with self._lock:
             queue = self._queue
+            sinks = self._sinks
             while queue:
                 record, intervals = queue.popleft()
-                for sink in self._sinks:
+                for sink in sinks:
                     try:
                         sink.write_step(record, intervals)
                     except Exception as exc:
-                        if id(sink) not in self._failed:  # say it once per sink
-                            self._failed.add(id(sink))
-                            log.warning("profiler: %s failed: %s", type(sink).__name__, exc)
+                        self._warn_once(id(sink), type(sink).__name__, exc)
+                if queue:
+                    _sleep(0)  # let a training thread that waits for the GIL have it
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
+            collect = self._collect()
+            if collect is not None:
+                try:
+                    collect()
+                except Exception as exc:  # must not kill the thread; say it once
+                    self._warn_once("collect", "reading finished steps", exc)
+                del collect
             self.drain()
 
     def close(self) -> None:
@@ -207,23 +252,29 @@ class StepProfiler:
         self.peak_flops = peak_flops if peak_flops is not None else self._known_peak()
         self.flops_per_step = flops_per_step
 
-        # hot-path state
-        self._open: Optional[_OpenStep] = None
-        self._carry: List[tuple] = []
+        # hot-path state (the training thread's; see _Step and _Phase)
+        self._mark: Callable[[], Any] = (_perf if isinstance(self._clock, CpuClock)
+                                         else self._clock.mark)
+        self._in_step = False
+        self._start: tuple = (None, 0.0)  # (start mark, perf_counter time) of the open step
+        self._cur_step = 0
+        self._intervals: List[tuple] = []  # the open step's (name, mark, mark), or the carry
         self._carry_start: Optional[tuple] = None
         self._phases: Dict[str, _Phase] = {}
         self._step_ctx = _Step(self)
         self._next_samples: Optional[int] = None
         self._next_flops: Optional[float] = None
         self._next_step = 0
-        self._steps_ended = 0
-        self._pending: Deque[_OpenStep] = collections.deque()
+        self._ended = 0
+        self._boundary = exchange_every  # value of _ended at which the next window closes
+        self._raw: Deque[tuple] = collections.deque()  # finished steps, not yet read
         self._wall_offset = time.time() - time.perf_counter()
         self._comm_lock = threading.Lock()
         self._comm_inflight = 0
         self._comm_start = 0.0
         self._comm_intervals: List[tuple] = []
         self._closed = False
+        self._collect_lock = threading.Lock()  # reading raw steps: writer thread or on demand
 
         # window statistics for the exchange
         self._win_step: List[float] = []
@@ -232,8 +283,9 @@ class StepProfiler:
         self._win_phases: Dict[str, float] = {p: 0.0 for p in PHASES}
         self._window_index = 0
 
-        self.records: Deque[StepRecord] = collections.deque(maxlen=history)
-        self.last_record: Optional[StepRecord] = None
+        self._records: Deque[StepRecord] = collections.deque(maxlen=history)  # the user's
+        self._done: Deque[StepRecord] = collections.deque(maxlen=history)  # read, not yet moved
+        self._last: Optional[StepRecord] = None
         self.last_report: Optional[StragglerReport] = None
         self._straggler_hooks: List[Callable[[StragglerReport], None]] = []
         self._hook_handles: List[Any] = []
@@ -268,7 +320,7 @@ class StepProfiler:
             raise
         if self.sampler is not None:
             self.sampler.start()
-        self._writer = _Writer(self._sinks)
+        self._writer = _Writer(self._sinks, self._collect)
         ref = weakref.ref(self)
         self._atexit = lambda: (ref() is not None and ref().close())
         atexit.register(self._atexit)
@@ -337,92 +389,93 @@ class StepProfiler:
             ctx = self._phases[name] = _Phase(self, name)
         return ctx
 
-    def _begin_step(self) -> None:
+    def _refuse_step(self) -> None:
         if self._closed:
             raise ProfilerUsageError("the profiler is closed")
-        if self._open is not None:
-            raise ProfilerUsageError("step() entered while a step is open; steps do not nest")
-        carry_start = self._carry_start
-        if carry_start is None:
-            mark = self._clock.mark()
-            start_perf = time.perf_counter() if self._cuda else mark
-        else:
-            mark, start_perf = carry_start
-            self._carry_start = None
-        intervals = self._carry
-        if intervals:
-            self._carry = []
-        else:
-            intervals = []
-        self._open = _OpenStep(self._next_step, mark, start_perf, intervals, self._next_samples,
-                               self._next_flops)
-        self._next_step += 1
-        self._next_samples = None
-        self._next_flops = None
+        raise ProfilerUsageError("step() entered while a step is open; steps do not nest")
 
-    def _end_step(self, ok: bool) -> None:
-        st = self._open
-        if st is None:
-            return
-        self._open = None
-        if not ok:  # a failed step is not a measurement
-            return
-        st.end_mark = self._clock.mark()
-        if self._comm_intervals:
-            with self._comm_lock:
-                st.comm, self._comm_intervals = self._comm_intervals, []
-        self._pending.append(st)
-        self._steps_ended += 1
-        boundary = self._steps_ended % self.exchange_every == 0
-        self._drain(wait_all=boundary)
-        if boundary:
-            self._exchange_window()
+    def _take_comm(self) -> List[tuple]:
+        with self._comm_lock:
+            comm, self._comm_intervals = self._comm_intervals, []
+        return comm
 
-    def _drain(self, wait_all: bool = False) -> None:
-        pending = self._pending
-        clock = self._clock
-        while pending:
-            head = pending[0]
-            if not clock.ready(head.end_mark):
-                if not wait_all and len(pending) <= _MAX_PENDING_STEPS:
-                    return
-                clock.wait(head.end_mark)
-            self._finalize(pending.popleft())
+    def _at_boundary(self) -> None:
+        """Every ``exchange_every`` steps, on the training thread: read every finished step
+        (on a GPU this waits for the window's last step) and exchange the window's stats."""
+        self._boundary += self.exchange_every
+        self._collect(wait_all=True)
+        self._exchange_window()
 
-    def _finalize(self, st: _OpenStep) -> None:
+    # -- reading finished steps (writer thread, or on demand) ----------------------------
+    @property
+    def records(self) -> Deque[StepRecord]:
+        """The latest ``history`` step records, oldest first (GPU steps appear once their
+        events have completed)."""
+        if self._raw:
+            self._collect()
+        done, records = self._done, self._records
+        while done:
+            records.append(done.popleft())
+        return records
+
+    @property
+    def last_record(self) -> Optional[StepRecord]:
+        """The record of the latest finished step that has been read, or None."""
+        if self._raw:
+            self._collect()
+        return self._last
+
+    def _collect(self, wait_all: bool = False) -> None:
+        """Turn finished steps into records, in order; on a GPU stop at the first step whose
+        events have not completed unless ``wait_all``."""
+        with self._collect_lock:
+            raw = self._raw
+            clock = self._clock
+            cuda = self._cuda
+            while raw:
+                item = raw[0]
+                if cuda and not clock.ready(item[2]):
+                    if not wait_all:
+                        return
+                    clock.wait(item[2])
+                raw.popleft()
+                self._finalize(item)
+
+    def _finalize(self, item: tuple) -> None:
+        step, (start, start_perf), end, end_perf, raw_intervals, samples, flops, comm = item
         elapsed = self._clock.elapsed_s
-        start = st.start_mark
-        step_time = elapsed(start, st.end_mark)
+        step_time = elapsed(start, end)
         phases: Dict[str, float] = {}
         intervals: Optional[list] = [] if self._want_intervals else None
-        for name, a, b in st.intervals:
+        for name, a, b in raw_intervals:
             d = elapsed(a, b)
             phases[name] = phases.get(name, 0.0) + d
             if intervals is not None:
                 intervals.append((name, elapsed(start, a), d))
-        if st.comm:
+        if comm:
             total = phases.get("comm", 0.0)
-            for a, b in st.comm:
+            for a, b in comm:
                 total += b - a
                 if intervals is not None:
-                    intervals.append(("comm", a - st.start_perf, b - a))
+                    intervals.append(("comm", a - start_perf, b - a))
             phases["comm"] = total
         if self._cuda:
-            self._clock.release([start, st.end_mark] + [m for _, a, b in st.intervals for m in (a, b)])
-        samples = None if st.samples is None else int(st.samples)
+            self._clock.release([start, end] + [m for _, a, b in raw_intervals for m in (a, b)])
+        samples = None if samples is None else int(samples)
         sps = samples / step_time if samples and step_time > 0 else None
-        flops = st.flops if st.flops is not None else self.flops_per_step
+        if flops is None:
+            flops = self.flops_per_step
         if flops is not None:
             flops = float(flops)
         mfu = (flops / step_time / self.peak_flops
                if flops and self.peak_flops and step_time > 0 else None)
-        record = StepRecord(st.step, self.world.rank, self.world.generation,
-                            self._wall_offset + st.start_perf, step_time, phases, samples, sps,
-                            flops, mfu, self.sampler.window() if self.sampler else {},
+        record = StepRecord(step, self.world.rank, self.world.generation,
+                            self._wall_offset + start_perf, step_time, phases, samples, sps,
+                            flops, mfu, self.sampler.window(end_perf) if self.sampler else {},
                             self._clock.kind)
         self._writer.put(record, intervals or ())
-        self.records.append(record)
-        self.last_record = record
+        self._done.append(record)
+        self._last = record
         self._win_step.append(step_time)
         self._win_busy.append(step_time - phases.get("comm", 0.0))
         if samples:
@@ -485,7 +538,7 @@ class StepProfiler:
         total_time = sum(self._win_step)
         stats = RankStats(
             rank=self.world.rank, generation=self.world.generation, window=self._window_index,
-            step=self.last_record.step if self.last_record else 0, steps=steps,
+            step=self._last.step if self._last else 0, steps=steps,
             step_p50_s=statistics.median(self._win_step),
             busy_p50_s=statistics.median(self._win_busy),
             samples_per_s=self._win_samples / total_time if total_time > 0 else 0.0,
@@ -500,7 +553,8 @@ class StepProfiler:
     def _exchange_window(self) -> None:
         if not self._exchange_resolved:
             self._exchange = self._resolve_exchange()
-        stats = self._window_stats()
+        with self._collect_lock:
+            stats = self._window_stats()
         if self._exchange is None or stats is None:
             return
         from .exchange import CollectiveExchange
@@ -567,7 +621,7 @@ class StepProfiler:
     def set_world(self, world: World) -> None:
         """New rank facts after a re-rendezvous (in-process recovery): later records carry the
         new generation; a new rank gets its own JSON lines file."""
-        self._drain(wait_all=True)
+        self._collect(wait_all=True)
         old = self.world
         self.world = world
         if world.rank != old.rank:
@@ -584,7 +638,7 @@ class StepProfiler:
     # -- lifecycle -----------------------------------------------------------------------
     def flush(self) -> None:
         """Read every finished step (waiting for the GPU if needed) and flush the outputs."""
-        self._drain(wait_all=True)
+        self._collect(wait_all=True)
         self._writer.drain()
         for sink in self._sinks:
             sink.flush()
@@ -592,9 +646,9 @@ class StepProfiler:
     def close(self) -> None:
         if self._closed:
             return
-        self._open = None
+        self._in_step = False
         try:
-            self._drain(wait_all=True)
+            self._collect(wait_all=True)
         finally:
             self._closed = True
             for handle in self._hook_handles:

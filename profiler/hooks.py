@@ -1,10 +1,11 @@
 """Automatic phases: PyTorch module/optimizer/DDP hooks and a Keras callback.
 
-PyTorch: a forward pre-hook and hook on the model time ``forward``; a hook on the output
-tensor's gradient marks the start of ``backward`` and queues an autograd-engine callback that
+PyTorch: a forward pre-hook and hook on the model (the top-level module only: one pair of
+calls per step, whatever the model's depth) time ``forward``; a pre-hook on the output's
+autograd node marks the start of ``backward`` and queues an autograd-engine callback that
 runs when the backward pass ends (before DDP's own end-of-backward wait, so gradient
-synchronisation is not counted as backward); optimizer step pre/post hooks time
-``optimizer``; a DDP communication hook wrapping allreduce times ``comm`` (the wall time with
+synchronisation is not counted as backward); the phase's own begin/end, registered directly
+as optimizer step pre/post hooks, time ``optimizer``; a DDP communication hook wrapping allreduce times ``comm`` (the wall time with
 any gradient bucket in flight, which is where fast ranks wait for slow ones).
 """
 from __future__ import annotations
@@ -43,43 +44,48 @@ def attach_torch(prof: "StepProfiler", model: Any = None, optimizer: Any = None,
         if ddp_cls is not None and isinstance(model, ddp_cls):
             _attach_ddp(prof, model, comm_hook)
     if optimizer is not None:
-        forward_opt = prof.phase("optimizer")
-        handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: forward_opt.begin()))
-        handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: forward_opt.end()))
+        phase = prof.phase("optimizer")  # begin/end take (optimizer, args, kwargs) and ignore them
+        handles.append(optimizer.register_step_pre_hook(phase.begin))
+        handles.append(optimizer.register_step_post_hook(phase.end))
     return handles
 
 
 def _attach_model(prof: "StepProfiler", model: Any, torch: Any) -> List[Any]:
     forward = prof.phase("forward")
     backward = prof.phase("backward")
-    engine = torch.autograd.Variable._execution_engine
+    begin_forward, end_forward = forward.begin, forward.end
+    begin_backward = backward.begin
+    end_backward = backward.end  # queue_callback calls it with no arguments
+    queue_callback = torch.autograd.Variable._execution_engine.queue_callback
     is_grad_enabled = torch.is_grad_enabled
+    tensor_cls = torch.Tensor
     skipped = [False]
 
-    def end_backward() -> None:
-        backward.end()
-
-    def on_output_grad(grad: Any) -> None:
-        backward.begin()
-        engine.queue_callback(end_backward)
-        return None
+    def on_backward_start(*_: Any) -> None:
+        begin_backward()
+        queue_callback(end_backward)
 
     def pre_forward(module: Any, args: Any) -> None:
         # Evaluation outside a step (no grad) is not part of a training step.
-        if prof._open is None and not is_grad_enabled():
+        if not prof._in_step and not is_grad_enabled():
             skipped[0] = True
             return
         skipped[0] = False
-        forward.begin()
+        begin_forward()
 
     def post_forward(module: Any, args: Any, output: Any) -> None:
         if skipped[0]:
             return
-        forward.end()
+        end_forward()
         if is_grad_enabled():
-            tensor = _first_grad_tensor(output, torch)
-            if tensor is not None:
-                tensor.register_hook(on_output_grad)
+            tensor = output if type(output) is tensor_cls else _first_grad_tensor(output, torch)
+            if tensor is None or not tensor.requires_grad:
+                return
+            node = tensor.grad_fn
+            if node is not None:  # a node pre-hook is cheaper to add than a tensor hook
+                node.register_prehook(on_backward_start)
+            else:  # the output is a leaf
+                tensor.register_hook(on_backward_start)
 
     return [model.register_forward_pre_hook(pre_forward),
             model.register_forward_hook(post_forward)]

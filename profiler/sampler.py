@@ -1,17 +1,20 @@
 """Background device samplers: NVML on a GPU, psutil (process and CPU) otherwise.
 
-A daemon thread samples at 1-10 Hz; steps ask :meth:`Sampler.window` for the averages of the
-samples taken since the previous step (the latest sample when a step was shorter than the
-sampling interval). Throttle reasons are OR-ed over the window, counters (energy) keep their
+A daemon thread samples at 1-10 Hz into a queue of timestamped samples; a step's record gets
+:meth:`Sampler.window` of the samples taken up to the step's end and after the previous one
+(the latest sample before it when a step was shorter than the sampling interval). Records are
+built later than the steps run, off the training thread, so windows go by timestamps, not by
+when they are asked for. Throttle reasons are OR-ed over the window, counters (energy) keep their
 latest value. Without NVML (no ``pynvml``, no driver, no GPU) :func:`create_sampler` logs one
 line and falls back to psutil; it never raises for a missing device.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Deque, Dict, Optional, Tuple
 
 from .api import Sampler
 from .errors import ProfilerConfigError
@@ -22,6 +25,7 @@ log = logging.getLogger("profiler")
 
 _MASK_KEYS = frozenset({"throttle_reasons_mask"})
 _LATEST_KEYS = frozenset({"energy_j", "mem_total_bytes"})
+_MAX_QUEUED = 4096  # samples kept for windows not yet asked for (minutes at 10 Hz)
 
 
 class _ThreadSampler(Sampler):
@@ -32,10 +36,8 @@ class _ThreadSampler(Sampler):
             raise ProfilerConfigError(f"sample rate must be in (0, 100] Hz, got {hz}")
         self.interval_s = 1.0 / hz
         self._lock = threading.Lock()
-        self._sums: Dict[str, float] = {}
-        self._counts: Dict[str, int] = {}
-        self._masks: Dict[str, int] = {}
-        self._last: Dict[str, float] = {}
+        self._queue: Deque[Tuple[float, Dict[str, float]]] = collections.deque(maxlen=_MAX_QUEUED)
+        self._last: Dict[str, float] = {}  # the latest sample handed out in a window
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.samples_taken = 0
@@ -44,16 +46,11 @@ class _ThreadSampler(Sampler):
         raise NotImplementedError
 
     def sample_once(self) -> Dict[str, float]:
-        """Take one sample now and add it to the current window."""
+        """Take one sample now (stamped with ``time.perf_counter()``) and queue it."""
         values = self._read()
+        now = time.perf_counter()
         with self._lock:
-            for key, value in values.items():
-                if key in _MASK_KEYS:
-                    self._masks[key] = self._masks.get(key, 0) | int(value)
-                else:
-                    self._sums[key] = self._sums.get(key, 0.0) + value
-                    self._counts[key] = self._counts.get(key, 0) + 1
-            self._last = values
+            self._queue.append((now, values))
             self.samples_taken += 1
         return values
 
@@ -72,19 +69,30 @@ class _ThreadSampler(Sampler):
             except Exception as exc:  # a flaky device read must not kill training
                 log.debug("profiler: %s sample failed: %s", self.source, exc)
 
-    def window(self) -> Dict[str, float]:
+    def window(self, until_s: Optional[float] = None) -> Dict[str, float]:
+        queue = self._queue
         with self._lock:
-            if not self._counts and not self._masks:
-                return dict(self._last)
-            out = {}
-            for key, total in self._sums.items():
-                out[key] = self._last.get(key, total) if key in _LATEST_KEYS else total / self._counts[key]
-            for key, mask in self._masks.items():
-                out[key] = float(mask)
-            self._sums = {}
-            self._counts = {}
-            self._masks = {}
-            return out
+            taken = []
+            while queue and (until_s is None or queue[0][0] <= until_s):
+                taken.append(queue.popleft()[1])
+        if not taken:
+            return dict(self._last)
+        sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        masks: Dict[str, int] = {}
+        for values in taken:
+            for key, value in values.items():
+                if key in _MASK_KEYS:
+                    masks[key] = masks.get(key, 0) | int(value)
+                else:
+                    sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
+        last = self._last = taken[-1]
+        out = {key: last.get(key, total) if key in _LATEST_KEYS else total / counts[key]
+               for key, total in sums.items()}
+        for key, mask in masks.items():
+            out[key] = float(mask)
+        return out
 
     def stop(self) -> None:
         self._stop.set()
