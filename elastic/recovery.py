@@ -21,10 +21,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import time
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
+from . import _collectives
 from ._lazy import require
 from ._worker import MembershipChangedError, WorkerLink
 from .state import State
@@ -35,12 +37,20 @@ log = logging.getLogger("elastic.recovery")
 # Messages of torch.distributed errors that mean "a peer went away", not a bug in train().
 _PEER_LOST = ("connection reset", "connection closed", "broken pipe", "connection refused",
               "timed out", "timeout", "gloo", "nccl", "socket", "end of file", "eof")
+# Horovod reports every failed collective as HorovodInternalError; these ones are bugs.
+_HOROVOD_BUGS = ("mismatched", "mismatch")
 
 
 def is_recoverable(exc: BaseException) -> bool:
     """Whether ``exc`` means the world changed under us (rather than a bug in the script)."""
     if isinstance(exc, MembershipChangedError):
         return True
+    hvd_exc = sys.modules.get("horovod.common.exceptions")  # only if the script uses Horovod
+    if hvd_exc is not None:
+        if isinstance(exc, hvd_exc.HostsUpdatedInterrupt):
+            return True
+        if isinstance(exc, hvd_exc.HorovodInternalError):
+            return not any(m in str(exc).lower() for m in _HOROVOD_BUGS)
     try:
         dist = require("torch.distributed")
     except ImportError:
@@ -51,17 +61,34 @@ def is_recoverable(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _PEER_LOST)
 
 
-class _Session:
-    def __init__(self, state: State, link: Optional[WorkerLink], timeout_s: float, backend: Optional[str]):
-        self.state = state
-        self.link = link
-        self.timeout_s = timeout_s
-        self.backend = backend
-        self.owns_group = False
-        self.recoveries = 0
+class _Backend:
+    """How the workers' communicator is built and torn down for each round."""
 
-    def _init_group(self) -> None:
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and self.link is None:
+    comm: _collectives.Comm
+
+    def init(self, distributed: bool) -> None:
+        """Join the current round (``os.environ`` holds its place); no-op if already in one."""
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Leave the round; must not hang or raise when peers died."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """At the end of ``train``: tear down what this session built."""
+
+
+class _TorchGroup(_Backend):
+    """torch.distributed's default process group (``backend``: gloo, nccl; default by device)."""
+
+    def __init__(self, backend: Optional[str], timeout_s: float) -> None:
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.comm = _collectives.TorchComm()
+        self.owns_group = False
+
+    def init(self, distributed: bool) -> None:
+        if not distributed:
             return
         torch = require("torch", "@elastic.run")
         dist = require("torch.distributed", "@elastic.run")
@@ -73,7 +100,7 @@ class _Session:
         dist.init_process_group(backend, timeout=timedelta(seconds=self.timeout_s))
         self.owns_group = True
 
-    def _teardown_group(self) -> None:
+    def teardown(self) -> None:
         try:
             dist = require("torch.distributed")
         except ImportError:
@@ -84,11 +111,64 @@ class _Session:
             except Exception as exc:  # a group whose peers died may not close cleanly
                 log.debug("destroying the old process group: %s", exc)
 
+    def close(self) -> None:
+        if self.owns_group:
+            self.teardown()
+
+
+class _HorovodGroup(_Backend):
+    """Horovod (PyTorch): ``hvd.shutdown()`` and ``hvd.init()`` again, as ``hvd.elastic.run``
+    resets. Horovod's Gloo context reads ``HOROVOD_*`` (rank, size, the round's rendezvous
+    server) at ``hvd.init()``, and the worker's new place updated them in ``os.environ``."""
+
+    def __init__(self) -> None:
+        self.comm = _collectives.HorovodComm()
+        self.hvd = require("horovod.torch", "@elastic.run with Horovod")
+        self.owns_init = not self.hvd.is_initialized()
+
+    def init(self, distributed: bool) -> None:
+        if not self.hvd.is_initialized():
+            self.hvd.init()
+
+    def teardown(self) -> None:
+        try:
+            self.hvd.shutdown()
+        except Exception as exc:
+            log.debug("shutting Horovod down: %s", exc)
+
+    def close(self) -> None:
+        # A script that called hvd.init() itself may use hvd after train(): leave it up.
+        if self.owns_init:
+            self.teardown()
+
+
+def _pick_backend(backend: Optional[str], timeout_s: float) -> _Backend:
+    """``horovod`` when asked, or when the launcher gave Horovod's environment (``elastic-run
+    --framework horovod``, ``horovodrun``); otherwise torch.distributed with ``backend``."""
+    if backend is None and "HOROVOD_RANK" in os.environ and "HOROVOD_SIZE" in os.environ:
+        backend = "horovod"
+    if backend == "horovod":
+        return _HorovodGroup()
+    return _TorchGroup(backend, timeout_s)
+
+
+class _Session:
+    def __init__(self, state: State, link: Optional[WorkerLink], timeout_s: float, backend: _Backend):
+        self.state = state
+        self.link = link
+        self.timeout_s = timeout_s
+        self.backend = backend
+        self.recoveries = 0
+
+    def _init(self) -> None:
+        self.backend.init(int(os.environ.get("WORLD_SIZE", "1")) > 1 or self.link is not None)
+
     def run(self, func: Callable[..., Any], args, kwargs) -> Any:
         self.state._link = self.link
         if self.link is not None:
             self.link.register()
-        self._init_group()
+        _collectives.use(self.backend.comm)
+        self._init()
         self.state.sync()
         try:
             while True:
@@ -104,17 +184,16 @@ class _Session:
         finally:
             if self.link is not None:
                 self.link.close()
-            if self.owns_group:
-                self._teardown_group()
+            self.backend.close()
 
     def _recover(self, reason: str) -> None:
         t0 = time.monotonic()
         self.recoveries += 1
         log.warning("rank %s: %s; recovering in process (pid %d)", os.environ.get("RANK"), reason, os.getpid())
-        self._teardown_group()
+        self.backend.teardown()
         self.state.restore()
         self.link.wait_for_new_place(self.timeout_s)
-        self._init_group()
+        self._init()
         self.state.sync()
         self.state.on_reset()
         log.warning("rank %s of %s: re-formed in %.2fs (generation %s)", os.environ.get("RANK"),
@@ -125,15 +204,18 @@ def run(func: Optional[Callable[..., Any]] = None, *, timeout_s: float = 300.0, 
     """Decorate ``train(state, *args)`` so it survives world changes in process.
 
     ``timeout_s`` bounds every collective and the wait for a new round (so a peer that stops
-    without its connection closing cannot hang the others forever); ``backend`` overrides the
-    process-group backend (default: nccl with CUDA, else gloo).
+    without its connection closing cannot hang the others forever). ``backend``: ``"gloo"``
+    or ``"nccl"`` (torch.distributed), or ``"horovod"`` (Horovod with PyTorch: ``hvd.shutdown()``
+    and ``hvd.init()`` per round). Default: Horovod when the launcher gave Horovod's
+    environment (``elastic-run --framework horovod``), else nccl with CUDA, else gloo.
     """
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(f)
         def wrapper(state: State, *args: Any, **kwargs: Any) -> Any:
             if not isinstance(state, State):
                 raise TypeError("@elastic.run: the first argument must be an elastic.State")
-            return _Session(state, WorkerLink.from_env(), timeout_s, backend).run(f, args, kwargs)
+            return _Session(state, WorkerLink.from_env(), timeout_s,
+                            _pick_backend(backend, timeout_s)).run(f, args, kwargs)
         return wrapper
 
     return decorate(func) if func is not None else decorate

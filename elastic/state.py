@@ -5,7 +5,10 @@ in-memory copy and checks for membership news (a flag, no collective), :meth:`St
 rolls back to it, :meth:`State.sync` makes every worker equal to the surviving lowest rank by
 broadcast (new workers get weights, optimizer state, step and data position from peers, not
 from storage), and reset callbacks run after each re-formation (e.g. to scale the learning
-rate with the world size).
+rate with the world size). A data loader or sampler kept in the state (``dataload``'s
+``ElasticDataLoader``/``ElasticSampler``) carries its global position through the change and
+is told the new world (``set_world()``) before the callbacks, so no sample is seen twice or
+skipped.
 """
 from __future__ import annotations
 
@@ -70,6 +73,12 @@ class ObjectState(State):
 
     def _objects(self) -> Dict[str, Any]:
         return {name: getattr(self, name) for name in self._names}
+
+    def on_reset(self) -> None:
+        for value in self._objects().values():
+            if callable(getattr(value, "set_world", None)):
+                value.set_world()  # re-reads RANK/WORLD_SIZE of the new round
+        super().on_reset()
 
     def _snapshot_objects(self) -> Dict[str, Any]:
         out = {}

@@ -11,9 +11,11 @@ and port, ``HOROVOD_CONTROLLER=gloo``, ``HOROVOD_CPU_OPERATIONS=gloo``, ``HOROVO
 and ``NCCL_SOCKET_IFNAME``. Unmodified ``hvd.init()`` scripts then run as under ``horovodrun``.
 
 A membership change restarts the workers with the next round's variables (state from the
-script's checkpoint). The server also answers Horovod's elastic ``rank_and_size`` query from
-the plan, so a worker that re-initialises in place (``HOROVOD_ELASTIC=1``, the ``@elastic.run``
-path) gets its new slot from the same server.
+script's checkpoint), or, for ``@elastic.run`` workers, hands the survivors the new variables
+in place: they ``hvd.shutdown()`` and ``hvd.init()`` against the new round's server. The other
+nodes' agents wait (bounded) until that server accepts connections before they start or
+re-form their workers, since Horovod's own client gives up after about 1.5 s. The server also
+answers Horovod's elastic ``rank_and_size`` query from the plan (``HOROVOD_ELASTIC=1``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import re
 import socket
 import sys
 import threading
+import time
 from typing import Dict, List, Mapping, Optional
 
 from elastic._lazy import require
@@ -36,6 +39,7 @@ __all__ = ["HorovodAdapter", "HorovodError", "init", "slot_hostname", "host_plan
 
 log = logging.getLogger("elastic.launcher")
 _RANK_AND_SIZE = "rank_and_size"  # horovod.runner.elastic.rendezvous.GET_RANK_AND_SIZE
+_SERVER_WAIT_S = 10.0  # how long other nodes wait for node rank 0's server of a new round
 
 
 class HorovodError(LauncherError):
@@ -183,6 +187,10 @@ class HorovodAdapter(FrameworkAdapter):
             self._server = _PlanServer(bind, port, self._plan)
             log.info("round %d: Horovod rendezvous on %s:%d, %d rank(s), interface %s", rnd.generation,
                      host, port, len(self._plan), self._iface)
+        elif rnd.nodes[0].aux_port and not _wait_for_server(rnd.nodes[0].host, rnd.nodes[0].aux_port,
+                                                            _SERVER_WAIT_S):
+            log.warning("round %d: Horovod rendezvous on %s:%d not up after %.0fs; starting anyway",
+                        rnd.generation, rnd.nodes[0].host, rnd.nodes[0].aux_port, _SERVER_WAIT_S)
 
     def worker_env(self, rnd, local_rank: int, rank: int) -> Mapping[str, str]:
         if rnd.generation != self._generation:
@@ -215,6 +223,19 @@ class HorovodAdapter(FrameworkAdapter):
 
     def close(self) -> None:
         self._stop_server()
+
+
+def _wait_for_server(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``timeout_s`` (polls every 20 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 
 def _is_loopback(host: str) -> bool:

@@ -14,6 +14,8 @@ from services import free_port
 
 ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
 TRAIN = os.path.join(os.path.dirname(__file__), "workers", "inproc_train.py")
+HVD_TRAIN = os.path.join(os.path.dirname(__file__), "workers", "inproc_hvd_train.py")
+SAMPLER = os.path.join(os.path.dirname(__file__), "workers", "inproc_sampler.py")
 STEPS = 40
 ARGS = ["--steps", str(STEPS), "--step-delay", "0.02"]
 
@@ -66,6 +68,74 @@ def test_survivors_recover_in_process_after_a_worker_dies_or_hangs(procs, tmp_pa
     assert_same_params(out, reference)
 
 
+def _has_horovod_torch():
+    try:
+        import horovod.torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_horovod_torch(), reason="horovod.torch not installed (make setup)")
+def test_horovod_survivors_recover_in_process_after_a_kill(procs, tmp_path, reference):
+    """The same kill under --framework horovod: survivors hvd.shutdown()/hvd.init() in place."""
+    out = tmp_path / "params.json"
+    procs.start("job", [ELASTIC_RUN, "--framework", "horovod", "--nproc-per-node", "3", "--max-restarts", "2",
+                        HVD_TRAIN, *ARGS, "--out", str(out)])
+    procs.wait_for_output("job", "STEP step=12 rank=1", timeout_s=120)
+    victim = int(pids_by_rank(steps(procs.output("job")), "1")["1"])
+    os.kill(victim, signal.SIGKILL)
+    out_text = procs.wait(timeout_s=120)["job"].output
+    records = steps(out_text)
+    before, after = pids_by_rank(records, "1"), pids_by_rank(records, "2")
+    assert set(after) == {"0", "1", "2"}, out_text[-3000:]
+    assert before["0"] == after["0"] and before["2"] == after["2"]  # same processes
+    assert after["1"] != str(victim)
+    assert min(int(r["step"]) for r in records if r["pid"] == after["1"]) > 1  # state from its peers
+    assert "Horovod has been shut down" in out_text or "Connection" in out_text  # a Horovod error...
+    assert "re-formed in" in out_text and "workers re-formed in place" in out_text  # ...recovered in place
+    assert out_text.count("DONE") == 3 and out_text.count("resets=[3]") == 2
+    assert_same_params(out, reference)
+
+
+def batches(output):
+    return [dict(kv.split("=", 1) for kv in m.group(1).split()) for m in re.finditer(r"BATCH (.*)", output)]
+
+
+def test_sampler_position_survives_a_kill_exactly_once(procs, tmp_path):
+    """An ElasticDataLoader in the TorchState: across a SIGKILL and in-process recovery every
+    sample of the epoch is trained on exactly once (rolled-back steps are redone, not skipped)."""
+    import dataload
+
+    n, world, batch = 120, 3, 2
+    data = tmp_path / "ds"
+    dataload.write_shards({"id": np.arange(n, dtype=np.int64),
+                           "x": np.random.default_rng(0).standard_normal((n, 4)).astype(np.float32)},
+                          str(data), samples_per_shard=16)
+    procs.start("job", [ELASTIC_RUN, "--nproc-per-node", str(world), "--max-restarts", "2", SAMPLER, str(data),
+                        "--batch-size", str(batch), "--step-delay", "0.05"])
+    procs.wait_for_output("job", "BATCH gen=1 step=6 rank=1", timeout_s=120)
+    victim = int(next(r["pid"] for r in batches(procs.output("job")) if r["rank"] == "1"))
+    os.kill(victim, signal.SIGKILL)
+    out_text = procs.wait(timeout_s=120)["job"].output
+    records = batches(out_text)
+    assert {r["gen"] for r in records} == {"1", "2"}, out_text[-3000:]
+    assert out_text.count("DONE") == world and out_text.count("epoch=1") == world
+    # Per step, the newest generation that ran it is the one whose update was kept.
+    newest = {}
+    for r in records:
+        newest[int(r["step"])] = max(newest.get(int(r["step"]), 0), int(r["gen"]))
+    kept = [r for r in records if int(r["gen"]) == newest[int(r["step"])]]
+    assert sorted(newest) == list(range(1, n // (world * batch) + 1))
+    for step in newest:
+        assert sorted(r["rank"] for r in kept if int(r["step"]) == step) == ["0", "1", "2"], step
+    seen = sorted(int(i) for r in kept for i in r["ids"].split(","))
+    assert seen == list(range(n))  # each sample exactly once: none replayed, none skipped
+    assert min(s for s, g in newest.items() if g == 2) > 1  # resumed mid-epoch, not from the start
+    survivors = {r["rank"]: r["pid"] for r in records if r["gen"] == "1" and r["rank"] != "1"}
+    assert all(r["pid"] == survivors[r["rank"]] for r in records if r["gen"] == "2" and r["rank"] != "1")
+
+
 def test_scale_up_two_to_three_in_process(procs, tmp_path, reference):
     endpoint = f"127.0.0.1:{free_port()}"
     out = tmp_path / "params.json"
@@ -99,3 +169,14 @@ def test_is_recoverable():
     assert is_recoverable(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
     assert not is_recoverable(ValueError("a bug in train()"))
     assert not is_recoverable(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+@pytest.mark.skipif(not _has_horovod_torch(), reason="horovod.torch not installed (make setup)")
+def test_horovod_errors_are_recoverable():
+    from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
+
+    from elastic.recovery import is_recoverable
+
+    assert is_recoverable(HorovodInternalError("Horovod has been shut down. This was caused by an exception"))
+    assert is_recoverable(HostsUpdatedInterrupt(False))
+    assert not is_recoverable(HorovodInternalError("Mismatched allreduce tensor shapes: [3] vs [4]"))
