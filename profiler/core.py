@@ -155,11 +155,13 @@ class _Writer:
     """
 
     def __init__(self, sinks: List[Sink], collect: Callable[[], None],
+                 bind_thread: Optional[Callable[[], None]] = None,
                  interval_s: float = 0.1) -> None:
         self._sinks = sinks
+        self._bind_thread = bind_thread
         self._collect = weakref.WeakMethod(collect)  # the profiler may be dropped unclosed
         self._queue: Deque[tuple] = collections.deque()
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()  # held while writing to the sinks
         self._stop = threading.Event()
         self._interval_s = interval_s
         self._failed: set = set()
@@ -175,7 +177,7 @@ class _Writer:
             log.warning("profiler: %s failed: %s", what, exc)
 
     def drain(self) -> None:
-        with self._lock:
+        with self.lock:
             queue = self._queue
             sinks = self._sinks
             while queue:
@@ -189,6 +191,11 @@ class _Writer:
                     _sleep(0)  # let a training thread that waits for the GIL have it
 
     def _run(self) -> None:
+        if self._bind_thread is not None:
+            try:
+                self._bind_thread()
+            except Exception as exc:
+                self._warn_once("bind", "binding the writer thread to the device", exc)
         while not self._stop.wait(self._interval_s):
             collect = self._collect()
             if collect is not None:
@@ -277,6 +284,7 @@ class StepProfiler:
         self._collect_lock = threading.Lock()  # reading raw steps: writer thread or on demand
 
         # window statistics for the exchange
+        self._windowing = True  # off once it is known that there is no exchange
         self._win_step: List[float] = []
         self._win_busy: List[float] = []
         self._win_samples = 0.0
@@ -320,7 +328,7 @@ class StepProfiler:
             raise
         if self.sampler is not None:
             self.sampler.start()
-        self._writer = _Writer(self._sinks, self._collect)
+        self._writer = _Writer(self._sinks, self._collect, getattr(self._clock, "bind_thread", None))
         ref = weakref.ref(self)
         self._atexit = lambda: (ref() is not None and ref().close())
         atexit.register(self._atexit)
@@ -401,10 +409,18 @@ class StepProfiler:
 
     def _at_boundary(self) -> None:
         """Every ``exchange_every`` steps, on the training thread: read every finished step
-        (on a GPU this waits for the window's last step) and exchange the window's stats."""
+        (on a GPU this waits for the window's last step) and exchange the window's stats.
+        Without an exchange (one process, ``exchange="none"``) it does nothing."""
         self._boundary += self.exchange_every
-        self._collect(wait_all=True)
-        self._exchange_window()
+        if not self._exchange_resolved:
+            self._exchange = self._resolve_exchange()
+            if self._exchange is None:
+                with self._collect_lock:
+                    self._windowing = False
+                    self._window_stats()  # drop what was gathered
+        if self._exchange is not None:
+            self._collect(wait_all=True)
+            self._exchange_window()
 
     # -- reading finished steps (writer thread, or on demand) ----------------------------
     @property
@@ -476,6 +492,8 @@ class StepProfiler:
         self._writer.put(record, intervals or ())
         self._done.append(record)
         self._last = record
+        if not self._windowing:
+            return
         self._win_step.append(step_time)
         self._win_busy.append(step_time - phases.get("comm", 0.0))
         if samples:
@@ -551,11 +569,9 @@ class StepProfiler:
         return stats
 
     def _exchange_window(self) -> None:
-        if not self._exchange_resolved:
-            self._exchange = self._resolve_exchange()
         with self._collect_lock:
             stats = self._window_stats()
-        if self._exchange is None or stats is None:
+        if stats is None:
             return
         from .exchange import CollectiveExchange
 
@@ -626,14 +642,17 @@ class StepProfiler:
         self.world = world
         if world.rank != old.rank:
             self._writer.drain()
-            self._sinks[0].close()
             self.jsonl_path = os.path.join(self.run_dir, f"rank-{world.rank:05d}.jsonl")
-            self._sinks[0] = JsonlSink(self.jsonl_path)
+            with self._writer.lock:
+                self._sinks[0].close()
+                self._sinks[0] = JsonlSink(self.jsonl_path)
         if (world.generation, world.world_size) != (old.generation, old.world_size):
             if self._exchange is not None and hasattr(self._exchange, "close"):
                 self._exchange.close(0.0)
             self._exchange = None
             self._exchange_resolved = False
+            with self._collect_lock:
+                self._windowing = True
 
     # -- lifecycle -----------------------------------------------------------------------
     def flush(self) -> None:

@@ -84,8 +84,10 @@ def _attach_model(prof: "StepProfiler", model: Any, torch: Any) -> List[Any]:
             node = tensor.grad_fn
             if node is not None:  # a node pre-hook is cheaper to add than a tensor hook
                 node.register_prehook(on_backward_start)
-            else:  # the output is a leaf
-                tensor.register_hook(on_backward_start)
+            elif getattr(tensor, "_elastic_prof_hook", None) is not on_backward_start:
+                # the output is a leaf (a parameter): its hooks outlive the step, so once
+                tensor._elastic_prof_hook = on_backward_start
+                prof._hook_handles.append(tensor.register_hook(on_backward_start))
 
     return [model.register_forward_pre_hook(pre_forward),
             model.register_forward_hook(post_forward)]

@@ -227,6 +227,52 @@ def test_gpu_style_events_are_read_later_without_waiting(tmp_path):
     assert sum(1 for e in trace["traceEvents"] if e.get("cat") == "step") == 10
 
 
+class ThreadRecordingClock(LaggingEventClock):
+    """Also notes which threads read elapsed times and bind themselves to the device."""
+
+    def __init__(self, lag=1):
+        super().__init__(lag)
+        self.reader_threads, self.bound_threads = [], []
+
+    def elapsed_s(self, a, b):
+        self.reader_threads.append(threading.current_thread().name)
+        return super().elapsed_s(a, b)
+
+    def bind_thread(self):
+        self.bound_threads.append(threading.current_thread().name)
+
+
+def test_records_are_built_off_the_training_thread(tmp_path):
+    clock = ThreadRecordingClock(lag=1)
+    prof = StepProfiler(str(tmp_path), timer=clock, sampler="none", trace=False,
+                        exchange_every=1000)
+    for _ in range(5):
+        with prof.step():
+            with prof.phase("forward"):
+                pass
+    deadline = time.monotonic() + 30
+    while not clock.reader_threads and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling for the writer's batch, not standing in for it
+    # the training thread only appended raw steps; the writer thread read them
+    assert clock.reader_threads and set(clock.reader_threads) == {"profiler-writer"}
+    assert clock.bound_threads == ["profiler-writer"]
+    assert clock.waits == 0
+    prof.close()
+    assert [r.step for r in prof.records] == [0, 1, 2, 3, 4]
+    assert [l["step"] for l in read_jsonl(prof.jsonl_path)] == [0, 1, 2, 3, 4]
+
+
+def test_without_an_exchange_no_window_statistics_pile_up(tmp_path):
+    with StepProfiler(str(tmp_path), sampler="none", trace=False, exchange="none",
+                      exchange_every=5) as prof:
+        for _ in range(23):
+            with prof.step():
+                pass
+        prof.flush()
+        assert prof._win_step == [] and prof._windowing is False
+    assert len(prof.records) == 23
+
+
 # -- PyTorch hooks --------------------------------------------------------------------------
 
 def test_torch_hooks_time_forward_backward_and_optimizer(tmp_path):
@@ -257,6 +303,41 @@ def test_torch_hooks_time_forward_backward_and_optimizer(tmp_path):
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
+
+
+def test_torch_hooks_find_backward_in_structured_and_leaf_outputs(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class DictOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"ids": x.argmax(1), "out": (None, self.lin(x))}
+
+    class LeafOut(torch.nn.Module):  # returns its parameter: a leaf, no autograd node
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.w
+
+    x = torch.randn(5, 4)
+    for model, loss_of in ((DictOut(), lambda out: out["out"][1].sum()),
+                           (LeafOut(), lambda out: (out * 2).sum())):
+        with StepProfiler(str(tmp_path / type(model).__name__), sampler="none", trace=False) as prof:
+            prof.attach(model)
+            for _ in range(2):
+                with prof.step():
+                    with prof.phase("busy"):
+                        busy_wait(0.001)  # some work inside the step, before the model
+                    loss = loss_of(model(x))
+                    loss.backward()
+        for rec in prof.records:
+            assert {"forward", "backward"} <= set(rec.phases_s), (type(model).__name__, rec)
+    assert not model.w._backward_hooks  # the leaf's one hook went with close()
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -376,6 +457,21 @@ def test_nvml_sampler_runs_against_the_fake_nvml(fake_nvml, tmp_path):
                 pass
     (first, *_rest) = read_jsonl(prof.jsonl_path)
     assert first["device"]["power_w"] == 250.0 and "gpu_util_pct" in first["device"]
+
+
+def test_sampler_windows_go_by_sample_time_not_by_when_asked(fake_nvml):
+    sampler = create_sampler("nvml", hz=10)
+    try:
+        sampler.sample_once()  # 60 %
+        sampler.sample_once()  # 80 %
+        step_end = time.perf_counter()
+        sampler.sample_once()  # 60 %, after the step ended
+        # the step's record is built later; it still gets only the samples of its own time
+        assert sampler.window(step_end)["gpu_util_pct"] == 70.0
+        assert sampler.window(step_end)["gpu_util_pct"] == 80.0  # none new: the latest before
+        assert sampler.window()["gpu_util_pct"] == 60.0
+    finally:
+        sampler.stop()
 
 
 def test_unsupported_nvml_metric_is_dropped_not_fatal(fake_nvml, monkeypatch):
