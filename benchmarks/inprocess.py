@@ -1,5 +1,6 @@
 """Pause seen by the survivors when a peer dies, and when a node joins: in-process recovery
-(@elastic.run) vs the restart path (elastic-run) vs torchrun --max-restarts.
+(@elastic.run) vs the restart path (elastic-run) vs torchrun --max-restarts; and the same
+in-process recovery for Horovod with PyTorch (``elastic-run --framework horovod``).
 
     python benchmarks/inprocess.py [--quick] [--trials N]
 
@@ -7,7 +8,8 @@
 kill to the next completed step (measured as in benchmarks/recovery.py). Scale-up: 2 agents of
 one worker each, a third joins; the figure is the survivors' longest step around the join.
 The last line is one JSON object: ``inprocess_pause_s``, ``restart_pause_s``,
-``torchrun_pause_s``, ``scaleup_pause_s``.
+``torchrun_pause_s``, ``scaleup_pause_s``, and ``horovod_inprocess_pause_s`` (null where
+Horovod is not installed).
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ ELASTIC_RUN = os.path.join(BIN, "elastic-run")
 def scaleup_pause(timeout_s: float = 120.0) -> float:
     endpoint = f"127.0.0.1:{free_port()}"
     argv = [ELASTIC_RUN, "--nnodes", "2:3", "--nproc-per-node", "1", "--rdzv-endpoint", endpoint,
-            "--rdzv-id", "bench-grow", "--rdzv-conf", "last_call_timeout=0.5,lease_ttl=5", INPROC_SCRIPT]
+            "--rdzv-id", "bench-grow", "--rdzv-conf", "last_call_timeout=0.5,lease_ttl=5", "--framework", "torch",
+            INPROC_SCRIPT]
     agents = []
     stamps = []  # (time, world) of rank 0's steps
     grown = threading.Event()
@@ -78,6 +81,12 @@ def scaleup_pause(timeout_s: float = 120.0) -> float:
     return max(b - a for a, b in zip(times, times[1:]))
 
 
+def _has_horovod() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("horovod") is not None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one trial each")
@@ -85,13 +94,17 @@ def main() -> None:
     args = p.parse_args()
     trials = 1 if args.quick else args.trials
     runs = {
-        "in-process": lambda: measure([ELASTIC_RUN, "--nproc-per-node", "2", "--max-restarts", "3", INPROC_SCRIPT]),
+        "in-process": lambda: measure([ELASTIC_RUN, "--nproc-per-node", "2", "--max-restarts", "3",
+                                       "--framework", "torch", INPROC_SCRIPT]),
         "restart": lambda: measure([ELASTIC_RUN, "--nproc-per-node", "2", "--max-restarts", "3", RESTART_SCRIPT]),
         "torchrun": lambda: measure([os.path.join(BIN, "torchrun"), "--nproc-per-node", "2", "--max-restarts", "3",
                                      "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                                      RESTART_SCRIPT]),
         "scale-up": scaleup_pause,
     }
+    if _has_horovod():
+        runs["hvd in-proc"] = lambda: measure([ELASTIC_RUN, "--nproc-per-node", "2", "--max-restarts", "3",
+                                               "--framework", "horovod", INPROC_SCRIPT, "--horovod"])
     results = {name: [] for name in runs}
     for _ in range(trials):
         for name, run in runs.items():
@@ -100,6 +113,7 @@ def main() -> None:
             except RuntimeError as exc:
                 print(f"{name}: trial failed: {str(exc).splitlines()[0]}", file=sys.stderr)
     med = {k: (round(statistics.median(v), 4) if v else None) for k, v in results.items()}
+    med.setdefault("hvd in-proc", None)
     print(f"{'path':<12} {'pause s (median)':>17}  trials")
     for name, values in results.items():
         shown = "-" if med[name] is None else f"{med[name]:.3f}"
@@ -107,7 +121,8 @@ def main() -> None:
     ratio = (med["torchrun"] / med["in-process"]) if med["torchrun"] and med["in-process"] else None
     print(f"target: in-process <= 0.5 s and >= 5x better than torchrun (got {ratio and round(ratio, 1)}x)")
     print(json.dumps({"inprocess_pause_s": med["in-process"], "restart_pause_s": med["restart"],
-                      "torchrun_pause_s": med["torchrun"], "scaleup_pause_s": med["scale-up"]}))
+                      "torchrun_pause_s": med["torchrun"], "scaleup_pause_s": med["scale-up"],
+                      "horovod_inprocess_pause_s": med["hvd in-proc"]}))
 
 
 if __name__ == "__main__":
