@@ -9,7 +9,8 @@ Compares, on one torch state of 1 GiB (``--quick``: 256 MiB) in one run:
   in-memory copy of the state into preallocated buffers (``memcpy_s``, the floor);
 * our persist throughput (state bytes / time from ``save()`` to durable commit) against
   ``dd oflag=direct`` writing as many bytes to the same disk;
-* our load throughput (cold page cache) against a sequential ``dd`` read of a file as big.
+* our load throughput against ``dd`` reading the same checkpoint files sequentially, both with
+  a cold page cache (the JSON figure) and both warm, in interleaved trials (medians).
 
 Stalls are steady-state figures (the median over saves after a first warm-up save, which
 allocates the staging memory once); the first save's stall is printed too. The last line is
@@ -60,6 +61,28 @@ def drop_cache(path: str) -> None:
             os.close(fd)
 
 
+def timed_load(Checkpointer, url: str, torch, state: dict) -> float:
+    """Seconds for a fresh process-like reader (no node memory) to load the newest step."""
+    reader = Checkpointer(url, memory=False)
+    t0 = time.perf_counter()
+    loaded = reader.load()
+    took = time.perf_counter() - t0
+    assert reader.last_load.source == "storage"
+    assert torch.equal(loaded["model"]["layer0.weight"], state["model"]["layer0.weight"])
+    reader.close()
+    return took
+
+
+def seq_read_s(paths: list) -> float:
+    """Seconds ``dd bs=64M`` takes to read ``paths`` one after the other (dd's own clock)."""
+    total = 0.0
+    for p in paths:
+        res = subprocess.run(["dd", f"if={p}", "of=/dev/null", "bs=64M"], capture_output=True,
+                             text=True, check=True)
+        total += float(re.search(r"copied, ([\d.e-]+) s", res.stderr).group(1))
+    return total
+
+
 def dd_bytes_per_s(args: list) -> float:
     res = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
     m = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", res.stderr)
@@ -78,6 +101,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=None)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
     ap.add_argument("--saves", type=int, default=3, help="timed saves after the warm-up")
+    ap.add_argument("--load-trials", type=int, default=3, help="interleaved load/read trials")
     args = ap.parse_args()
     size = (args.size_mib or (256 if args.quick else 1024)) << 20
 
@@ -123,22 +147,32 @@ def main() -> None:
         written = sum(os.path.getsize(os.path.join(ckpt_dir, f)) for f in os.listdir(ckpt_dir))
         persist_bps = written / persist_s
 
-        # 3. load: cold page cache from storage; and from node memory
-        drop_cache(url)
-        reader = Checkpointer(url, memory=False)
-        t0 = time.perf_counter()
-        loaded = reader.load()
-        load_s = time.perf_counter() - t0
-        assert torch.equal(loaded["model"]["layer0.weight"], state["model"]["layer0.weight"])
-        del loaded
-        t0 = time.perf_counter()
-        loaded = ck.load()
-        mem_load_s = time.perf_counter() - t0
-        assert ck.last_load.source == "memory"
-        del loaded
+        # 3. load vs a sequential read of the same files, both cold (page cache dropped before
+        # each run) and both warm (files cached); trials interleaved so that load from the
+        # other tenants of the machine falls on both sides alike; medians.
+        files = [os.path.join(ckpt_dir, f) for f in sorted(os.listdir(ckpt_dir))]
+        cold_ours, cold_read, warm_ours, warm_read = [], [], [], []
+        for trial in range(args.load_trials):
+            drop_cache(url)
+            cold_ours.append(timed_load(Checkpointer, url, torch, state))
+            drop_cache(url)
+            cold_read.append(seq_read_s(files))
+            warm_ours.append(timed_load(Checkpointer, url, torch, state))
+            warm_read.append(seq_read_s(files))
+        load_s, read_s = statistics.median(cold_ours), statistics.median(cold_read)
+        warm_load_s, warm_read_s = statistics.median(warm_ours), statistics.median(warm_read)
+        # and from node memory (the restarted worker's path)
+        mem_times = []
+        for _ in range(args.load_trials):
+            t0 = time.perf_counter()
+            loaded = ck.load()
+            mem_times.append(time.perf_counter() - t0)
+            assert ck.last_load.source == "memory"
+            del loaded
+        mem_load_s = statistics.median(mem_times)
         ck.drop_memory()
         ck.close()
-        load_bps = written / load_s
+        load_bps, dd_read = written / load_s, written / read_s
         shutil.rmtree(url)
 
         # 4. torch.save (its stall is the whole save)
@@ -174,8 +208,6 @@ def main() -> None:
         dd_write = statistics.median(
             dd_bytes_per_s([f"if=/dev/zero", f"of={dd_path}", "bs=64M", f"count={count}",
                             "oflag=direct"]) for _ in range(2))
-        drop_cache(dd_path)
-        dd_read = dd_bytes_per_s([f"if={dd_path}", "of=/dev/null", "bs=64M"])
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
@@ -190,8 +222,11 @@ def main() -> None:
          f"{dcp_async_stall_s / stall_s:.1f}x ours (first call {dcp_stalls[0]:.3f} s)"),
         ("ours: persist (save->commit)", f"{persist_s:.3f} s", f"{persist_bps / 1e9:.2f} GB/s"),
         ("dd oflag=direct write", f"{dd_write / 1e9:.2f} GB/s", ""),
-        ("ours: load, cold cache", f"{load_s:.3f} s", f"{load_bps / 1e9:.2f} GB/s"),
-        ("dd sequential read, cold", f"{dd_read / 1e9:.2f} GB/s", ""),
+        ("ours: load, cold page cache", f"{load_s:.3f} s", f"{load_bps / 1e9:.2f} GB/s"),
+        ("dd read of the same files, cold", f"{read_s:.3f} s", f"{dd_read / 1e9:.2f} GB/s"),
+        ("ours: load, warm page cache", f"{warm_load_s:.3f} s", f"{written / warm_load_s / 1e9:.2f} GB/s"),
+        ("dd read of the same files, warm", f"{warm_read_s:.3f} s",
+         f"{written / warm_read_s / 1e9:.2f} GB/s"),
         ("ours: load from node memory", f"{mem_load_s:.3f} s", f"{written / mem_load_s / 1e9:.2f} GB/s"),
     ]
     width = max(len(r[0]) for r in rows)
@@ -199,7 +234,8 @@ def main() -> None:
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>12}  {note}")
     print(f"persist = {persist_bps / dd_write:.2f} of dd direct write; "
-          f"load = {load_bps / dd_read:.2f} of sequential read")
+          f"load = {load_bps / dd_read:.2f} of a sequential read, cold "
+          f"({warm_read_s / warm_load_s:.2f} warm; medians of {args.load_trials} interleaved trials)")
     print(json.dumps({
         "stall_s": round(stall_s, 4),
         "torch_save_s": round(torch_save_s, 4),

@@ -10,12 +10,12 @@ tensors are saved or loaded.
 from .api import CheckpointInfo, LoadInfo, PerRank, Shard
 from .checkpointer import Checkpointer
 from .errors import (CheckpointCorruptError, CheckpointError, CheckpointNotFoundError,
-                     CheckpointStateError, CheckpointTimeoutError, CheckpointURLError,
-                     CheckpointWriteError, StaleGenerationError)
+                     CheckpointStateError, CheckpointStorageError, CheckpointTimeoutError,
+                     CheckpointURLError, CheckpointWriteError, StaleGenerationError)
 
 __all__ = [
     "Checkpointer", "Shard", "PerRank", "CheckpointInfo", "LoadInfo",
     "CheckpointError", "CheckpointNotFoundError", "CheckpointURLError", "CheckpointStateError",
     "CheckpointCorruptError", "CheckpointWriteError", "StaleGenerationError",
-    "CheckpointTimeoutError",
+    "CheckpointTimeoutError", "CheckpointStorageError",
 ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import struct
 import threading
@@ -30,13 +31,14 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import _memory
-from ._storage import CHUNK_BYTES, Storage, fsync_dir, open_url
+from ._storage import CHUNK_BYTES, Storage, fsync_dir, open_url, why
 from ._tree import (TensorLeaf, decode, encode, fill_target, flatten_target, raw_dtype,
                     tensor_keys, to_framework)
 from .api import CheckpointInfo, LoadInfo, Shard
+from .frameworks import horovod_world
 from .errors import (CheckpointCorruptError, CheckpointError, CheckpointNotFoundError,
-                     CheckpointStateError, CheckpointTimeoutError, CheckpointWriteError,
-                     StaleGenerationError)
+                     CheckpointStateError, CheckpointStorageError, CheckpointTimeoutError,
+                     CheckpointWriteError, StaleGenerationError)
 
 __all__ = ["Checkpointer", "FORMAT", "FORMAT_VERSION"]
 
@@ -49,6 +51,9 @@ _STEP_RE = re.compile(r"^step-(\d{12})$")
 _GEN_RE = re.compile(r"\.g(\d+)\.")
 _HEADER_ALIGN = 4096
 _SLOT_ALIGN = 64
+# Threads that checksum a load's files (ranges of a big file too): CRC32 runs ~2-3 GB/s per
+# core, below a fast disk's or the page cache's speed.
+_LOAD_THREADS = max(2, min(8, os.cpu_count() or 1))
 
 
 def step_dirname(step: int) -> str:
@@ -155,13 +160,19 @@ class Checkpointer:
             raise ConfigError(f"staging_bytes must be a non-negative integer or None, got "
                               f"{staging_bytes!r}")
         world = World.from_env()
-        self.rank = world.rank if rank is None else int(rank)
-        self.world_size = world.world_size if world_size is None else int(world_size)
+        env_rank, env_size = world.rank, world.world_size
+        if not os.environ.get("RANK") and (rank is None or world_size is None):
+            # Not launched by torchrun / elastic-run: ask Horovod (horovodrun, mpirun) instead.
+            hvd = horovod_world()
+            if hvd is not None:
+                env_rank, env_size = hvd
+        self.rank = env_rank if rank is None else int(rank)
+        self.world_size = env_size if world_size is None else int(world_size)
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"invalid world: rank {self.rank} of {self.world_size}")
         self.generation = world.generation if generation is None else int(generation)
         self.run_id = world.run_id if run_id is None else str(run_id)
-        self.url = url
+        self.url = os.fspath(url) if isinstance(url, os.PathLike) else url
         self.keep = keep
         self.staging_bytes = staging_bytes
         self.publish_timeout_s = float(publish_timeout_s)
@@ -177,6 +188,7 @@ class Checkpointer:
         self._slot = _memory.Slot(self._memory_dir)
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-writer")
         self._crc = ThreadPoolExecutor(1, thread_name_prefix="ckpt-crc")
+        self._load_pool: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[Tuple[int, Future]] = None
         self._closed = False
         self._lock = threading.Lock()
@@ -253,11 +265,14 @@ class Checkpointer:
         step, job = pending
         try:
             job.result()
+        except CheckpointStorageError as exc:  # a read of the commit protocol failed
+            raise CheckpointWriteError(f"background write of checkpoint step {step} to "
+                                       f"{self.url} failed: {exc}") from exc
         except CheckpointError:
             raise
         except Exception as exc:
             raise CheckpointWriteError(f"background write of checkpoint step {step} to "
-                                       f"{self.url} failed: {exc}") from exc
+                                       f"{self.url} failed: {why(exc)}") from exc
 
     def _slot_meta(self, step: int, tree: Any, tensors: Dict[str, Dict[str, Any]],
                    pieces: Sequence[_Piece], total: int) -> Dict[str, Any]:
@@ -464,20 +479,14 @@ class Checkpointer:
         except CheckpointError as exc:
             return [str(exc)]
         problems = []
+        st = self._storage
         for f in m["files"]:
             try:
-                self._read_file(step, f)
+                st.read_many([(st.join(step_dirname(step), f["name"]), int(f["size_bytes"]),
+                               _crc_of(f))], self._loader(), _LOAD_THREADS, self._crc)
             except CheckpointCorruptError as exc:
                 problems.append(str(exc))
         return problems
-
-    def _read_file(self, step: int, f: Dict[str, Any]) -> np.ndarray:
-        algo, _, value = f["checksum"].partition(":")
-        if algo != "crc32":
-            raise CheckpointCorruptError(f"unknown checksum {f['checksum']!r}")
-        st = self._storage
-        return st.read_data(st.join(step_dirname(step), f["name"]), int(f["size_bytes"]),
-                            int(value, 16), self._crc)
 
     # ------------------------------------------------------------------ loading
     def load(self, step: Optional[int] = None, target: Any = None) -> Any:
@@ -624,12 +633,20 @@ class Checkpointer:
             for p in m["tensors"][key]["pieces"]:
                 if _overlap(p, offs, shape) is not None:
                     needed.add(p["file"])
-        sources = {}
-        for name in sorted(needed):
+        names = sorted(needed)
+        for name in names:
             if name not in files:
                 raise CheckpointCorruptError(f"step {step}: pieces refer to unlisted file {name}")
-            sources[name] = self._read_file(step, files[name])
-        return sources
+        specs = [(st.join(step_dirname(step), n), int(files[n]["size_bytes"]),
+                  _crc_of(files[n])) for n in names]
+        return dict(zip(names, st.read_many(specs, self._loader(), _LOAD_THREADS, self._crc)))
+
+    def _loader(self) -> ThreadPoolExecutor:
+        """Threads that map and checksum the files of a load in parallel (made on first use)."""
+        with self._lock:
+            if self._load_pool is None:
+                self._load_pool = ThreadPoolExecutor(_LOAD_THREADS, thread_name_prefix="ckpt-load")
+            return self._load_pool
 
     # ------------------------------------------------------------------ housekeeping
     def drop_memory(self) -> None:
@@ -650,6 +667,8 @@ class Checkpointer:
             self._closed = True
             self._writer.shutdown(wait=True)
             self._crc.shutdown(wait=True)
+            if self._load_pool is not None:
+                self._load_pool.shutdown(wait=True)
             self._slot.close()
 
     def _check_open(self) -> None:
@@ -665,6 +684,16 @@ class Checkpointer:
     def __repr__(self) -> str:
         return (f"Checkpointer({self.url!r}, keep={self.keep}, rank={self.rank}, "
                 f"world_size={self.world_size}, generation={self.generation})")
+
+
+def _crc_of(f: Dict[str, Any]) -> int:
+    algo, _, value = str(f.get("checksum", "")).partition(":")
+    if algo != "crc32":
+        raise CheckpointCorruptError(f"{f.get('name')}: unknown checksum {f.get('checksum')!r}")
+    try:
+        return int(value, 16)
+    except ValueError:
+        raise CheckpointCorruptError(f"{f.get('name')}: malformed checksum {value!r}") from None
 
 
 def _chunks(view: memoryview) -> Iterator[memoryview]:

@@ -3,7 +3,7 @@
 __all__ = [
     "CheckpointError", "CheckpointNotFoundError", "CheckpointURLError", "CheckpointStateError",
     "CheckpointCorruptError", "CheckpointWriteError", "StaleGenerationError",
-    "CheckpointTimeoutError",
+    "CheckpointTimeoutError", "CheckpointStorageError",
 ]
 
 from elastic.errors import ConfigError, ElasticError, UserError
@@ -40,3 +40,8 @@ class StaleGenerationError(CheckpointError):
 
 class CheckpointTimeoutError(CheckpointError):
     """Rank 0 waited too long for the other ranks' parts of a checkpoint."""
+
+
+class CheckpointStorageError(CheckpointError):
+    """The storage behind the URL cannot be reached or refuses us (network, credentials,
+    permissions, a filesystem fsspec cannot open); the message names the URL and the cause."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import pytest
 
 import checkpoint
 from checkpoint import (CheckpointCorruptError, CheckpointError, CheckpointNotFoundError,
-                        CheckpointStateError, CheckpointURLError, CheckpointWriteError,
-                        Checkpointer, PerRank, StaleGenerationError)
+                        CheckpointStateError, CheckpointStorageError, CheckpointURLError,
+                        CheckpointWriteError, Checkpointer, PerRank, StaleGenerationError)
 from elastic.errors import ConfigError, UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -258,6 +259,18 @@ def test_bad_urls_missing_checkpoints_and_bad_state_give_clear_errors(tmp_path, 
     assert isinstance(info.value, UserError)
     with pytest.raises(CheckpointURLError, match="non-empty"):
         Checkpointer("")
+    with pytest.raises(CheckpointURLError, match=r"s3://: names no bucket; use s3://BUCKET"):
+        Checkpointer("s3://")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(CheckpointStorageError, match=f"ftp://127.0.0.1:{port}/x: cannot open the "
+                                                     f"storage: ConnectionRefusedError"):
+        Checkpointer(f"ftp://127.0.0.1:{port}/x")
+    path_url = Checkpointer(tmp_path / "as-path", memory=False)  # os.PathLike works as a URL
+    assert path_url.url == str(tmp_path / "as-path")
+    path_url.save(1, {"x": np.ones(2)}, blocking=True)
+    assert Checkpointer(str(tmp_path / "as-path"), memory=False).steps() == [1]
     with pytest.raises(ConfigError, match="keep"):
         Checkpointer(str(tmp_path / "a"), keep=0)
     (tmp_path / "file").write_text("x")
@@ -385,6 +398,24 @@ def test_s3_round_trip_keep_and_corruption(s3_bucket, memdir):
     assert "CORRUPT" in res.stdout and " ok" in res.stdout
 
 
+def test_unreachable_object_store_gives_one_clear_storage_error(memdir):
+    with socket.socket() as s:  # an endpoint nobody listens on
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    options = {"key": "k", "secret": "s",
+               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    ck = Checkpointer("s3://bucket/run", storage_options=options, memory=False)
+    with pytest.raises(CheckpointStorageError, match=r"^s3://bucket/run: EndpointConnectionError: "
+                                                     r"Could not connect") as info:
+        ck.load()
+    assert "\n" not in str(info.value)
+    ck.save(1, {"x": np.ones(2)})
+    with pytest.raises(CheckpointWriteError, match="step 1 .* failed"):
+        ck.wait()
+    ck.close()
+
+
 def test_cli_inspect_lists_verifies_and_reports_errors(tmp_path, memdir):
     url = str(tmp_path / "ck")
     with Checkpointer(url, keep=3, generation=2) as ck:
@@ -426,3 +457,51 @@ def test_import_is_light():
                          timeout=60)
     assert res.stdout.strip() == "[]", res.stderr
     assert checkpoint.Checkpointer is Checkpointer
+
+
+def test_crc32_combine_matches_zlib():
+    from checkpoint._storage import crc32_combine
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
+    for cut in (0, 1, 7, 4096, 30_000, len(data)):
+        a, b = data[:cut], data[cut:]
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
+
+
+def test_load_checksums_ranges_in_parallel_and_maps_copy_on_write(tmp_path, memdir, monkeypatch):
+    import checkpoint._storage as storage
+
+    monkeypatch.setattr(storage, "_CRC_PART_BYTES", 4096)  # split even this small file
+    url = str(tmp_path / "ck")
+    with Checkpointer(url, keep=3, memory=False) as ck:
+        ck.save(1, make_state(1))
+        ck.save(2, make_state(2), blocking=True)
+    sdir = tmp_path / "ck" / "step-000000000002"
+    (name,) = [n for n in os.listdir(sdir) if n.endswith(".safetensors")]
+    assert os.path.getsize(sdir / name) >= 3 * 4096  # checksummed as several ranges
+    reader = Checkpointer(url, memory=False)
+    got = reader.load()
+    assert_state_equal(got, make_state(2))
+    # Loaded arrays are writable; writing them changes neither the file nor another load.
+    got["weights"]["w"][:] = 7
+    assert reader.verify(2) == []
+    assert_state_equal(Checkpointer(url, memory=False).load(), make_state(2))
+    # Saving the same step again writes a new file: arrays loaded before keep their bytes.
+    with Checkpointer(url, keep=3, memory=False) as again:
+        again.save(2, make_state(5), blocking=True)
+    assert_state_equal(got["weights"]["b"], make_state(2)["weights"]["b"])
+    assert_state_equal(Checkpointer(url, memory=False).load()["weights"], make_state(5)["weights"])
+    # A flipped byte in the last range is caught like one in the first.
+    for offset in (os.path.getsize(sdir / name) - 1, 4096 + 5):
+        with open(sdir / name, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x10]))
+        with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+            Checkpointer(url, memory=False).load(step=2)
+        with open(sdir / name, "r+b") as f:
+            f.seek(offset)
+            f.write(byte)
+    assert Checkpointer(url, memory=False).verify(2) == []
