@@ -2,8 +2,8 @@
 
     python benchmarks/rendezvous.py [--quick] [--sizes 8,64,256,1024]
 
-Each simulated node is a thread with its own handler and its own store connection, spread over
-several processes; all nodes start joining at one "go" and the figure is the time until the
+Each simulated node is a thread with its own handler and its own store connection, 32 to a
+process; all nodes start joining at one "go" and the figure is the time until the
 last node holds the closed round (MIN = MAX = N, so no last-call wait). For ours, joining
 includes creating the handler (lease grant, liveness key). torch's side is its dynamic
 rendezvous with the C10d backend over a TCPStore, as torchrun's ``--rdzv-backend c10d`` uses.
@@ -26,17 +26,23 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 
+# Simulated nodes are threads; more than a few dozen per process would measure the contention
+# of their interpreter lock rather than the rendezvous. Every backend gets the same split.
+_NODES_PER_PROCESS = 32
+
+
 # -- one simulation process ----------------------------------------------------------------
 def _join_ours(backend: str, endpoint: str, run_id: str, total: int, token: str):
     from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
     from elastic.store import create_store
 
     conf = {"token": token} if backend == "embedded" else {}
+    create_store(backend, endpoint, **conf).close()  # import and reach the backend before "go"
     settings = RendezvousSettings(run_id=run_id, min_nodes=total, max_nodes=total, last_call_s=0,
                                   lease_ttl_s=30, join_timeout_s=300)
-    store = create_store(backend, endpoint, **conf)
-
     def join(i: int):
+        # Each node has its own client, as on a real cluster (and as the c10d side does).
+        store = create_store(backend, endpoint, **conf)
         handler = RendezvousHandler(store, settings, NodeInfo(f"n{os.getpid()}-{i}", "127.0.0.1", 1))
         rnd = handler.next_round(None)
         return handler, rnd.world_size
@@ -91,7 +97,7 @@ def simulate(backend: str, endpoint: str, run_id: str, count: int, total: int, t
 
 # -- the driver ----------------------------------------------------------------------------
 def form_round(backend: str, endpoint: str, total: int, token: str = "") -> float:
-    procs_n = min(total, 8)
+    procs_n = -(-total // _NODES_PER_PROCESS)
     counts = [total // procs_n + (1 if i < total % procs_n else 0) for i in range(procs_n)]
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     procs = [subprocess.Popen([sys.executable, __file__, "--simulate", backend, endpoint, run_id, str(c),

@@ -99,14 +99,15 @@ class Procs:
         with open(self._logs[name], "rb") as f:
             return f.read().decode("utf-8", "replace")
 
-    def wait_for_output(self, name: str, text: str, timeout_s: float) -> None:
-        """Block until ``text`` appears in ``name``'s output; a deadline or an early exit fails."""
+    def wait_for_output(self, name: str, text: str, timeout_s: float, after: int = 0) -> None:
+        """Block until ``text`` appears in ``name``'s output (past its first ``after``
+        characters); a deadline or an early exit fails."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if text in self.output(name):
+            if text in self.output(name)[after:]:
                 return
             if self._procs[name].poll() is not None:
-                if text in self.output(name):
+                if text in self.output(name)[after:]:
                     return
                 self._fail_with(ProcessFailure, f"{name} exited before printing {text!r}")
             time.sleep(0.05)

@@ -167,7 +167,9 @@ def test_half_open_and_slow_handshakes_hit_the_auth_deadline(server, bystander):
     json.dumps({"id": 1, "op": "format_disk"}).encode(),  # unknown op
     json.dumps({"op": "get", "key": "/x"}).encode(),  # no id
     json.dumps({"id": 1, "op": "put", "key": 5, "value": "AA=="}).encode(),  # wrong type
-    json.dumps({"id": 1, "op": "put", "key": "/x", "value": "***"}).encode(),  # bad base64
+    json.dumps({"id": 1, "op": "put", "key": "/x", "value": {"b64": "***"}}).encode(),  # bad base64
+    json.dumps({"id": 1, "op": "put", "key": "/x", "value": 5}).encode(),  # neither text nor b64
+    b'{"id": 1, "op": "put", "key": "/x", "value": "\\ud800"}',  # a lone surrogate
     json.dumps({"id": 1, "op": "grant", "ttl_s": "forever"}).encode(),
     json.dumps({"id": 1, "op": "wait", "prefix": "/", "after": -1, "timeout_s": 1}).encode(),
 ])

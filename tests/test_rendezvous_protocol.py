@@ -142,3 +142,30 @@ def test_bad_settings_are_rejected():
         RendezvousSettings(run_id="x", min_nodes=3, max_nodes=1)
     with pytest.raises(ConfigError, match="invalid run id"):
         RendezvousSettings(run_id="a/b")
+
+
+def test_a_round_nobody_coordinates_is_taken_over_after_a_wait():
+    # The node that opens a round coordinates it; here the round was opened by a node that
+    # never joined (it died), so a joiner whose wait times out takes the coordinator key.
+    store = MemoryStore()
+    store.compare_and_set("/elastic/job/round", None, b'{"generation":1,"state":"open","prev_nodes":[]}')
+    rounds = join_all([make(store, n, min_nodes=2, max_nodes=2) for n in "ab"])
+    assert [r.num_nodes for r in rounds] == [2, 2] and {r.generation for r in rounds} == {1}
+
+
+def test_a_failed_job_wakes_waiting_joiners_at_once():
+    # A long lease means a long poll: only the round key's "failed" mark can end this wait
+    # before the join timeout, which would raise RendezvousTimeoutError instead.
+    store = MemoryStore()
+    waiting = make(store, "a", min_nodes=2, max_nodes=2, lease_ttl_s=120, join_timeout_s=20)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(waiting.next_round)
+        while store.get("/elastic/job/join/1/a") is None:
+            store.wait("/elastic/job/join/", 0, timeout_s=1)
+        make(store, "b").fail("worker 3 ran out of memory")
+        with pytest.raises(RendezvousClosedError, match="worker 3 ran out of memory"):
+            future.result(timeout=15)
+    late = make(store, "c")
+    with pytest.raises(RendezvousClosedError, match="worker 3 ran out of memory"):
+        late.next_round()
+    assert late.job_failure() == "worker 3 ran out of memory"

@@ -2,7 +2,7 @@
 
 Keys of a job live under ``/elastic/<run_id>/``:
 
-``round``                 the current round: ``{"generation", "state": "open"|"closed", "nodes": [row...]}``
+``round``                 the current round: ``{"generation", "state": "open"|"closed"|"failed", "nodes": [row...]}``
 ``join/<gen>/<node>``     a node joining round ``gen`` (leased: a dead joiner disappears)
 ``coordinator/<gen>``     the node that closes round ``gen`` (leased: taken over if it dies)
 ``alive/<node>``          a node's liveness (leased, kept alive by a heartbeat thread)
@@ -13,12 +13,15 @@ Keys of a job live under ``/elastic/<run_id>/``:
 ``status``                ``{"failed": reason}`` once the job has failed for good
 
 Joining costs each node O(1) requests with no contention: every joiner puts its own key and
-waits on ``round``. The first joiner to create the coordinator key alone follows the join keys
-(read once, then through events) and closes the round with one compare-and-set on ``round``.
-If the coordinator dies its key expires with its lease and a waiting joiner takes over.
+waits on ``round``. The node that opened the round takes the coordinator key, follows the join
+keys (read once, then through events) and closes the round with one compare-and-set on
+``round``. If the coordinator dies its key expires with its lease, and a joiner whose wait
+times out takes over. A failed job also marks ``round`` ("failed"), so every waiting node
+learns at once without polling ``status``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -39,7 +42,33 @@ def _dumps(obj) -> bytes:
 
 
 def _loads(kv: Optional[KeyValue]):
-    return None if kv is None else json.loads(kv.value)
+    """The parsed value of ``kv``; shared between callers, so treat it as read-only."""
+    return None if kv is None else _parse(kv.value)
+
+
+def _memoized(func):
+    """``lru_cache`` that computes each value once even when many threads ask at one moment
+    (as every joiner does when the round closes); ``lru_cache`` alone lets them all miss."""
+    cached = functools.lru_cache(maxsize=8)(func)
+    lock = threading.Lock()
+
+    @functools.wraps(func)
+    def wrapper(value: bytes):
+        with lock:
+            return cached(value)
+    return wrapper
+
+
+@_memoized
+def _parse(value: bytes):
+    # Every node of a job reads the same round values; agents sharing a host (and the
+    # simulated nodes of the benchmark) parse each one once.
+    return json.loads(value)
+
+
+@_memoized
+def _nodes(value: bytes) -> Tuple[NodeInfo, ...]:
+    return tuple(NodeInfo.from_row(row) for row in json.loads(value)["nodes"])
 
 
 class RendezvousHandler:
@@ -55,6 +84,7 @@ class RendezvousHandler:
         self.prefix = f"/elastic/{settings.run_id}/"
         self._round_key = self.prefix + "round"
         self._closed = threading.Event()
+        self._opened_generation = 0  # the last round this node opened: it coordinates that one
         self._lease = store.grant_lease(settings.lease_ttl_s)
         store.put(self._key("alive", node.node_id), _dumps(node.to_json()), lease=self._lease)
         self._heartbeat = threading.Thread(target=self._beat, name="rdzv-heartbeat", daemon=True)
@@ -73,7 +103,6 @@ class RendezvousHandler:
         announced_waiting = False
         try:
             while True:
-                self._raise_if_failed()
                 if time.monotonic() >= deadline:
                     raise RendezvousTimeoutError(
                         f"no round formed within {self.settings.join_timeout_s:.0f}s "
@@ -81,10 +110,14 @@ class RendezvousHandler:
                 kv = self.store.get(self._round_key)
                 state = _loads(kv)
                 if state is None:
-                    self.store.compare_and_set(self._round_key, None, _dumps(
+                    ok, _ = self.store.compare_and_set(self._round_key, None, _dumps(
                         {"generation": 1, "state": "open", "prev_nodes": []}))
+                    if ok:
+                        self._opened_generation = 1
                     continue
                 gen = state["generation"]
+                if state["state"] == "failed":
+                    raise RendezvousClosedError(f"job failed: {state.get('reason', 'unknown')}")
                 if state["state"] == "closed":
                     mine = prev is not None and prev.generation == gen
                     if mine or len(state["nodes"]) < self.settings.max_nodes:
@@ -95,9 +128,10 @@ class RendezvousHandler:
                         log.info("round %d is full (%d nodes); waiting for a place", gen, len(state["nodes"]))
                         self.store.put(self._key("waiting", self.node.node_id), b"1", lease=self._lease)
                         announced_waiting = True
-                    self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline))
+                    if not self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline)):
+                        self._raise_if_failed()
                     continue
-                result = self._join_open_round(gen, prev, deadline)
+                result = self._join_open_round(kv, prev, deadline)
                 if result is not None:
                     return result
         finally:
@@ -160,8 +194,18 @@ class RendezvousHandler:
         return min(records, key=lambda r: r["time"])
 
     def fail(self, reason: str) -> None:
-        """Fail the job for every node."""
+        """Fail the job for every node: the status record, then the round every node waits on."""
         self.store.put(self.prefix + "status", _dumps({"failed": reason}))
+        while True:
+            kv = self.store.get(self._round_key)
+            state = _loads(kv)
+            if state is not None and state["state"] == "failed":
+                return
+            failed = {"generation": state["generation"] + 1 if state else 1, "state": "failed",
+                      "reason": reason}
+            if self.store.compare_and_set(self._round_key, kv.mod_revision if kv else None,
+                                          _dumps(failed))[0]:
+                return
 
     def job_failure(self) -> Optional[str]:
         status = _loads(self.store.get(self.prefix + "status"))
@@ -184,32 +228,43 @@ class RendezvousHandler:
         self.store.close()
 
     # -- joining ---------------------------------------------------------------------------
-    def _join_open_round(self, gen: int, prev: Optional[Round], deadline: float) -> Optional[Round]:
-        """Join open round ``gen``; returns the closed round, or None to start over."""
+    def _join_open_round(self, kv: KeyValue, prev: Optional[Round], deadline: float) -> Optional[Round]:
+        """Join the open round read as ``kv``; returns the closed round, or None to start over.
+
+        A joiner's requests: put its join key and wait for the round key's next change, which
+        carries the closed round. The node that opened the round coordinates it; the others
+        try for the coordinator key (and re-check the job status and their join key) only
+        when a wait times out.
+        """
+        gen = _loads(kv)["generation"]
         join_prefix = self._key("join", str(gen)) + "/"
         coordinator_key = self._key("coordinator", str(gen))
         info = _dumps({**self.node.to_json(), "prev_gen": prev.generation if prev else None})
         self.store.put(join_prefix + self.node.node_id, info, lease=self._lease)
-        kv = None
+        first = True
         while True:
-            self._raise_if_failed()
             self._check_deadline(gen, deadline)
-            if kv is None:
+            if kv is None:  # after a timeout or a coordinator's pass: look again
+                self._raise_if_failed()
                 kv = self.store.get(self._round_key)
             state = _loads(kv)
             if state is None or state["generation"] != gen or state["state"] != "open":
                 if state and state["generation"] == gen and state["state"] == "closed":
-                    if self.node.node_id in [row[0] for row in state["nodes"]]:
+                    if any(row[0] == self.node.node_id for row in state["nodes"]):
                         return self._round_from(state, kv)
                 return None  # superseded, or closed without us: start over
-            if self.store.get(join_prefix + self.node.node_id) is None:
+            if not first and self.store.get(join_prefix + self.node.node_id) is None:
                 # Our join key vanished (lease lost while paused): join again.
                 self.store.put(join_prefix + self.node.node_id, info, lease=self._lease)
             # One node coordinates: whoever holds the (leased) coordinator key. A dead
             # coordinator's key expires with its lease and the next node to look takes over.
-            me = self.node.node_id.encode()
-            won, holder = self.store.compare_and_set(coordinator_key, None, me, lease=self._lease)
-            if won or (holder is not None and holder.value == me):
+            won = False
+            if not first or self._opened_generation == gen:
+                me = self.node.node_id.encode()
+                won, holder = self.store.compare_and_set(coordinator_key, None, me, lease=self._lease)
+                won = won or (holder is not None and holder.value == me)
+            first = False
+            if won:
                 self._coordinate(gen, join_prefix, deadline)
                 kv = None
             else:
@@ -253,8 +308,8 @@ class RendezvousHandler:
             timeout = self._poll_s(deadline)
             if min_reached_at is not None:
                 timeout = min(timeout, max(0.0, min_reached_at + settings.last_call_s - now))
-            try:
-                events = self.store.wait(join_prefix, rev, timeout_s=timeout)
+            try:  # the whole job's prefix: the join keys, and the round if it fails meanwhile
+                events = self.store.wait(self.prefix, rev, timeout_s=timeout)
             except StoreCompactedError:
                 kvs, rev = self.store.get_prefix(join_prefix)
                 joins = {j.key: j for j in kvs}
@@ -264,10 +319,13 @@ class RendezvousHandler:
                 self._raise_if_failed()
                 kv = None
             for event in events:
-                if event.kind == "put":
-                    joins[event.key] = KeyValue(event.key, event.value, event.revision)
-                else:
-                    joins.pop(event.key, None)
+                if event.key.startswith(join_prefix):
+                    if event.kind == "put":
+                        joins[event.key] = KeyValue(event.key, event.value, event.revision)
+                    else:
+                        joins.pop(event.key, None)
+                elif event.key == self._round_key:
+                    kv = None
                 rev = event.revision
 
     def _check_deadline(self, gen: int, deadline: float) -> None:
@@ -307,11 +365,12 @@ class RendezvousHandler:
             nxt["reason"] = reason
         ok, _ = self.store.compare_and_set(self._round_key, kv.mod_revision, _dumps(nxt))
         if ok:
+            self._opened_generation = nxt["generation"]
             log.info("opened round %d%s", nxt["generation"], f" ({reason})" if reason else "")
 
     def _round_from(self, state: dict, kv: KeyValue) -> Round:
-        nodes = tuple(NodeInfo.from_row(row) for row in state["nodes"])
-        rank = [n.node_id for n in nodes].index(self.node.node_id)
+        nodes = _nodes(kv.value)
+        rank = next(i for i, n in enumerate(nodes) if n.node_id == self.node.node_id)
         return Round(generation=state["generation"], nodes=nodes, node_rank=rank,
                      restart_count=int(state.get("restart_count", 0)), revision=kv.mod_revision,
                      max_nodes=self.settings.max_nodes)

@@ -1,7 +1,9 @@
 """The embedded rendezvous protocol: framing, encoding, authentication, TLS and token settings.
 
 A message is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON (never
-pickle); binary values travel base64-encoded. A connection starts with a handshake:
+pickle). A stored value travels as a JSON string when it is UTF-8 text (every value the round
+protocol writes is) and as ``{"b64": ...}`` otherwise, so the closed round that a thousand
+joiners receive is not base64-encoded and decoded a thousand times. A connection starts with a handshake:
 
 1. server -> ``{"hello": "elastic-rendezvous", "version": 1, "instance": ID, "nonce": B64,
    "auth": bool}``
@@ -33,7 +35,7 @@ from .api import Event, KeyValue
 __all__ = []
 
 PROTOCOL = "elastic-rendezvous"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct(">I")
 MAX_MESSAGE_BYTES = 16 << 20  # authenticated peers
 MAX_HANDSHAKE_BYTES = 4096  # before authentication: tiny, so strangers cannot make us allocate
@@ -82,24 +84,42 @@ def unb64(text: Any) -> bytes:
         raise ProtocolError("invalid base64 value") from None
 
 
+def value_to_wire(value: bytes) -> Any:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"b64": b64(value)}
+
+
+def value_from_wire(data: Any) -> bytes:
+    if isinstance(data, str):
+        try:
+            return data.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from "\ud800" in the JSON
+            raise ProtocolError("value is not valid UTF-8 text") from None
+    if isinstance(data, dict) and len(data) == 1 and "b64" in data:
+        return unb64(data["b64"])
+    raise ProtocolError('a value must be a string or {"b64": string}')
+
+
 def kv_to_wire(kv: Optional[KeyValue]) -> Optional[Dict[str, Any]]:
     if kv is None:
         return None
-    return {"k": kv.key, "v": b64(kv.value), "r": kv.mod_revision, "l": kv.lease}
+    return {"k": kv.key, "v": value_to_wire(kv.value), "r": kv.mod_revision, "l": kv.lease}
 
 
 def kv_from_wire(data: Optional[Dict[str, Any]]) -> Optional[KeyValue]:
     if data is None:
         return None
-    return KeyValue(data["k"], unb64(data["v"]), int(data["r"]), int(data["l"]))
+    return KeyValue(data["k"], value_from_wire(data["v"]), int(data["r"]), int(data["l"]))
 
 
 def event_to_wire(event: Event) -> Dict[str, Any]:
-    return {"t": event.kind, "k": event.key, "v": b64(event.value), "r": event.revision}
+    return {"t": event.kind, "k": event.key, "v": value_to_wire(event.value), "r": event.revision}
 
 
 def event_from_wire(data: Dict[str, Any]) -> Event:
-    return Event(data["t"], data["k"], unb64(data["v"]), int(data["r"]))
+    return Event(data["t"], data["k"], value_from_wire(data["v"]), int(data["r"]))
 
 
 # -- authentication --------------------------------------------------------------------------

@@ -164,14 +164,14 @@ class EmbeddedStore(Store):
         return [wire.kv_from_wire(kv) for kv in result["kvs"]], int(result["revision"])
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        return int(self._call("put", key=_key(key), value=wire.b64(bytes(value)), lease=_lease(lease)))
+        return int(self._call("put", key=_key(key), value=wire.value_to_wire(bytes(value)), lease=_lease(lease)))
 
     def compare_and_set(self, key: str, expected_revision: Optional[int], value: bytes,
                         lease: int = 0) -> Tuple[bool, Optional[KeyValue]]:
         if expected_revision is not None:
             expected_revision = _lease(expected_revision)
         result = self._call("cas", key=_key(key), expected=expected_revision,
-                            value=wire.b64(bytes(value)), lease=_lease(lease))
+                            value=wire.value_to_wire(bytes(value)), lease=_lease(lease))
         return bool(result["ok"]), wire.kv_from_wire(result["kv"])
 
     def delete(self, key: str) -> bool:

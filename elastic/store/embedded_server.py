@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ import socket
 import ssl as _ssl
 import threading
 import uuid
-from typing import Any, Callable, Dict, Optional, Set, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 from . import _wire as wire
 from .api import Event, LeaseNotFoundError, StoreCompactedError, StoreError
@@ -81,6 +82,10 @@ class EmbeddedServer:
         self._start_error: Optional[BaseException] = None
         self._handlers: Set[asyncio.Task] = set()
         self._waiters: Dict[str, Dict[asyncio.Future, int]] = {}
+        # Encoded wait results of the current store revision: when one change wakes a
+        # thousand joiners waiting on the same key, their (identical) reply is encoded once.
+        self._encoded_events: Dict[Tuple[str, int], bytes] = {}
+        self._encoded_revision = -1
 
     # -- construction from settings ------------------------------------------------------
     @classmethod
@@ -231,23 +236,34 @@ class EmbeddedServer:
                 if revision > after and not future.done():
                     future.set_result(None)
 
-    async def _wait(self, prefix: str, after: int, timeout_s: float) -> list:
-        events = self.store.events_after(prefix, after)
-        if events or timeout_s <= 0:
-            return events
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        group = self._waiters.setdefault(prefix, {})
-        group[future] = after
-        timer = loop.call_later(timeout_s, _resolve, future)
-        try:
-            await future
-        finally:
-            timer.cancel()
-            group.pop(future, None)
-            if not group and self._waiters.get(prefix) is group:
-                del self._waiters[prefix]
-        return self.store.events_after(prefix, after)
+    async def _wait(self, prefix: str, after: int, timeout_s: float) -> bytes:
+        """The JSON-encoded events under ``prefix`` after ``after``, once there are any."""
+        if timeout_s > 0 and not self.store.events_after(prefix, after):
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            group = self._waiters.setdefault(prefix, {})
+            group[future] = after
+            timer = loop.call_later(timeout_s, _resolve, future)
+            try:
+                await future
+            finally:
+                timer.cancel()
+                group.pop(future, None)
+                if not group and self._waiters.get(prefix) is group:
+                    del self._waiters[prefix]
+        return self._events_json(prefix, after)
+
+    def _events_json(self, prefix: str, after: int) -> bytes:
+        revision = self.store.revision
+        if revision != self._encoded_revision:
+            self._encoded_events.clear()
+            self._encoded_revision = revision
+        data = self._encoded_events.get((prefix, after))
+        if data is None:
+            events = self.store.events_after(prefix, after)
+            data = json.dumps([wire.event_to_wire(e) for e in events], separators=(",", ":")).encode()
+            self._encoded_events[(prefix, after)] = data
+        return data
 
     # -- connections ---------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -359,13 +375,16 @@ class EmbeddedServer:
                            timeout_s: float) -> None:
         try:
             events = await self._wait(prefix, after, timeout_s)
-            reply = {"id": request_id, "ok": True,
-                     "result": [wire.event_to_wire(e) for e in events]}
+            body = b'{"id":%d,"ok":true,"result":%s}' % (request_id, events)
+            data = wire.HEADER.pack(len(body)) + body
+            if len(body) > wire.MAX_MESSAGE_BYTES:  # the client could not read it anyway
+                data = wire.encode(_error_reply(request_id, ValueError(
+                    f"wait reply of {len(body)} bytes exceeds the message limit")))
         except StoreCompactedError as exc:
-            reply = _error_reply(request_id, exc)
+            data = wire.encode(_error_reply(request_id, exc))
         if writer.is_closing():
             return
-        _send(writer, reply)
+        writer.write(data)
         try:
             await writer.drain()
         except (ConnectionError, OSError):
@@ -383,13 +402,13 @@ class EmbeddedServer:
         return {"kvs": [wire.kv_to_wire(kv) for kv in kvs], "revision": revision}
 
     def _op_put(self, m):
-        return self.store.put(_str(m, "key"), wire.unb64(m.get("value")), _int(m, "lease", 0))
+        return self.store.put(_str(m, "key"), wire.value_from_wire(m.get("value")), _int(m, "lease", 0))
 
     def _op_cas(self, m):
         expected = m.get("expected")
         if expected is not None:
             expected = _int(m, "expected")
-        ok, kv = self.store.compare_and_set(_str(m, "key"), expected, wire.unb64(m.get("value")),
+        ok, kv = self.store.compare_and_set(_str(m, "key"), expected, wire.value_from_wire(m.get("value")),
                                             _int(m, "lease", 0))
         return {"ok": ok, "kv": wire.kv_to_wire(kv)}
 
