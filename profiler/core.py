@@ -38,6 +38,7 @@ log = logging.getLogger("profiler")
 
 _PHASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 _perf = time.perf_counter
+_MAX_CARRY = 4096  # phase intervals kept for the next step while no step opens
 _sleep = time.sleep
 
 #: Dense BF16/FP16 tensor-core peaks (FLOP/s) by GPU name fragment, for MFU when no peak is given.
@@ -80,7 +81,10 @@ class _Phase:
             return
         self._depth = 0
         prof = self._prof
-        prof._intervals.append((self.name, self._mark, prof._mark()))
+        intervals = prof._intervals
+        intervals.append((self.name, self._mark, prof._mark()))
+        if not prof._in_step and len(intervals) > _MAX_CARRY:  # phases but never a step
+            del intervals[:-_MAX_CARRY // 2]
 
     def cancel(self) -> None:
         """Forget an open phase that measured nothing (the loader was exhausted)."""

@@ -340,6 +340,24 @@ def test_torch_hooks_find_backward_in_structured_and_leaf_outputs(tmp_path):
     assert not model.w._backward_hooks  # the leaf's one hook went with close()
 
 
+def test_torch_backward_hook_coexists_with_the_users_own(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    seen = []
+    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+        prof.attach(model)
+        for i in range(3):
+            with prof.step():
+                out = model(x)
+                handle = out.register_hook(lambda grad: seen.append(tuple(grad.shape)))
+                if i == 2:
+                    handle.remove()  # the user's handle still removes only their hook
+                out.square().sum().backward()
+    assert seen == [(3, 2), (3, 2)]
+    assert all("backward" in r.phases_s for r in prof.records)
+
+
 # -- outputs --------------------------------------------------------------------------------
 
 def test_chrome_trace_loads_and_phases_nest_in_their_steps(tmp_path):
