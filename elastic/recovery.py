@@ -163,14 +163,30 @@ class _Session:
     def _init(self) -> None:
         self.backend.init(int(os.environ.get("WORLD_SIZE", "1")) > 1 or self.link is not None)
 
+    def _form(self) -> None:
+        """Join the current round and sync the state; if the round breaks meanwhile (a peer
+        dies during the re-formation, its store goes away), wait for the next one and retry."""
+        while True:
+            try:
+                self._init()
+                self.state.sync()
+                return
+            except Exception as exc:
+                if self.link is None or not is_recoverable(exc):
+                    raise
+                log.warning("rank %s: the round broke while forming (%s); waiting for the next one",
+                            os.environ.get("RANK"), str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            self.backend.teardown()
+            self.state.restore()
+            self.link.wait_for_new_place(self.timeout_s)
+
     def run(self, func: Callable[..., Any], args, kwargs) -> Any:
         self.state._link = self.link
         if self.link is not None:
             self.link.register()
         _collectives.use(self.backend.comm)
-        self._init()
-        self.state.sync()
         try:
+            self._form()
             while True:
                 try:
                     return func(self.state, *args, **kwargs)
@@ -193,8 +209,7 @@ class _Session:
         self.backend.teardown()
         self.state.restore()
         self.link.wait_for_new_place(self.timeout_s)
-        self._init()
-        self.state.sync()
+        self._form()
         self.state.on_reset()
         log.warning("rank %s of %s: re-formed in %.2fs (generation %s)", os.environ.get("RANK"),
                     os.environ.get("WORLD_SIZE"), time.monotonic() - t0, os.environ.get("ELASTIC_GENERATION"))
