@@ -8,7 +8,11 @@ EXTRAS = {
     # Horovod ships only as a source package; `make setup` builds it with Gloo (see README).
     "horovod": ["horovod==0.28.1"],
     "etcd": ["etcd-sdk-python>=0.0.7"],
+    # the embedded rendezvous server runs on uvloop when it is installed (asyncio otherwise)
+    "rendezvous": ["uvloop>=0.19; sys_platform != 'win32'"],
     "s3": ["s3fs>=2024.2"],
+    # a vectorised CRC-32 (same values as zlib's) for checkpoint saves, loads and verification
+    "checkpoint": ["zlib-ng>=0.5"],
     "gpu": ["nvidia-ml-py>=12"],
     "parquet": ["pyarrow>=14"],
     "profiler": ["prometheus_client>=0.19", "matplotlib>=3.7", "tensorboard>=2.16"],

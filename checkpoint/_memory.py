@@ -6,17 +6,23 @@ process: a worker restarted on the same node finds the last snapshot there and l
 memory speed. The slot's ``slot.json`` is removed before the slot is overwritten and written
 (atomically) only once a copy is complete, so a process killed mid-copy leaves no snapshot
 that claims to be whole.
+
+A restarted worker maps the snapshot copy-on-write instead of copying it, and holds a shared
+``flock`` on the slot file for as long as that map lives. A writer takes the lock exclusively
+while it fills the slot; when a reader holds the file, the writer leaves it to the reader and
+fills a new file in its place, so loaded tensors never change under their owner.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import mmap
 import os
+import weakref
 from typing import Any, Dict, Optional
 
-
-from ._storage import alloc_bytes
+import numpy as np
 
 DEFAULT_MEMORY_DIR = "/dev/shm/elastic-run"
 _META = "slot.json"
@@ -55,6 +61,8 @@ class Slot:
     def reserve(self, nbytes: int) -> memoryview:
         """A writable view of at least ``nbytes``; invalidates any snapshot the slot held."""
         self.invalidate()
+        if self.directory is not None and self._fd is not None and not _lock(self._fd, fcntl.LOCK_EX):
+            self._release_file()  # a reader maps the snapshot in it: it is theirs now
         if nbytes > self.capacity or self._map is None:
             self._unmap()
             size = max(nbytes, 1)
@@ -62,8 +70,7 @@ class Slot:
             if self.directory is not None:
                 os.makedirs(self.directory, exist_ok=True)
                 if self._fd is None:
-                    self._fd = os.open(os.path.join(self.directory, _DATA),
-                                       os.O_RDWR | os.O_CREAT, 0o600)
+                    self._fd = self._open_locked()
                 os.ftruncate(self._fd, size)
                 self._map = mmap.mmap(self._fd, size)
             else:
@@ -71,22 +78,39 @@ class Slot:
             self.capacity = size
         return memoryview(self._map)
 
+    def _open_locked(self) -> int:
+        """The slot file, locked exclusively; a file a reader holds is replaced by a new one."""
+        path = os.path.join(self.directory, _DATA)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            if _lock(fd, fcntl.LOCK_EX):
+                return fd
+            os.close(fd)
+            _unlink(path)
+
+    def _release_file(self) -> None:
+        self._unmap()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        _unlink(os.path.join(self.directory, _DATA))
+        self.capacity = 0
+
     def commit(self, meta: Dict[str, Any]) -> None:
-        """Mark the slot's contents as a whole snapshot described by ``meta``."""
-        if self.directory is None:
+        """Mark the slot's contents as a whole snapshot described by ``meta``; readers may
+        map it from now on."""
+        if self.directory is None or self._fd is None:
             return
         path = os.path.join(self.directory, _META)
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
+        with open(tmp, "w") as f:  # dumps: the C encoder (dump streams through the Python one)
+            f.write(json.dumps({**meta, "inode": os.fstat(self._fd).st_ino}, separators=(",", ":")))
         os.replace(tmp, path)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def invalidate(self) -> None:
         if self.directory is not None:
-            try:
-                os.unlink(os.path.join(self.directory, _META))
-            except FileNotFoundError:
-                pass
+            _unlink(os.path.join(self.directory, _META))
 
     def _unmap(self) -> None:
         if self._map is not None:
@@ -104,24 +128,51 @@ class Slot:
         self.capacity = 0
 
 
-def read_snapshot(directory: str) -> Optional[tuple]:
-    """``(meta, data)`` of the snapshot in ``directory``, or None if there is no whole one."""
+def _lock(fd: int, how: int) -> bool:
     try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def read_snapshot(directory: str) -> Optional[tuple]:
+    """``(meta, data)`` of the whole snapshot in ``directory``, or None if there is none.
+
+    ``data`` is a uint8 array on a copy-on-write map of the slot file (no copy), which holds a
+    shared lock on the file until the last array on it is gone.
+    """
+    try:
+        fd = os.open(os.path.join(directory, _DATA), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if not _lock(fd, fcntl.LOCK_SH):  # a writer is filling it
+            os.close(fd)
+            return None
         with open(os.path.join(directory, _META)) as f:
             meta = json.load(f)
         nbytes = int(meta["data_bytes"])
-        buf = alloc_bytes(nbytes)
-        with open(os.path.join(directory, _DATA), "rb", buffering=0) as f:
-            view = memoryview(buf)
-            got = 0
-            while got < nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    return None
-                got += n
-    except (OSError, ValueError, KeyError):
+        st = os.fstat(fd)
+        if meta.get("inode") != st.st_ino or st.st_size < nbytes:
+            os.close(fd)  # the description of another (newer) file
+            return None
+        if nbytes == 0:
+            os.close(fd)
+            return meta, np.empty(0, np.uint8)
+        m = mmap.mmap(fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError, KeyError, TypeError):
+        os.close(fd)
         return None
-    return meta, buf
+    weakref.finalize(m, os.close, fd)  # the lock lasts as long as the map
+    return meta, np.frombuffer(m, dtype=np.uint8)
 
 
 def remove_snapshot(directory: str) -> None:

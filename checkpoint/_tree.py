@@ -219,7 +219,10 @@ def encode(state: Any, rank: int) -> Tuple[Any, List[TensorLeaf]]:
             f"is neither a tensor, an array nor plain data (dict, list, tuple, str, int, float, "
             f"bool, None, bytes); convert it (e.g. to its state_dict()) first")
 
-    tree = enc(state, (), False)
+    try:
+        tree = enc(state, (), False)
+    finally:
+        del enc  # a recursive closure is a cycle: break it so no tensor waits for the GC
     return tree, leaves
 
 
@@ -242,7 +245,10 @@ def tensor_keys(tree: Any) -> List[Tuple[Tuple[Any, ...], dict]]:
             for i, v in enumerate(node["items"]):
                 walk(v, path + (i,))
 
-    walk(tree, ())
+    try:
+        walk(tree, ())
+    finally:
+        del walk
     return out
 
 
@@ -271,7 +277,10 @@ def decode(tree: Any, tensor: Callable[[Tuple[Any, ...], dict], Any]) -> Any:
             return bytes.fromhex(node["hex"])
         raise CheckpointStateError(f"unknown node type {t!r} in a checkpoint tree")
 
-    return dec(tree, ())
+    try:
+        return dec(tree, ())
+    finally:
+        del dec  # else the cycle dec -> dec keeps every loaded tensor (and file map) alive
 
 
 def flatten_target(target: Any) -> Dict[Tuple[Any, ...], Any]:
@@ -290,7 +299,10 @@ def flatten_target(target: Any) -> Dict[Tuple[Any, ...], Any]:
             for i, v in enumerate(x):
                 walk(v, path + (i,))
 
-    walk(target, ())
+    try:
+        walk(target, ())
+    finally:
+        del walk
     return out
 
 

@@ -593,12 +593,10 @@ class Checkpointer:
         """The memory tier's tables and buffer, if it holds exactly this committed step."""
         if self._memory_dir is None or int(m["world_size"]) != self.world_size:
             return None
-        meta_path = f"{self._memory_dir}/slot.json"
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError):
+        snap = _memory.read_snapshot(self._memory_dir)  # mapped, not copied: costs nothing yet
+        if snap is None:
             return None
+        meta, data = snap
         if (meta.get("format") != FORMAT or meta.get("step") != step
                 or meta.get("generation") != m["generation"] or meta.get("rank") != self.rank
                 or meta.get("world_size") != self.world_size):
@@ -611,12 +609,9 @@ class Checkpointer:
                 return None
             if _coverage(t["pieces"], offs, shape) != math.prod(shape):
                 return None
-        snap = _memory.read_snapshot(self._memory_dir)
-        if snap is None or snap[0].get("step") != step:
-            return None
         logger.info("[rank %d] loading step %d from node memory %s", self.rank, step,
                     self._memory_dir)
-        return tables, {"slot": snap[1]}
+        return tables, {"slot": data}
 
     def _read_sources(self, step: int, m: Dict[str, Any], regions) -> Dict[str, np.ndarray]:
         st = self._storage

@@ -459,11 +459,13 @@ def test_import_is_light():
     assert checkpoint.Checkpointer is Checkpointer
 
 
-def test_crc32_combine_matches_zlib():
-    from checkpoint._storage import crc32_combine
+def test_crc32_and_crc32_combine_match_zlib():
+    from checkpoint._storage import crc32, crc32_combine
 
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
+    assert crc32(data) == zlib.crc32(data)  # zlib-ng's where installed: the same values
+    assert crc32(data[100:], crc32(data[:100])) == zlib.crc32(data)
     for cut in (0, 1, 7, 4096, 30_000, len(data)):
         a, b = data[:cut], data[cut:]
         assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
@@ -505,3 +507,42 @@ def test_load_checksums_ranges_in_parallel_and_maps_copy_on_write(tmp_path, memd
             f.seek(offset)
             f.write(byte)
     assert Checkpointer(url, memory=False).verify(2) == []
+
+
+def test_memory_tier_maps_the_snapshot_and_a_later_save_never_changes_loaded_tensors(tmp_path,
+                                                                                     memdir):
+    import gc
+
+    from checkpoint import _memory
+
+    url = str(tmp_path / "ck")
+    ck = Checkpointer(url, run_id="job1")
+    ck.save(1, make_state(1), blocking=True)
+    got = ck.load()
+    assert ck.last_load.source == "memory"
+    got["weights"]["w"][0, 0] = 123.0  # writable, and private to this load
+    again = Checkpointer(url, run_id="job1")  # a second reader maps it too (shared lock)
+    assert_state_equal(again.load()["weights"]["w"], make_state(1)["weights"]["w"])
+    assert again.last_load.source == "memory"
+    slot = os.path.join(ck._memory_dir, "slot.bin")
+    held = os.stat(slot).st_ino
+    ck.save(2, make_state(2), blocking=True)  # the loaded arrays hold the old slot file
+    assert os.stat(slot).st_ino != held
+    want = make_state(1)
+    want["weights"]["w"][0, 0] = 123.0
+    assert_state_equal(got, want)
+    assert_state_equal(ck.load(), make_state(2))
+    assert ck.last_load.source == "memory"
+    del got
+    gc.collect()
+    reused = os.stat(slot).st_ino
+    ck.save(3, make_state(3), blocking=True)  # nobody maps it now: filled in place again
+    assert os.stat(slot).st_ino == reused
+    # While a writer fills the slot (lock held, no description yet), readers use storage.
+    writer = _memory.Slot(ck._memory_dir)
+    writer.reserve(10)
+    assert _memory.read_snapshot(ck._memory_dir) is None
+    writer.close()
+    assert_state_equal(ck.load(), make_state(3))
+    assert ck.last_load.source == "storage"
+    ck.close()
