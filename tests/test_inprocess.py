@@ -94,7 +94,8 @@ def test_horovod_survivors_recover_in_process_after_a_kill(procs, tmp_path, refe
     assert min(int(r["step"]) for r in records if r["pid"] == after["1"]) > 1  # state from its peers
     assert "Horovod has been shut down" in out_text or "Connection" in out_text  # a Horovod error...
     assert "re-formed in" in out_text and "workers re-formed in place" in out_text  # ...recovered in place
-    assert out_text.count("DONE") == 3 and out_text.count("resets=[3]") == 2
+    assert out_text.count("DONE") == 3
+    assert all(f"pid={before[r]} resets=[3" in out_text for r in ("0", "2"))  # reset callbacks ran
     assert_same_params(out, reference)
 
 
