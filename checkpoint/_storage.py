@@ -25,7 +25,7 @@ from .errors import (CheckpointCorruptError, CheckpointError, CheckpointStorageE
 
 CHUNK_BYTES = 64 << 20
 _READ_CHUNK = 16 << 20
-_CRC_PART_BYTES = 64 << 20
+_CRC_PART_BYTES = 32 << 20
 _ALIGN = 4096
 
 
@@ -283,13 +283,20 @@ class Storage:
         return size, crc[0] & 0xFFFFFFFF
 
     @_reads
-    def read_many(self, specs: Sequence[Tuple[str, int, Optional[int]]], pool: Any,
-                  threads: int, crc_pool: ThreadPoolExecutor) -> List[np.ndarray]:
+    def read_many(self, specs: Sequence[Tuple[str, int, Optional[int]]], pool: ThreadPoolExecutor,
+                  crc_pool: ThreadPoolExecutor) -> List[np.ndarray]:
         """Files ``(path, size, crc32)`` as uint8 arrays, sizes and CRC32s checked, in order.
 
-        Local files are mapped (see :meth:`read_data`) and checksummed in ranges of at least
-        :data:`_CRC_PART_BYTES` on ``pool``'s ``threads`` threads at once (CRCs of ranges combine into the
-        file's), so loading is not bound by one core's CRC speed; the first bad file raises.
+        Locally each file is memory-mapped copy-on-write (``MAP_PRIVATE``) and checksummed in
+        that one pass: the bytes come straight from the page cache, with no copy into fresh
+        memory and no zeroing of it; the arrays built on the map are writable, and a write
+        copies only the page it touches (as ``torch.load(mmap=True)`` and safetensors do). Our
+        writers never change a file in place (a rewrite unlinks first), so a map keeps the
+        bytes it verified. The CRC runs in chunks of :data:`_CRC_PART_BYTES` on all of
+        ``pool``'s threads at once (chunk CRCs combine into the file's), so loading is not
+        bound by one core's CRC speed. Elsewhere (object stores) a file is read
+        in large chunks while ``crc_pool`` checksums the previous ones. The first bad file
+        raises :class:`CheckpointCorruptError`.
         """
         if not self.local:
             return [self._read_stream(path, size, crc, crc_pool) for path, size, crc in specs]
@@ -298,10 +305,11 @@ class Storage:
         for (path, size, _), m in zip(specs, maps):
             if m is None:
                 continue
-            parts = max(1, min(threads, size // _CRC_PART_BYTES))
-            bounds = [size * k // parts // _ALIGN * _ALIGN for k in range(parts)] + [size]
+            # Chunks in file order on a FIFO pool: the threads advance one sequential front
+            # through the file, which the kernel's readahead serves as one stream.
+            bounds = list(range(0, size, _CRC_PART_BYTES)) + [size]
             jobs.append([(bounds[k + 1] - bounds[k], pool.submit(_crc_range, m, bounds[k], bounds[k + 1]))
-                         for k in range(parts)])
+                         for k in range(len(bounds) - 1)])
         out: List[np.ndarray] = []
         try:
             it = iter(jobs)
@@ -320,20 +328,6 @@ class Storage:
                 for _, job in parts:
                     job.cancel() or job.exception()
         return out
-
-    def read_data(self, path: str, expect_size: int, expect_crc: Optional[int],
-                  crc_pool: ThreadPoolExecutor) -> np.ndarray:
-        """The whole file as a uint8 array, its size and CRC32 checked.
-
-        Locally the file is memory-mapped copy-on-write (``MAP_PRIVATE``) and checksummed in
-        that one pass: the bytes come straight from the page cache, with no copy into fresh
-        memory and no zeroing of it; the arrays built on the map are writable, and a write
-        copies only the page it touches (as ``torch.load(mmap=True)`` and safetensors do).
-        Our writers never change a file in place (a rewrite unlinks first), so a map keeps the
-        bytes it verified. Elsewhere (object stores) the file is read in large chunks while
-        another thread checksums the previous ones.
-        """
-        return self.read_many([(path, expect_size, expect_crc)], _INLINE, 1, crc_pool)[0]
 
     @_reads
     def _read_stream(self, path: str, expect_size: int, expect_crc: Optional[int],
@@ -454,23 +448,6 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
         n >>= 1
         k += 1
     return _gf2_mulmod(p, crc1) ^ crc2
-
-
-class _Inline:
-    """A stand-in executor that runs each job at once (one file, no second thread needed)."""
-
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as exc:  # handed to the caller through the future
-            fut.set_exception(exc)
-        return fut
-
-
-_INLINE = _Inline()
 
 
 def alloc_bytes(nbytes: int) -> np.ndarray:

@@ -483,7 +483,7 @@ class Checkpointer:
         for f in m["files"]:
             try:
                 st.read_many([(st.join(step_dirname(step), f["name"]), int(f["size_bytes"]),
-                               _crc_of(f))], self._loader(), _LOAD_THREADS, self._crc)
+                               _crc_of(f))], self._loader(), self._crc)
             except CheckpointCorruptError as exc:
                 problems.append(str(exc))
         return problems
@@ -634,7 +634,7 @@ class Checkpointer:
                 raise CheckpointCorruptError(f"step {step}: pieces refer to unlisted file {name}")
         specs = [(st.join(step_dirname(step), n), int(files[n]["size_bytes"]),
                   _crc_of(files[n])) for n in names]
-        return dict(zip(names, st.read_many(specs, self._loader(), _LOAD_THREADS, self._crc)))
+        return dict(zip(names, st.read_many(specs, self._loader(), self._crc)))
 
     def _loader(self) -> ThreadPoolExecutor:
         """Threads that map and checksum the files of a load in parallel (made on first use)."""
