@@ -183,6 +183,13 @@ class Sink(abc.ABC):
     def write_step(self, record: StepRecord, intervals: Sequence[PhaseInterval]) -> None:
         """Called once per finished step, in step order, on the profiler's writer thread."""
 
+    def write_steps(self, items: Sequence[Tuple[StepRecord, Sequence[PhaseInterval]]]) -> None:
+        """A batch of finished steps, in step order: what the writer thread calls. Override
+        it to write a batch at once (one ``write`` for many lines); the default calls
+        :meth:`write_step` for each."""
+        for record, intervals in items:
+            self.write_step(record, intervals)
+
     def write_report(self, report: StragglerReport) -> None:
         """Called with each straggler report (possibly from a background thread)."""
 

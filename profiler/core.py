@@ -39,7 +39,6 @@ log = logging.getLogger("profiler")
 _PHASE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 _perf = time.perf_counter
 _MAX_CARRY = 4096  # phase intervals kept for the next step while no step opens
-_sleep = time.sleep
 
 #: Dense BF16/FP16 tensor-core peaks (FLOP/s) by GPU name fragment, for MFU when no peak is given.
 PEAK_FLOPS = {
@@ -154,8 +153,8 @@ class _Writer:
     The training thread only appends to deques (thread-safe, no lock, no wake-up); every
     ``interval_s`` this thread reads the finished steps (on a GPU: those whose events have
     completed, never waiting), builds their records and writes them to the sinks in step
-    order. All of that runs beside the training step (PyTorch releases the GIL in its
-    kernels), in batches, not inside it; the GIL is offered back between records.
+    order, a batch at a time (one file write per sink). All of that runs beside the training
+    step (PyTorch releases the GIL in its kernels), not inside it.
     """
 
     def __init__(self, sinks: List[Sink], collect: Callable[[], None],
@@ -183,16 +182,15 @@ class _Writer:
     def drain(self) -> None:
         with self.lock:
             queue = self._queue
-            sinks = self._sinks
             while queue:
-                record, intervals = queue.popleft()
-                for sink in sinks:
+                batch = []
+                while queue and len(batch) < 256:
+                    batch.append(queue.popleft())
+                for sink in self._sinks:
                     try:
-                        sink.write_step(record, intervals)
+                        sink.write_steps(batch)
                     except Exception as exc:
                         self._warn_once(id(sink), type(sink).__name__, exc)
-                if queue:
-                    _sleep(0)  # let a training thread that waits for the GIL have it
 
     def _run(self) -> None:
         if self._bind_thread is not None:
@@ -615,6 +613,16 @@ class StepProfiler:
 
         self._hook_handles.extend(attach_torch(self, model, optimizer, comm_hook))
 
+    def detach(self) -> None:
+        """Remove the hooks :meth:`attach` added (``close()`` does it too). A DDP
+        communication hook stays: DDP cannot unregister one (it keeps timing ``comm``)."""
+        handles, self._hook_handles = self._hook_handles, []
+        for handle in handles:
+            try:
+                handle.remove()
+            except Exception:
+                pass
+
     def wrap_loader(self, iterable: Iterable) -> Iterator:
         """Yield from ``iterable``, timing each fetch as the ``data`` phase of the next step."""
         data = self.phase("data")
@@ -674,12 +682,7 @@ class StepProfiler:
             self._collect(wait_all=True)
         finally:
             self._closed = True
-            for handle in self._hook_handles:
-                try:
-                    handle.remove()
-                except Exception:
-                    pass
-            self._hook_handles = []
+            self.detach()
             if self._exchange is not None and hasattr(self._exchange, "close"):
                 self._exchange.close()
             if self.sampler is not None:

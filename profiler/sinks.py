@@ -1,6 +1,7 @@
 """Outputs of step records: JSON lines (always on), a Chrome/Perfetto trace, a Prometheus
-endpoint and TensorBoard scalars. ``write_step`` runs on the profiler's writer thread (not the
-training thread), in step order; writes are buffered and flushed about once a second.
+endpoint and TensorBoard scalars. ``write_steps`` (a batch of steps, in step order) runs on the
+profiler's writer thread (not the training thread); writes are buffered and flushed about
+once a second.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 import types
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .api import PHASES, PhaseInterval, Sink, StepRecord, StragglerReport
 
@@ -85,6 +86,9 @@ class JsonlSink(Sink):
     def write_step(self, record: StepRecord, intervals: Sequence[PhaseInterval]) -> None:
         self._write_line(step_json(record) + "\n")
 
+    def write_steps(self, items: Sequence[Tuple[StepRecord, Sequence[PhaseInterval]]]) -> None:
+        self._write_line("".join([step_json(record) + "\n" for record, _ in items]))
+
     def write_report(self, report: StragglerReport) -> None:
         self._write(report.to_json())
 
@@ -125,22 +129,34 @@ class ChromeTraceSink(Sink):
         self._file.write('{"displayTimeUnit":"ms","otherData":{"generation":%d},"traceEvents":[\n'
                          % generation + ",\n".join(json.dumps(m) for m in meta))
 
-    def write_step(self, record: StepRecord, intervals: Sequence[PhaseInterval]) -> None:
+    def _events(self, record: StepRecord, intervals: Sequence[PhaseInterval], parts: list) -> None:
         t0_us = record.wall_time_s * 1e6
         pid = self._pid
         # Names are validated identifiers, so plain formatting makes valid JSON without escaping.
-        parts = [',\n{"name":"step %d","cat":"step","ph":"X","pid":%d,"tid":0,"ts":%.3f,'
-                 '"dur":%.3f,"args":{"step":%d,"generation":%d}}'
-                 % (record.step, pid, t0_us, record.step_time_s * 1e6, record.step,
-                    record.generation)]
+        parts.append(',\n{"name":"step %d","cat":"step","ph":"X","pid":%d,"tid":0,"ts":%.3f,'
+                     '"dur":%.3f,"args":{"step":%d,"generation":%d}}'
+                     % (record.step, pid, t0_us, record.step_time_s * 1e6, record.step,
+                        record.generation))
         for name, start_s, dur_s in intervals:
             parts.append(',\n{"name":"%s","cat":"phase","ph":"X","pid":%d,"tid":%d,"ts":%.3f,'
                          '"dur":%.3f}' % (name, pid, 2 if name == "comm" else 1,
                                           t0_us + start_s * 1e6, dur_s * 1e6))
-        text = "".join(parts)
+
+    def _write(self, text: str) -> None:
         with self._lock:
             if self._file is not None:
                 self._file.write(text)
+
+    def write_step(self, record: StepRecord, intervals: Sequence[PhaseInterval]) -> None:
+        parts: list = []
+        self._events(record, intervals, parts)
+        self._write("".join(parts))
+
+    def write_steps(self, items: Sequence[Tuple[StepRecord, Sequence[PhaseInterval]]]) -> None:
+        parts: list = []
+        for record, intervals in items:
+            self._events(record, intervals, parts)
+        self._write("".join(parts))
 
     def flush(self) -> None:
         with self._lock:
@@ -207,8 +223,16 @@ class PrometheusSink(Sink):
         return result
 
     def write_step(self, record: StepRecord, intervals: Sequence[PhaseInterval]) -> None:
-        self._steps.inc()
-        self._step_time.observe(record.step_time_s)
+        self.write_steps(((record, intervals),))
+
+    def write_steps(self, items: Sequence[Tuple[StepRecord, Sequence[PhaseInterval]]]) -> None:
+        if not items:
+            return
+        self._steps.inc(len(items))
+        for record, _ in items:
+            self._step_time.observe(record.step_time_s)
+        # gauges hold the latest values: set them once per batch
+        record = items[-1][0]
         self._last_step.set(record.step_time_s)
         phases = record.phases_s
         for name, gauge in self._phases.items():

@@ -340,6 +340,30 @@ def test_torch_hooks_find_backward_in_structured_and_leaf_outputs(tmp_path):
     assert not model.w._backward_hooks  # the leaf's one hook went with close()
 
 
+def test_detach_removes_the_automatic_phases_and_attach_restores_them(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(3, 4)
+
+    def train_step():
+        with prof.step():
+            model(x).sum().backward()
+            opt.step()
+
+    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+        prof.attach(model, opt)
+        train_step()
+        prof.detach()
+        train_step()
+        prof.attach(model, opt)
+        train_step()
+    first, detached, again = prof.records
+    assert set(first.phases_s) == set(again.phases_s) == {"forward", "backward", "optimizer"}
+    assert detached.phases_s == {}
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
 def test_torch_backward_hook_coexists_with_the_users_own(tmp_path):
     torch = pytest.importorskip("torch")
     model = torch.nn.Linear(4, 2)
@@ -540,8 +564,11 @@ def test_real_pynvml_without_a_gpu_falls_back_too():
 def test_psutil_sampler_values():
     sampler = PsutilSampler(hz=10)
     try:
+        busy_wait(0.05)
         values = sampler.sample_once()
         assert values["rss_bytes"] > 1e6 and 0 <= values["mem_used_pct"] <= 100
+        assert 0 < values["proc_cpu_pct"] <= 100 * os.cpu_count() + 1  # it did spin
+        assert 0 <= values["cpu_util_pct"] <= 100
     finally:
         sampler.stop()
     with pytest.raises(ProfilerConfigError, match="unknown sampler"):
