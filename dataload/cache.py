@@ -12,7 +12,8 @@ checks size and SHA-256 against the index, then renames it into ``shards/``: a r
 a complete, verified file or none. A filler killed midway leaves a ``.part`` file and drops
 its lock (the kernel releases flocks of dead processes); the next filler deletes it and
 fills again. Space is reserved before a fill, counting fills in progress, so the files under
-``cache_dir`` never exceed ``max_bytes``. Hits touch the file's mtime, which orders eviction.
+``cache_dir`` never exceed ``max_bytes``. Hits touch the file's atime, which orders eviction
+(the mtime stays: readers key what they parsed of a file by it).
 """
 from __future__ import annotations
 
@@ -167,12 +168,20 @@ class ShardCache:
         """The local path of a complete shard, touched for LRU, or ``None``."""
         path = self.path_for(info, suffix)
         try:
-            if os.stat(path).st_size != info.size_bytes:
+            st = os.stat(path)
+            if st.st_size != info.size_bytes:
                 return None
-            os.utime(path)
+            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
         except FileNotFoundError:
             return None
         return path
+
+    def contains(self, info: ShardInfo, suffix: str = "") -> bool:
+        """Whether a complete copy of ``info`` is here (one ``stat``; LRU order unchanged)."""
+        try:
+            return os.stat(self.path_for(info, suffix)).st_size == info.size_bytes
+        except FileNotFoundError:
+            return False
 
     def usage_bytes(self) -> int:
         """Bytes held: complete shards plus fills in progress (what the bound applies to)."""
@@ -249,7 +258,7 @@ class ShardCache:
                 finals, parts = self._scan(drop_stale=True)
                 used = sum(s for _, s, _ in finals) + sum(s for _, s in parts)
                 over = used + info.size_bytes - self.max_bytes
-                for path, size, _mtime in sorted(finals, key=lambda f: f[2]):
+                for path, size, _atime in sorted(finals, key=lambda f: f[2]):
                     if over <= 0:
                         break
                     _unlink(path)
@@ -274,7 +283,7 @@ class ShardCache:
                 st = entry.stat()
             except FileNotFoundError:
                 continue
-            finals.append((entry.path, st.st_size, st.st_mtime))
+            finals.append((entry.path, st.st_size, st.st_atime))
         parts = []
         for entry in os.scandir(os.path.join(self.cache_dir, "tmp")):
             fields = entry.name.split(".")

@@ -55,6 +55,10 @@ class ShardedDataset:
         sizes = np.asarray(self.index.shard_sizes, dtype=np.int64)
         self._ends = np.cumsum(sizes)
         self._starts = self._ends - sizes
+        # Writers make equal shards but the last: then a shard number is one division.
+        uniform = len(sizes) > 0 and sizes[0] > 0 and bool((sizes[:-1] == sizes[0]).all()) \
+            and sizes[-1] <= sizes[0]
+        self._per_shard = int(sizes[0]) if uniform else 0
         self._open: "OrderedDict[int, DecodedShard]" = OrderedDict()
         self._pid = os.getpid()
         self._progress_set = False
@@ -73,6 +77,8 @@ class ShardedDataset:
 
     def shard_of(self, indices: Union[int, np.ndarray]) -> Union[int, np.ndarray]:
         """The shard number that holds each global sample index."""
+        if self._per_shard:
+            return indices // self._per_shard
         return np.searchsorted(self._ends, indices, side="right")
 
     # -- samples -----------------------------------------------------------------------
@@ -97,25 +103,27 @@ class ShardedDataset:
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"sample index out of range for a dataset of {len(self)}")
-        shard_ids = np.searchsorted(self._ends, idx, side="right")
-        if idx.size and (shard_ids == shard_ids[0]).all():
-            k = int(shard_ids[0])
+        shard_ids = self.shard_of(idx)
+        if not idx.size or shard_ids[0] == shard_ids[-1] and (shard_ids == shard_ids[0]).all():
+            k = int(shard_ids[0]) if idx.size else 0
             return self._shard(k).take(idx - self._starts[k])
-        sort = np.argsort(shard_ids, kind="stable")
-        pieces = []
-        for k in _unique_in_order(shard_ids[sort]):
-            sel = sort[shard_ids[sort] == k]
-            pieces.append(self._shard(int(k)).take(idx[sel] - self._starts[k]))
-        inverse = np.empty_like(sort)
-        inverse[sort] = np.arange(len(sort))
+        # Several shards: gather from each, scattered straight into the batch's place.
+        by_shard = np.argsort(shard_ids, kind="stable")
+        cuts = np.flatnonzero(np.diff(shard_ids[by_shard])) + 1
         out: Dict[str, Any] = {}
-        for col in self.index.columns:
-            parts = [p[col.name] for p in pieces]
-            if parts and isinstance(parts[0], np.ndarray):
-                out[col.name] = np.concatenate(parts)[inverse]
-            else:
-                flat = [v for part in parts for v in part]
-                out[col.name] = [flat[j] for j in inverse]
+        for sel in np.split(by_shard, cuts):
+            k = int(shard_ids[sel[0]])
+            piece = self._shard(k).take(idx[sel] - self._starts[k])
+            for name, values in piece.items():
+                if isinstance(values, np.ndarray):
+                    dest = out.get(name)
+                    if dest is None:
+                        dest = out[name] = np.empty((len(idx),) + values.shape[1:], values.dtype)
+                    dest[sel] = values
+                else:
+                    dest = out.setdefault(name, [None] * len(idx))
+                    for j, v in zip(sel.tolist(), values):
+                        dest[j] = v
         return out
 
     # -- shards ------------------------------------------------------------------------
@@ -137,6 +145,11 @@ class ShardedDataset:
         """Make sure shard ``k`` is in the node cache (a no-op without a cache)."""
         if self.cache is not None:
             self._cached_path(k)
+
+    def is_cached(self, k: int) -> bool:
+        """Whether shard ``k`` is in the node cache now (``True`` without a cache: nothing to
+        fill)."""
+        return self.cache is None or self.cache.contains(self.index.shards[k], self.format.suffix)
 
     def _cached_path(self, k: int) -> str:
         info = self.index.shards[k]
@@ -179,10 +192,3 @@ class ShardedDataset:
         state["_open"] = OrderedDict()
         return state
 
-
-def _unique_in_order(values: np.ndarray) -> List[int]:
-    out: List[int] = []
-    for v in values.tolist():
-        if not out or out[-1] != v:
-            out.append(v)
-    return out

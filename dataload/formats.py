@@ -8,8 +8,13 @@ column, no per-sample Python for fixed-shape columns). Formats are registered by
 from __future__ import annotations
 
 import io
+import mmap
+import os
+import struct
+import threading
+import zipfile
 from abc import ABC, abstractmethod
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -41,7 +46,8 @@ class _VarColumn:
 
 
 class DecodedShard:
-    """The columns of one shard in memory; ``take`` gathers a batch, ``row`` one sample."""
+    """The columns of one shard (read-only, often mapped); ``take`` gathers a batch into new
+    arrays, ``row`` copies one sample."""
 
     def __init__(self, num_samples: int, columns: Dict[str, Any]) -> None:
         self.num_samples = num_samples
@@ -50,7 +56,12 @@ class DecodedShard:
     def row(self, i: int) -> Dict[str, Any]:
         out = {}
         for name, col in self.columns.items():
-            out[name] = col.get(i) if isinstance(col, _VarColumn) else col[i]
+            if isinstance(col, _VarColumn):
+                out[name] = col.get(i)
+            elif isinstance(col, np.ndarray):
+                out[name] = col[i].copy()  # not a view of a read-only mapped shard
+            else:
+                out[name] = col[i]
         return out
 
     def take(self, rows: np.ndarray) -> Dict[str, Any]:
@@ -106,6 +117,29 @@ class NpzFormat(ShardFormat):
         return buf.getvalue()
 
     def decode(self, source: Source, schema: Sequence[Column]) -> DecodedShard:
+        """Members are mapped, not read: a shard opens in O(1) and its pages are the node's
+        page cache, shared by every process. The zip's per-member CRC is not re-checked here:
+        the cache verified the whole file's SHA-256 when it filled it."""
+        members = _stored_members(source)
+        if members is None:  # compressed or unusual layout: numpy's reader
+            return self._decode_copy(source, schema)
+        buf, arrays = members
+        columns: Dict[str, Any] = {}
+        n = -1
+        try:
+            for col in schema:
+                if col.kind == "array":
+                    columns[col.name] = arrays[col.name]
+                    n = len(columns[col.name])
+                else:
+                    offsets = arrays[col.name + _OFFSETS]
+                    columns[col.name] = _VarColumn(arrays[col.name], offsets, col.kind == "str")
+                    n = len(offsets) - 1
+        except KeyError as exc:
+            raise ShardFormatError(f"shard has no member {exc.args[0]!r}") from None
+        return DecodedShard(max(n, 0), columns)
+
+    def _decode_copy(self, source: Source, schema: Sequence[Column]) -> DecodedShard:
         src = source if isinstance(source, str) else io.BytesIO(source)
         with np.load(src, allow_pickle=False) as npz:
             columns: Dict[str, Any] = {}
@@ -119,6 +153,86 @@ class NpzFormat(ShardFormat):
                     columns[col.name] = _VarColumn(npz[col.name], offsets, col.kind == "str")
                     n = len(offsets) - 1
         return DecodedShard(max(n, 0), columns)
+
+
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, 30 bytes
+
+
+_Layout = List[Tuple[str, np.dtype, Tuple[int, ...], bool, int]]  # name, dtype, shape, F, offset
+_LAYOUTS: Dict[Tuple[int, int, int, int], _Layout] = {}
+_LAYOUTS_MAX = 4096
+_LAYOUTS_LOCK = threading.Lock()
+
+
+def _stored_members(source: Source) -> Optional[Tuple[Any, Dict[str, np.ndarray]]]:
+    """An uncompressed ``.npz`` as read-only arrays over one mapping (or the given bytes).
+
+    ``None`` when a member is compressed or not a plain ``.npy`` (the caller falls back to
+    ``np.load``). Object arrays are refused, as ``allow_pickle=False`` would. A file's member
+    layout is parsed once per process and kept by (device, inode, size, mtime), so opening a
+    shard again is an ``mmap`` and one ``frombuffer`` per member.
+    """
+    key = None
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_size == 0:
+                raise ShardFormatError(f"{source}: empty shard file")
+            buf: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        layout = _LAYOUTS.get(key)
+    else:
+        buf, layout = source, None
+    if layout is None:
+        layout = _parse_layout(buf)
+        if layout is None:
+            return None
+        if key is not None:
+            with _LAYOUTS_LOCK:
+                if len(_LAYOUTS) >= _LAYOUTS_MAX:
+                    del _LAYOUTS[next(iter(_LAYOUTS))]  # the oldest entry
+                _LAYOUTS[key] = layout
+    arrays: Dict[str, np.ndarray] = {}
+    for name, dtype, shape, fortran, offset in layout:
+        count = int(np.prod(shape, dtype=np.int64))
+        arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+        arrays[name] = arr.reshape(shape, order="F" if fortran else "C")
+    return buf, arrays
+
+
+def _parse_layout(buf: Any) -> Optional[_Layout]:
+    view = memoryview(buf)
+    try:
+        # an mmap is a seekable file; zipfile reads just the directory through it
+        infos = zipfile.ZipFile(buf if isinstance(buf, mmap.mmap) else io.BytesIO(buf)).infolist()
+    except zipfile.BadZipFile as exc:
+        raise ShardFormatError(f"not an npz shard: {exc}") from None
+    layout: _Layout = []
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+            return None
+        at = info.header_offset
+        sig, _v, _flags, _method, _t, _d, _crc, _cs, _us, name_len, extra_len = \
+            _LOCAL_HEADER.unpack_from(view, at)
+        if sig != b"PK\x03\x04":
+            raise ShardFormatError(f"npz member {info.filename}: bad local header")
+        start = at + _LOCAL_HEADER.size + name_len + extra_len
+        head = io.BytesIO(view[start:start + min(info.file_size, 1 << 16)])
+        version = np.lib.format.read_magic(head)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
+        else:
+            return None
+        if dtype.hasobject:
+            raise ShardFormatError(f"npz member {info.filename}: object arrays are not loaded")
+        offset = start + head.tell()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset + nbytes > min(start + info.file_size, len(view)):
+            raise ShardFormatError(f"npz member {info.filename}: truncated")
+        layout.append((info.filename[:-4], dtype, tuple(shape), bool(fortran), offset))
+    return layout
 
 
 class ParquetFormat(ShardFormat):

@@ -3,9 +3,12 @@ over the elastic sampler, with shard prefetch into the node cache and an exact p
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
+import sys
 import threading
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional
+import time
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -20,54 +23,94 @@ __all__ = ["ElasticDataLoader", "ElasticNumpyLoader"]
 log = logging.getLogger("dataload")
 
 
-class _Prefetcher(threading.Thread):
-    """Fills the node cache with the shards this rank reads next, ``depth`` shards ahead."""
+class _Filler(threading.Thread):
+    """Fills shards into the node cache in the background, in the order asked.
 
-    def __init__(self, dataset: ShardedDataset, rank_indices: Callable[[], np.ndarray],
-                 batch_size: int, depth: int) -> None:
+    One per loader, started on the first miss the lookahead finds and gone after ``idle_s``
+    without work: while every shard is cached no thread runs, so the reader never waits for
+    the GIL behind one (under load the holder can be preempted for a whole time slice).
+    """
+
+    def __init__(self, dataset: ShardedDataset, idle_s: float = 10.0) -> None:
         super().__init__(name="dataload-prefetch", daemon=True)
         self._dataset = dataset
-        self._rank_indices = rank_indices
-        self._batch_size = batch_size
-        self._depth = depth
+        self._idle_s = idle_s
         self._cond = threading.Condition()
-        self._consumed = 0
-        self._wake_at = 0
-        self._stopped = False
+        self._queue: Deque[Tuple[int, int]] = collections.deque()
+        self._exited = False
 
-    def consumed(self, batches: int) -> None:
-        self._consumed = batches
-        if batches >= self._wake_at:  # wake the thread only when it has work to do
-            with self._cond:
-                self._cond.notify()
-
-    def stop(self) -> None:
+    def submit(self, pass_id: int, k: int) -> bool:
+        """Queue shard ``k``; ``False`` when the thread has exited (make a new one)."""
         with self._cond:
-            self._stopped = True
+            if self._exited:
+                return False
+            self._queue.append((pass_id, k))
             self._cond.notify()
+            return True
+
+    def cancel(self, pass_id: int) -> None:
+        """Drop what a finished or abandoned pass still had queued."""
+        with self._cond:
+            self._queue = collections.deque(q for q in self._queue if q[0] != pass_id)
 
     def run(self) -> None:
-        try:
-            indices = self._rank_indices()
-            if not len(indices):
-                return
-            shard_ids = self._dataset.shard_of(indices)
-            uniq, first = np.unique(shard_ids, return_index=True)
-            by_first = np.argsort(first)
-            seq = uniq[by_first].tolist()
-            first_batch = (first[by_first] // self._batch_size).tolist()
-            for i, k in enumerate(seq):
-                with self._cond:
-                    if i >= self._depth:
-                        self._wake_at = first_batch[i - self._depth]
-                    while not self._stopped and \
-                            i >= bisect.bisect_right(first_batch, self._consumed) + self._depth:
-                        self._cond.wait(timeout=1.0)
-                    if self._stopped:
+        while True:
+            with self._cond:
+                deadline = time.monotonic() + self._idle_s
+                while not self._queue:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._exited = True
                         return
-                self._dataset.prefetch(int(k))
-        except Exception as exc:  # the reader meets the same error and raises it
-            log.warning("prefetch stopped: %s", exc)
+                    self._cond.wait(timeout=left)
+                _pass_id, k = self._queue.popleft()
+            try:
+                self._dataset.prefetch(k)
+            except Exception as exc:  # the reader meets the same error and raises it
+                log.warning("prefetch of shard %d failed: %s", k, exc)
+
+
+class _Lookahead:
+    """Has the shards this rank reads next filled ``depth`` shards ahead of the reader.
+
+    It plans from the sampler's shard runs (where the order moves to other shards), in the
+    reader's thread: a batch costs one integer compare; entering a run costs one ``stat`` per
+    shard it newly looks after, and a missing shard goes to the background filler.
+    """
+
+    def __init__(self, loader: "_ElasticLoaderBase", runs: Tuple[List[int], List[List[int]]],
+                 position: int, depth: int, pass_id: int) -> None:
+        self._loader = loader
+        self._dataset = loader.dataset
+        self._depth = depth
+        self.pass_id = pass_id
+        self._starts, shards = runs
+        self._seq: List[int] = []  # shards in run order
+        self._run_at: List[int] = []  # where each run begins in _seq
+        for run in shards:
+            self._run_at.append(len(self._seq))
+            self._seq.extend(run)
+        # Runs wholly before the position were read before this pass: never ask for them.
+        current = max(bisect.bisect_right(self._starts, position) - 1, 0)
+        self._asked = self._run_at[current] if self._run_at else 0
+        self._entered = current  # runs that begin before the reader's next batch
+        self._next_start = self._starts[current] if self._starts else sys.maxsize
+
+    def at_span(self, a: int, b: int) -> None:
+        """The reader is about to read positions ``[a, b)`` of the order."""
+        if b <= self._next_start:
+            return
+        while self._entered < len(self._starts) and self._starts[self._entered] < b:
+            self._entered += 1
+        started = self._run_at[self._entered] if self._entered < len(self._starts) \
+            else len(self._seq)
+        want = min(started + self._depth, len(self._seq))
+        for i in range(self._asked, want):
+            if not self._dataset.is_cached(self._seq[i]):
+                self._loader._submit_fill(self.pass_id, self._seq[i])
+        self._asked = max(self._asked, want)
+        self._next_start = self._starts[self._entered] if self._entered < len(self._starts) \
+            else sys.maxsize
 
 
 class _ElasticLoaderBase:
@@ -83,6 +126,8 @@ class _ElasticLoaderBase:
             fingerprint=index.fingerprint if index is not None else None)
         self.prefetch_shards = prefetch_shards
         self._gen = 0
+        self._filler: Optional[_Filler] = None
+        self._passes = 0
 
     # -- position ----------------------------------------------------------------------
     @property
@@ -116,13 +161,6 @@ class _ElasticLoaderBase:
         return len(self.sampler)
 
     # -- iteration ---------------------------------------------------------------------
-    def _rank_indices(self, order: np.ndarray, position: int) -> np.ndarray:
-        s = self.sampler
-        parts = [order[a:b] for a, b, _ in
-                 _slices(s.num_samples, position, s.world.world_size, s.world.rank,
-                         s.batch_size, s.drop_last)]
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-
     def _iterate(self, produce: Callable[[Iterable[np.ndarray]], Iterator[Any]]) -> Iterator[Any]:
         s = self.sampler
         step = s.world.world_size * s.batch_size
@@ -133,33 +171,40 @@ class _ElasticLoaderBase:
         mine = self._gen
         start, n = s.position, s.num_samples
         order = s.order()
-        prefetcher = None
-        if self.prefetch_shards > 0 and getattr(self.dataset, "cache", None) is not None:
-            prefetcher = _Prefetcher(self.dataset, lambda: self._rank_indices(order, start),
-                                     s.batch_size, self.prefetch_shards)
-            prefetcher.start()
+        lookahead = None
+        runs = s.shard_runs()
+        if self.prefetch_shards > 0 and runs is not None and \
+                getattr(self.dataset, "cache", None) is not None:
+            self._passes += 1
+            lookahead = _Lookahead(self, runs, start, self.prefetch_shards, self._passes)
         try:
-            batches = (order[a:b] for a, b, _ in s.slices())
+            batches = self._batches(order, s.slices(), lookahead)
             for k, batch in enumerate(produce(batches)):
                 if mine != self._gen:
                     return
                 s.advance(min(start + (k + 1) * step, n))
-                if prefetcher is not None:
-                    prefetcher.consumed(k + 1)
                 yield batch
                 if mine != self._gen:
                     return
             if mine == self._gen:
                 s.finish_epoch()
         finally:
-            if prefetcher is not None:
-                prefetcher.stop()
+            if lookahead is not None and self._filler is not None:
+                self._filler.cancel(lookahead.pass_id)
 
+    @staticmethod
+    def _batches(order: np.ndarray, slices: Iterator[Tuple[int, int, int]],
+                 lookahead: Optional[_Lookahead]) -> Iterator[np.ndarray]:
+        for a, b, _after in slices:
+            if lookahead is not None:
+                lookahead.at_span(a, b)
+            yield order[a:b]
 
-def _slices(*args: Any) -> Iterator:
-    from .sampler import rank_slices
-
-    return rank_slices(*args)
+    def _submit_fill(self, pass_id: int, k: int) -> None:
+        if self._filler is None or not self._filler.submit(pass_id, k):
+            self._filler = _Filler(self.dataset)  # first miss, or the last one idled out
+            self._filler.submit(pass_id, k)
+            self._filler.start()
 
 
 class ElasticNumpyLoader(_ElasticLoaderBase):

@@ -77,7 +77,7 @@ class ElasticSampler:
         self.fingerprint = fingerprint
         self.epoch = 0
         self.position = 0
-        self._order: Optional[Tuple[Tuple[int, int, bool, int], np.ndarray]] = None
+        self._order: Optional[Tuple[Any, ...]] = None  # (key, order, shard runs)
 
     # -- world and epochs --------------------------------------------------------------
     def set_world(self, world: Optional[World] = None, batch_size: Optional[int] = None) -> None:
@@ -102,21 +102,38 @@ class ElasticSampler:
     # -- the order ---------------------------------------------------------------------
     def order(self, epoch: Optional[int] = None) -> np.ndarray:
         """The global order of ``epoch`` (default: the current one); the same on every rank."""
+        return self._computed(epoch)[0]
+
+    def shard_runs(self, epoch: Optional[int] = None) -> Optional[Tuple[List[int], List[List[int]]]]:
+        """Where the order of ``epoch`` moves to other shards: ``(starts, shards)``, the
+        positions where each run of the order begins and the shards its samples come from
+        (``None`` without ``shard_sizes``). Readers plan shard prefetch from it, with no
+        per-sample work."""
+        return self._computed(epoch)[1]
+
+    def _computed(self, epoch: Optional[int]
+                  ) -> Tuple[np.ndarray, Optional[Tuple[List[int], List[List[int]]]]]:
         epoch = self.epoch if epoch is None else int(epoch)
         key = (self.seed, epoch, self.shuffle, self.block_shards)
         if self._order is None or self._order[0] != key:
-            self._order = (key, self._compute_order(epoch))
-        return self._order[1]
+            self._order = (key, *self._compute_order(epoch))
+        return self._order[1], self._order[2]
 
-    def _compute_order(self, epoch: int) -> np.ndarray:
+    def _compute_order(self, epoch: int
+                       ) -> Tuple[np.ndarray, Optional[Tuple[List[int], List[List[int]]]]]:
         n = self.num_samples
+        sizes = None if self.shard_sizes is None else np.asarray(self.shard_sizes, dtype=np.int64)
+        if sizes is not None:
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            nonempty = [k for k in range(len(sizes)) if sizes[k] > 0]
         if not self.shuffle:
-            return np.arange(n, dtype=np.int64)
+            runs = None if sizes is None else ([int(starts[k]) for k in nonempty],
+                                               [[k] for k in nonempty])
+            return np.arange(n, dtype=np.int64), runs
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
-        if not self.shard_sizes or self.block_shards == 0 or len(self.shard_sizes) == 1:
-            return rng.permutation(n).astype(np.int64, copy=False)
-        sizes = np.asarray(self.shard_sizes, dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        if sizes is None or self.block_shards == 0 or len(sizes) == 1:
+            runs = None if sizes is None else ([0], [nonempty])
+            return rng.permutation(n).astype(np.int64, copy=False), runs
         perm = rng.permutation(len(sizes))
         # Samples of the shards in shuffled shard order, then shuffled within each block.
         psizes = sizes[perm]
@@ -126,7 +143,14 @@ class ElasticSampler:
         bounds = np.append(bounds, n) if bounds[-1] != n else bounds
         for a, b in zip(bounds[:-1], bounds[1:]):
             rng.shuffle(order[a:b])
-        return order
+        run_starts, run_shards = [], []
+        for i, a in enumerate(bounds[:-1].tolist()):
+            block = [int(k) for k in perm[i * self.block_shards:(i + 1) * self.block_shards]
+                     if sizes[k] > 0]
+            if block:
+                run_starts.append(a)
+                run_shards.append(block)
+        return order, (run_starts, run_shards)
 
     # -- this rank's batches -------------------------------------------------------------
     def slices(self) -> Iterator[Tuple[int, int, int]]:

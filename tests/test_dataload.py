@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +58,44 @@ def test_roundtrip_columns_and_batches_across_shards(tmp_path, fmt):
     assert batch["blob"] == [cols["blob"][i] for i in picks]
     with pytest.raises(IndexError):
         ds[300]
+
+
+def test_npz_shards_are_mapped_and_what_callers_get_is_their_own(tmp_path):
+    cols = _columns(60)
+    schema = dataload.formats.schema_of(cols)
+    fmt = dataload.formats.get_format("npy")
+    path = str(tmp_path / "s.npz")
+    with open(path, "wb") as f:
+        f.write(fmt.encode(cols, schema))
+    shard = fmt.decode(path, schema)
+    assert not shard.columns["x"].flags.writeable  # a read-only mapping, not a copy
+    sample = shard.row(7)
+    sample["x"][:] = -1  # a sample and a batch are the caller's to change
+    batch = shard.take(np.array([7, 3]))
+    batch["x"][:] = -1
+    np.testing.assert_array_equal(fmt.decode(path, schema).take(np.array([7, 3]))["x"],
+                                  cols["x"][[7, 3]])
+    assert shard.row(59)["label"] == "label-59" and shard.row(59)["blob"] == cols["blob"][59]
+    # The same bytes in memory (a direct remote read) decode the same way.
+    with open(path, "rb") as f:
+        np.testing.assert_array_equal(fmt.decode(f.read(), schema).columns["x"], cols["x"])
+    # A compressed .npz made by other tools still loads (numpy's reader).
+    np.savez_compressed(str(tmp_path / "z.npz"), id=cols["id"], x=cols["x"],
+                        **{"label": np.frombuffer(b"".join(s.encode() for s in cols["label"]),
+                                                  np.uint8),
+                           "label@offsets": np.cumsum([0] + [len(s) for s in cols["label"]]),
+                           "blob": np.frombuffer(b"".join(cols["blob"]), np.uint8),
+                           "blob@offsets": np.cumsum([0] + [len(b) for b in cols["blob"]])})
+    z = fmt.decode(str(tmp_path / "z.npz"), schema)
+    assert z.row(11)["label"] == "label-11"
+    np.testing.assert_array_equal(z.columns["x"], cols["x"])
+    # A truncated shard is an error, never garbage.
+    with open(path, "rb") as f:
+        head = f.read(os.path.getsize(path) // 2)
+    with open(tmp_path / "cut.npz", "wb") as f:
+        f.write(head)
+    with pytest.raises(ShardFormatError):
+        fmt.decode(str(tmp_path / "cut.npz"), schema)
 
 
 def test_parquet_table_and_file_sources(tmp_path):
@@ -299,8 +338,42 @@ def test_cache_size_bound_holds_under_eviction_and_evicts_lru(tmp_path):
     os.utime(paths[2], (2, 2))
     os.utime(paths[0], (3, 3))
     assert cache2.get(index.shards[0]) is not None  # a hit touches it again
+    st = os.stat(paths[0])  # by atime: the mtime, which readers key parsed layouts by, stays
+    assert st.st_atime > 3 and st.st_mtime == 3
     cache2.fetch(index.shards[3], opener(3))
     assert [os.path.exists(p) for p in paths] == [True, False, True]
+
+
+def _wait_cached(cache, shards, timeout_s=60.0):
+    deadline = time.monotonic() + timeout_s
+    while not all(cache.contains(s, ".npz") for s in shards):
+        assert time.monotonic() < deadline, "the prefetch never filled the next shards"
+        time.sleep(0.01)
+
+
+def test_prefetch_fills_the_next_shards_ahead_of_the_reader_and_no_further(tmp_path):
+    url = str(tmp_path / "ds")
+    index = write_shards({"id": np.arange(600, dtype=np.int64)}, url, samples_per_shard=50)
+    shards = index.shards  # 12; unshuffled, batch 50: batch j reads shard j
+    cache = ShardCache(str(tmp_path / "cache"), 1 << 30, progress=False)
+    loader = ElasticNumpyLoader(ShardedDataset(url, cache=cache), 50, shuffle=False,
+                                prefetch_shards=2)
+    it = iter(loader)
+    assert next(it)["id"][0] == 0
+    _wait_cached(cache, shards[1:3])  # two ahead, filled in the background
+    assert not any(cache.contains(s, ".npz") for s in shards[3:])
+    assert next(it)["id"][0] == 50
+    _wait_cached(cache, shards[3:4])
+    assert not any(cache.contains(s, ".npz") for s in shards[4:])
+    # A pass resumed deep in the epoch looks ahead from there, not from the start.
+    cache2 = ShardCache(str(tmp_path / "cache2"), 1 << 30, progress=False)
+    resumed = ElasticNumpyLoader(ShardedDataset(url, cache=cache2), 50, shuffle=False,
+                                 prefetch_shards=2)
+    resumed.load_state_dict(dict(loader.state_dict(), position=400))
+    rit = iter(resumed)  # kept: an abandoned pass drops what it had queued
+    assert next(rit)["id"][0] == 400
+    _wait_cached(cache2, shards[8:11])
+    assert not any(cache2.contains(s, ".npz") for s in shards[:8] + shards[11:])
 
 
 def _dir_bytes(path) -> int:
