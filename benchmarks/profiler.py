@@ -1,25 +1,38 @@
 """Profiler overhead on a ~10 ms PyTorch training step: none vs ours vs torch.profiler.
 
 Side by side in one run, robust to a shared, noisy 2-core machine: the configurations take
-turns in short blocks of steps on the same model (round-robin, order rotated every round), so
-drift and other processes' bursts hit all of them alike. Each step is timed on its own (wall
-clock, from fetching its batch to the end of everything the profiler does at the step's end).
+turns in short blocks of steps on the same model, in a new random order every round, each
+block after a garbage collection and two untimed plain steps (so none inherits another's
+leftovers), and other processes' bursts hit all of them alike. Each step is timed on its own
+(wall clock, from fetching its batch to the end of everything the profiler does at the
+step's end); each block's CPU time is read too.
 
-The reported overhead is paired: in every round, the median step time of a configuration's
-block over the median step time of the plain block of the same round; the median of that
-ratio over rounds, minus one, with a distribution-free 95% confidence interval of that
-median. An A/A row (the plain loop against itself, in its own block of every round) shows
-the noise floor. Shown beside it: the same from the 10th percentile of all steps, the paired
-ratio of the process's CPU time per step (all threads: the profiler's writer and sampler
-threads are charged; other processes are not), and the profiler's direct cost per step on a
-near-empty step (warm caches: a lower bound).
+Two paired figures per configuration, each the median over rounds of (the configuration's
+block / the plain block of the same round) - 1, with a distribution-free 95% confidence
+interval of that median, and an A/A row (the plain loop in its own block of every round) for
+the noise floor:
 
-  ours:            StepProfiler with the PyTorch hooks attached (forward, backward, optimizer),
-                   the data phase via wrap_loader, samples and FLOPs per step, JSON lines,
-                   the Chrome trace and the background device sampler, all on; a fresh
-                   profiler per block (made and closed outside the timed steps);
+  wall overhead:  of the median wall time per step. What a user sees, but on a shared
+                  machine the noisiest;
+  CPU overhead:   of the training thread's CPU time of the block's cheapest step (other
+                  processes only add to it, through cache and core contention, while a
+                  profiler's cost is in every step) plus, for ours, the CPU time of its own
+                  writer and sampler threads during its blocks, read from their per-thread
+                  clocks, and of reading and writing out its block's remaining steps at the
+                  block's end, per step. Conservative: that background work overlaps
+                  the step on a free core. torch.profiler: the process's CPU time.
+
+``overhead_frac`` and ``torch_profiler_overhead_frac`` are the CPU figures.
+
+  ours:            one StepProfiler for the whole run (always on) with the PyTorch hooks
+                   attached for its blocks (forward, backward, optimizer), the data phase via
+                   wrap_loader, samples and FLOPs per step, JSON lines, the Chrome trace and
+                   the background device sampler (psutil here), all on;
   torch.profiler:  torch.profiler.profile(activities=[CPU]) recording every step
                    (its post-processing at exit is reported apart, not counted per step).
+
+Also printed: the profiler's direct cost per step on a near-empty step (warm caches: a lower
+bound; after a real step the caches are cold and the same code costs several times more).
 
 Usage: python benchmarks/profiler.py [--quick] [--rounds N] [--steps N]. Last line: one JSON
 object with ``overhead_frac`` and ``torch_profiler_overhead_frac``.
@@ -27,9 +40,11 @@ object with ``overhead_frac`` and ``torch_profiler_overhead_frac``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -109,51 +124,59 @@ class Workload:
 
 
 class Measured:
-    """One block's measurements: wall time per step, process and thread CPU time per step."""
+    """One block's measurements: wall and training-thread CPU time of each step, process CPU
+    time per step."""
 
-    __slots__ = ("steps_s", "cpu_s", "thread_cpu_s")
+    __slots__ = ("steps_s", "cpu_s", "step_cpu_s")
 
-    def __init__(self, steps_s: List[float], cpu_s: float, thread_cpu_s: float) -> None:
-        n = len(steps_s)
+    def __init__(self, steps_s: List[float], cpu_s: float, step_cpu_s: List[float]) -> None:
         self.steps_s = steps_s
-        self.cpu_s = cpu_s / n
-        self.thread_cpu_s = thread_cpu_s / n
+        self.cpu_s = cpu_s / len(steps_s)
+        self.step_cpu_s = step_cpu_s
 
 
 def _timed_loop(n: int, it, run_step) -> Measured:
-    """Time ``n`` steps one by one (wall clock) and the block's CPU times."""
-    out = []
+    """Time ``n`` steps one by one (wall clock and the thread's CPU time) and the block's
+    process CPU time."""
+    out, out_cpu = [], []
     clock, cpu, tcpu = time.perf_counter, time.process_time, time.thread_time
-    c0, tc0 = cpu(), tcpu()
+    c0 = cpu()
     for _ in range(n):
-        t0 = clock()
+        t0, tc0 = clock(), tcpu()
         x, y = next(it)
         run_step(x, y)
+        out_cpu.append(tcpu() - tc0)
         out.append(clock() - t0)
-    return Measured(out, cpu() - c0, tcpu() - tc0)
+    return Measured(out, cpu() - c0, out_cpu)
 
 
 class Ours:
     """One StepProfiler for the whole run, as in training (always on): JSON lines, trace,
     sampler, samples and FLOPs per step; its hooks are attached for each of its blocks and
-    detached after, so the other configurations run the bare model. The CPU time its own
-    threads (writer, sampler) use during its blocks is read per thread, plus a flush at the
-    end of each block (the writer's last batch), and charged to its steps."""
+    detached after, so the other configurations run the bare model. Its own threads' CPU
+    time is read from their per-thread clocks (Linux)."""
 
     def __init__(self, w: Workload, tmp: str) -> None:
         self.prof = StepProfiler(os.path.join(tmp, "ours"), exchange="none",
                                  flops_per_step=6.0 * w.params * w.batch, peak_flops=1e12)
         self.steps = 0
-        self.background_s = 0.0
-        self.threads = [t for t in threading.enumerate() if t.name.startswith("profiler-")]
-        assert {t.name for t in self.threads} >= {"profiler-writer"}, self.threads
+        self.sampler_s = 0.0
+        self.writer_s = 0.0
+        threads = {t.name: t for t in threading.enumerate() if t.name.startswith("profiler-")}
+        self.writer = threads.pop("profiler-writer")
+        self.samplers = list(threads.values())  # profiler-psutil-sampler or -nvml-
 
-    def background_cpu_s(self) -> float:
-        """CPU time so far of the profiler's own threads (Linux per-thread clocks)."""
-        total = 0.0
-        for t in self.threads:
-            total += time.clock_gettime(time.pthread_getcpuclockid(t.ident))
-        return total
+    @staticmethod
+    def cpu_s(threads) -> float:
+        return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threads)
+
+
+def _settle(w: Workload) -> None:
+    """Between blocks, untimed: collect garbage and run two plain steps, so no block inherits
+    the previous one's leftovers (torch.profiler leaves many objects and a busy allocator)."""
+    gc.collect()
+    for x, y in w.stream(2):
+        w.step(x, y)
 
 
 def block_plain(w: Workload, n: int, ours: Ours) -> Measured:
@@ -169,11 +192,13 @@ def block_ours(w: Workload, n: int, ours: Ours) -> Measured:
         with step(samples=batch):
             train(x, y)
 
-    bg0 = ours.background_cpu_s()
+    s0, w0 = ours.cpu_s(ours.samplers), ours.cpu_s([ours.writer])
     block = _timed_loop(n, prof.wrap_loader(w.stream(n)), run_step)
     t0 = time.thread_time()
-    prof.flush()  # the writer's batch of this block, done here: charged too
-    ours.background_s += ours.background_cpu_s() - bg0 + time.thread_time() - t0
+    prof._collect()  # the writer's batch for the rest of this block (no file flush): charged
+    prof._writer.drain()
+    ours.writer_s += ours.cpu_s([ours.writer]) - w0 + time.thread_time() - t0
+    ours.sampler_s += ours.cpu_s(ours.samplers) - s0
     prof.detach()
     ours.steps += n
     last = prof.last_record
@@ -282,12 +307,17 @@ def main(argv=None) -> int:
         for name, fn in CONFIGS:  # warm-up of every path (imports, allocator, first trace)
             fn(w, 10, ours)
         _torch_exit_s.clear()
-        ours.steps, ours.background_s = 0, 0.0
+        ours.prof.flush()
+        ours.steps, ours.sampler_s, ours.writer_s = 0, 0.0, 0.0
+        rng = random.Random(0)
         for r in range(rounds):
-            order = CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]
+            order = list(CONFIGS)
+            rng.shuffle(order)  # a new order every round: no configuration always follows another
             for name, fn in order:
+                _settle(w)
                 blocks[name].append(fn(w, steps, ours))
-        background_s = ours.background_s
+        writer_s = ours.writer_s
+        background_s = writer_s + ours.sampler_s
         ours.prof.close()
         records = len(ours.prof.records)
 
@@ -298,9 +328,11 @@ def main(argv=None) -> int:
         return median_ci([stat(b) / stat(a) - 1.0 for b, a in zip(blocks[name], base)])
 
     wall = {n: paired(n, lambda b: statistics.median(b.steps_s)) for n in names}
-    thread = {n: paired(n, lambda b: b.thread_cpu_s) for n in names}
+    # the training thread's CPU time per step, from each block's cheapest step: other processes
+    # only ever add to it (cache and core contention), while a profiler's cost is in every step
+    thread = {n: paired(n, lambda b: min(b.step_cpu_s)) for n in names}
     process = {n: paired(n, lambda b: b.cpu_s) for n in names}
-    base_cpu_s = statistics.median(b.thread_cpu_s for b in base)
+    base_cpu_s = statistics.median(min(b.step_cpu_s) for b in base)
     bg_frac = background_s / ours.steps / base_cpu_s
     # CPU overhead: the training thread's (paired) plus, for ours, its own threads' CPU per
     # step (measured exactly); torch.profiler's: the whole process's, paired, as it has no
@@ -314,8 +346,8 @@ def main(argv=None) -> int:
 
     print(f"profiler overhead on a PyTorch training step ({w.depth} pre-norm MLP blocks of width "
           f"{w.width}, AdamW, batch {w.batch}, 1 thread; {base_cpu_s * 1e3:.1f} ms CPU per plain "
-          f"step): {rounds} rounds x {steps} steps per configuration, interleaved, order rotated "
-          f"every round; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+          f"step): {rounds} rounds x {steps} steps per configuration, interleaved, a new random "
+          f"order every round; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"{'configuration':<18} {'p50 ms':>7} {'p90 ms':>7} {'wall overhead [95% CI]':>26} "
           f"{'CPU overhead [95% CI]':>26} {'CPU us/step':>11}")
     for name in names:
@@ -323,17 +355,18 @@ def main(argv=None) -> int:
         print(f"{name:<18} {statistics.median(v) * 1e3:>7.2f} {v[int(.9 * len(v))] * 1e3:>7.2f} "
               f"{ci(wall[name]):>26} {ci(cpu[name]):>26} {cpu[name][0] * base_cpu_s * 1e6:>11.1f}")
     print(f"ours, split: training thread {thread['ours (hooks on)'][0] * base_cpu_s * 1e6:.1f} us/step "
-          f"(paired), its writer and sampler threads {background_s / ours.steps * 1e6:.1f} us/step "
-          f"(measured over its blocks: {background_s * 1e3:.1f} ms CPU for {ours.steps} steps; "
-          f"{records} records)")
+          f"(paired), its writer thread {writer_s / ours.steps * 1e6:.1f} us/step and sampler "
+          f"thread {ours.sampler_s / ours.steps * 1e6:.1f} us/step (measured: {writer_s * 1e3:.1f} "
+          f"and {ours.sampler_s * 1e3:.1f} ms CPU for {ours.steps} steps; {records} records)")
     if _torch_exit_s:
         print(f"torch.profiler post-processing at exit: {statistics.median(_torch_exit_s) * 1e3:.1f} ms "
               f"per block of {steps} steps (not counted above)")
     print("wall overhead: median over rounds of (median wall time per step of the block / the "
           "same of the plain block of the same round) - 1, with a distribution-free 95% CI of "
           "that median; other processes on the machine make it noisy. CPU overhead: the same "
-          "for the training thread's CPU time per step (which other processes do not inflate) "
-          "plus, for ours, the CPU its own threads used during its blocks, per step "
+          "for the training thread's CPU time of the block's cheapest step (other processes "
+          "only add to it, a profiler's cost is in every step) "
+          "plus, for ours, the CPU of its writer and sampler threads during its blocks, per step "
           "(conservative: that work overlaps the step on a free core); torch.profiler: the process's CPU time. The A/A "
           "row is the noise floor. overhead_frac is ours' CPU figure.")
     direct = direct_cost_us()

@@ -5,7 +5,7 @@ of Python on the training thread costs ten times its warm price: a step or phase
 one clock read (``perf_counter()`` on a CPU, a CUDA event from a pool on a GPU) and a list
 append, and a finished step is one tuple appended to a deque. A background writer thread
 turns those tuples into :class:`StepRecord` s (elapsed times, throughput, MFU, the device
-sampler's window) every ~100 ms and writes them to the outputs (a buffered JSON line, trace
+sampler's window) every 250 ms and writes them to the outputs (a buffered JSON line, trace
 events, gauges). On a GPU it reads a step's events only once they have completed, so nothing
 synchronises with the device, except the training thread once per exchange window, which
 reads every finished step before the cross-rank exchange.
@@ -159,7 +159,7 @@ class _Writer:
 
     def __init__(self, sinks: List[Sink], collect: Callable[[], None],
                  bind_thread: Optional[Callable[[], None]] = None,
-                 interval_s: float = 0.1) -> None:
+                 interval_s: float = 0.25) -> None:
         self._sinks = sinks
         self._bind_thread = bind_thread
         self._collect = weakref.WeakMethod(collect)  # the profiler may be dropped unclosed
