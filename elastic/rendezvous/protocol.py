@@ -67,8 +67,10 @@ def _parse(value: bytes):
 
 
 @_memoized
-def _nodes(value: bytes) -> Tuple[NodeInfo, ...]:
-    return tuple(NodeInfo.from_row(row) for row in json.loads(value)["nodes"])
+def _members(value: bytes) -> Tuple[Tuple[NodeInfo, ...], Dict[str, int]]:
+    """A closed round's nodes in rank order, and each node id's rank."""
+    nodes = tuple(NodeInfo.from_row(row) for row in json.loads(value)["nodes"])
+    return nodes, {node.node_id: rank for rank, node in enumerate(nodes)}
 
 
 class RendezvousHandler:
@@ -250,7 +252,7 @@ class RendezvousHandler:
             state = _loads(kv)
             if state is None or state["generation"] != gen or state["state"] != "open":
                 if state and state["generation"] == gen and state["state"] == "closed":
-                    if any(row[0] == self.node.node_id for row in state["nodes"]):
+                    if self.node.node_id in _members(kv.value)[1]:
                         return self._round_from(state, kv)
                 return None  # superseded, or closed without us: start over
             if not first and self.store.get(join_prefix + self.node.node_id) is None:
@@ -369,8 +371,8 @@ class RendezvousHandler:
             log.info("opened round %d%s", nxt["generation"], f" ({reason})" if reason else "")
 
     def _round_from(self, state: dict, kv: KeyValue) -> Round:
-        nodes = _nodes(kv.value)
-        rank = next(i for i, n in enumerate(nodes) if n.node_id == self.node.node_id)
+        nodes, ranks = _members(kv.value)
+        rank = ranks[self.node.node_id]
         return Round(generation=state["generation"], nodes=nodes, node_rank=rank,
                      restart_count=int(state.get("restart_count", 0)), revision=kv.mod_revision,
                      max_nodes=self.settings.max_nodes)
