@@ -120,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     n, dim = (10_000, 1024) if args.quick else (80_000, 1024)  # 4 KiB per sample
     shard_bytes = (4 << 20) if args.quick else (32 << 20)
-    rounds = 21 if args.quick else 11
+    rounds = 31 if args.quick else 15
     work = tempfile.mkdtemp(prefix="bench-dataload-")
     rng = np.random.default_rng(0)
     x = rng.random((n, dim), dtype=np.float32)

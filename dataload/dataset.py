@@ -4,8 +4,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -26,8 +27,13 @@ class ShardedDataset:
     With a ``cache`` (or ``cache_dir`` + ``cache_max_bytes``) shards are filled into the
     node-local :class:`ShardCache` and read from there; without one, they are read straight
     from ``url`` (verified against the index unless the URL is local). Each process keeps
-    up to ``max_open_shards`` decoded shards in memory.
+    up to ``max_open_shards`` shards open (``.npz`` shards are memory-mapped: the node's page
+    cache holds them once for all processes). A cache hit is verified at fill time only; the
+    LRU touch is per shard, at most once per ``touch_interval_s`` per process, so reopening a
+    shard costs what reading a local file costs.
     """
+
+    touch_interval_s = 10.0
 
     def __init__(self, url: str, *, storage_options: Optional[Mapping[str, Any]] = None,
                  cache: Optional[ShardCache] = None, cache_dir: Optional[str] = None,
@@ -62,6 +68,7 @@ class ShardedDataset:
         self._open: "OrderedDict[int, DecodedShard]" = OrderedDict()
         self._pid = os.getpid()
         self._progress_set = False
+        self._touched: Dict[int, Tuple[float, str]] = {}  # shard -> (when found, cache path)
 
     # -- facts -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -147,9 +154,19 @@ class ShardedDataset:
             self._cached_path(k)
 
     def is_cached(self, k: int) -> bool:
-        """Whether shard ``k`` is in the node cache now (``True`` without a cache: nothing to
-        fill)."""
-        return self.cache is None or self.cache.contains(self.index.shards[k], self.format.suffix)
+        """Whether shard ``k`` is in the node cache (``True`` without a cache: nothing to
+        fill); one this process found there within ``touch_interval_s`` counts without a
+        ``stat`` (if another process evicted it since, the reader fills it again)."""
+        return self.cache is None or self._recent_path(k) is not None or \
+            self.cache.contains(self.index.shards[k], self.format.suffix)
+
+    def _recent_path(self, k: int) -> Optional[str]:
+        """The cache path of shard ``k`` if this process found it there (and touched it for
+        LRU) within ``touch_interval_s``: reopening it then costs no lookup at all."""
+        hit = self._touched.get(k)
+        if hit is not None and time.monotonic() - hit[0] < self.touch_interval_s:
+            return hit[1]
+        return None
 
     def _cached_path(self, k: int) -> str:
         info = self.index.shards[k]
@@ -161,17 +178,19 @@ class ShardedDataset:
                 self.cache.progress.expect(len(missing), sum(s.size_bytes for s in missing))
         fs = self._fs.get()
         path = join(self._fs.root, info.name)
-        return self.cache.fetch(info, lambda: fs.open(path, "rb"), self.format.suffix)
+        local = self.cache.fetch(info, lambda: fs.open(path, "rb"), self.format.suffix)
+        self._touched[k] = (time.monotonic(), local)
+        return local
 
     def _load(self, k: int) -> DecodedShard:
         info = self.index.shards[k]
         if self.cache is not None:
             for _ in range(3):
-                path = self._cached_path(k)
+                path = self._recent_path(k) or self._cached_path(k)
                 try:
                     return self.format.decode(path, self.index.columns)
-                except FileNotFoundError:
-                    continue  # evicted between fill and open by another process: fill again
+                except FileNotFoundError:  # evicted by another process: fill again
+                    self._touched.pop(k, None)
             raise DatasetIndexError(f"shard {info.name} keeps being evicted: the cache is too "
                                     "small for the shards in use")
         fs = self._fs.get()
@@ -190,5 +209,6 @@ class ShardedDataset:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_open"] = OrderedDict()
+        state["_touched"] = {}
         return state
 
