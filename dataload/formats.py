@@ -201,7 +201,15 @@ def _stored_members(source: Source) -> Optional[Tuple[Any, Dict[str, np.ndarray]
 
 
 def _parse_layout(buf: Any) -> Optional[_Layout]:
-    view = memoryview(buf)
+    try:
+        return _parse_members(memoryview(buf), buf)
+    except ShardFormatError:
+        raise
+    except Exception as exc:  # a damaged header (numpy's parser raises several kinds)
+        raise ShardFormatError(f"not a readable npz shard: {exc!r}") from None
+
+
+def _parse_members(view: memoryview, buf: Any) -> Optional[_Layout]:
     try:
         # an mmap is a seekable file; zipfile reads just the directory through it
         infos = zipfile.ZipFile(buf if isinstance(buf, mmap.mmap) else io.BytesIO(buf)).infolist()

@@ -89,6 +89,12 @@ def test_npz_shards_are_mapped_and_what_callers_get_is_their_own(tmp_path):
     z = fmt.decode(str(tmp_path / "z.npz"), schema)
     assert z.row(11)["label"] == "label-11"
     np.testing.assert_array_equal(z.columns["x"], cols["x"])
+    # A file rewritten in place is parsed again (its layout is kept by inode, size, mtime).
+    half = {k: v[:30] for k, v in cols.items()}
+    with open(path, "wb") as f:
+        f.write(fmt.encode(half, schema))
+    assert fmt.decode(path, schema).num_samples == 30
+    np.testing.assert_array_equal(fmt.decode(path, schema).columns["x"], cols["x"][:30])
     # A truncated shard is an error, never garbage.
     with open(path, "rb") as f:
         head = f.read(os.path.getsize(path) // 2)
@@ -96,6 +102,13 @@ def test_npz_shards_are_mapped_and_what_callers_get_is_their_own(tmp_path):
         f.write(head)
     with pytest.raises(ShardFormatError):
         fmt.decode(str(tmp_path / "cut.npz"), schema)
+    damaged = bytearray(fmt.encode(cols, schema))  # a member's .npy header overwritten
+    at = damaged.find(b"\x93NUMPY") + 10
+    damaged[at:at + 10] = b"garbage!!!"
+    with open(tmp_path / "bad.npz", "wb") as f:
+        f.write(bytes(damaged))
+    with pytest.raises(ShardFormatError):
+        fmt.decode(str(tmp_path / "bad.npz"), schema)
 
 
 def test_parquet_table_and_file_sources(tmp_path):
