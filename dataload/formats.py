@@ -123,36 +123,12 @@ class NpzFormat(ShardFormat):
         members = _stored_members(source)
         if members is None:  # compressed or unusual layout: numpy's reader
             return self._decode_copy(source, schema)
-        buf, arrays = members
-        columns: Dict[str, Any] = {}
-        n = -1
-        try:
-            for col in schema:
-                if col.kind == "array":
-                    columns[col.name] = arrays[col.name]
-                    n = len(columns[col.name])
-                else:
-                    offsets = arrays[col.name + _OFFSETS]
-                    columns[col.name] = _VarColumn(arrays[col.name], offsets, col.kind == "str")
-                    n = len(offsets) - 1
-        except KeyError as exc:
-            raise ShardFormatError(f"shard has no member {exc.args[0]!r}") from None
-        return DecodedShard(max(n, 0), columns)
+        return _columns(schema, members[1])  # (the mapped buffer, its arrays)
 
     def _decode_copy(self, source: Source, schema: Sequence[Column]) -> DecodedShard:
         src = source if isinstance(source, str) else io.BytesIO(source)
         with np.load(src, allow_pickle=False) as npz:
-            columns: Dict[str, Any] = {}
-            n = -1
-            for col in schema:
-                if col.kind == "array":
-                    columns[col.name] = npz[col.name]
-                    n = len(columns[col.name])
-                else:
-                    offsets = npz[col.name + _OFFSETS]
-                    columns[col.name] = _VarColumn(npz[col.name], offsets, col.kind == "str")
-                    n = len(offsets) - 1
-        return DecodedShard(max(n, 0), columns)
+            return _columns(schema, npz)
 
 
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # a zip local file header, 30 bytes
@@ -353,3 +329,21 @@ def schema_of(columns: Mapping[str, Any]) -> Tuple[Column, ...]:
     if not out:
         raise ShardFormatError("no columns to write")
     return tuple(out)
+
+
+def _columns(schema: Sequence[Column], members) -> DecodedShard:
+    """A shard's columns from its arrays (``members[name]``: a mapping or an open ``.npz``)."""
+    columns: Dict[str, Any] = {}
+    n = -1
+    try:
+        for col in schema:
+            if col.kind == "array":
+                columns[col.name] = members[col.name]
+                n = len(columns[col.name])
+            else:
+                offsets = members[col.name + _OFFSETS]
+                columns[col.name] = _VarColumn(members[col.name], offsets, col.kind == "str")
+                n = len(offsets) - 1
+    except KeyError as exc:
+        raise ShardFormatError(f"shard has no member {exc.args[0]!r}") from None
+    return DecodedShard(max(n, 0), columns)
