@@ -276,14 +276,8 @@ class ShardCache:
 
     def _scan(self, drop_stale: bool = False
               ) -> Tuple[List[Tuple[str, int, float]], List[Tuple[str, int]]]:
-        finals = []
-        shards_dir = os.path.join(self.cache_dir, "shards")
-        for entry in os.scandir(shards_dir):
-            try:
-                st = entry.stat()
-            except FileNotFoundError:
-                continue
-            finals.append((entry.path, st.st_size, st.st_atime))
+        # Fills in progress first, then complete shards: a fill renamed from tmp/ to shards/
+        # between the two listings is then counted twice (safe), never missed (over the bound).
         parts = []
         for entry in os.scandir(os.path.join(self.cache_dir, "tmp")):
             fields = entry.name.split(".")
@@ -294,6 +288,13 @@ class ShardCache:
                 _unlink(entry.path)  # its filler died: nobody holds the shard's lock
                 continue
             parts.append((entry.path, size))
+        finals = []
+        for entry in os.scandir(os.path.join(self.cache_dir, "shards")):
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            finals.append((entry.path, st.st_size, st.st_atime))
         return finals, parts
 
     def _drop_stale_parts(self, sha: str) -> None:
