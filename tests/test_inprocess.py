@@ -104,7 +104,7 @@ def batches(output):
 
 
 # Slow-suite only: in one CI run under full load the job took the restart path (every worker
-# restarted from step 0, so exactly-once held but not "resumed mid-epoch"); 50+ runs here since
+# restarted from step 0, so exactly-once held but not "resumed mid-epoch"); the runs here since
 # did not reproduce it. The assertion message now carries the job's output for the next time.
 @pytest.mark.slow
 def test_sampler_position_survives_a_kill_exactly_once(procs, tmp_path):
