@@ -94,11 +94,18 @@ class ObjectState(State):
             else:
                 setattr(self, name, copy.deepcopy(value))
 
+    # What a commit copies and a sync broadcasts; subclasses add what they hold.
+    def _snapshot(self) -> Dict[str, Any]:
+        return self._snapshot_objects()
+
+    def _load(self, snap: Dict[str, Any]) -> None:
+        self._load_objects(snap)
+
     def save(self) -> None:
-        self._saved = self._snapshot_objects()
+        self._saved = self._snapshot()
 
     def restore(self) -> None:
-        self._load_objects(self._saved)
+        self._load(self._saved)
 
     def sync(self) -> None:
         from . import _collectives
@@ -106,7 +113,7 @@ class ObjectState(State):
         if not _collectives.active():
             return
         root = _collectives.root_with_state(self.commits > 0)
-        self._load_objects(_collectives.broadcast_tree(self._snapshot_objects(), root))
+        self._load(_collectives.broadcast_tree(self._snapshot(), root))
         self.save()
 
 
@@ -134,21 +141,6 @@ class TorchState(ObjectState):
         if self.optimizer is not None:
             self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
         self._load_objects(snap["objects"])
-
-    def save(self) -> None:
-        self._saved = self._snapshot()
-
-    def restore(self) -> None:
-        self._load(self._saved)
-
-    def sync(self) -> None:
-        from . import _collectives
-
-        if not _collectives.active():
-            return
-        root = _collectives.root_with_state(self.commits > 0)
-        self._load(_collectives.broadcast_tree(self._snapshot(), root))
-        self.save()
 
 
 def _stateful(obj: Any) -> bool:
