@@ -3,7 +3,8 @@
 A message is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON (never
 pickle). A stored value travels as a JSON string when it is UTF-8 text (every value the round
 protocol writes is) and as ``{"b64": ...}`` otherwise, so the closed round that a thousand
-joiners receive is not base64-encoded and decoded a thousand times. A connection starts with a handshake:
+joiners receive is not base64-encoded and decoded a thousand times. A connection starts with
+a handshake:
 
 1. server -> ``{"hello": "elastic-rendezvous", "version": 1, "instance": ID, "nonce": B64,
    "auth": bool}``
@@ -49,7 +50,15 @@ class ProtocolError(Exception):
 
 # -- framing ---------------------------------------------------------------------------------
 def encode(message: Dict[str, Any]) -> bytes:
-    body = json.dumps(message, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return _frame(json.dumps(message, separators=(",", ":"), allow_nan=False).encode("utf-8"))
+
+
+def encode_result(request_id: int, result_json: bytes) -> bytes:
+    """A success reply around an already-encoded result (one encoding for many waiters)."""
+    return _frame(b'{"id":%d,"ok":true,"result":%s}' % (request_id, result_json))
+
+
+def _frame(body: bytes) -> bytes:
     if len(body) > MAX_MESSAGE_BYTES:
         raise ValueError(f"message of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     return HEADER.pack(len(body)) + body

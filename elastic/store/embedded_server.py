@@ -238,7 +238,8 @@ class EmbeddedServer:
 
     async def _wait(self, prefix: str, after: int, timeout_s: float) -> bytes:
         """The JSON-encoded events under ``prefix`` after ``after``, once there are any."""
-        if timeout_s > 0 and not self.store.events_after(prefix, after):
+        data = self._events_json(prefix, after)
+        if data == b"[]" and timeout_s > 0:
             loop = asyncio.get_running_loop()
             future = loop.create_future()
             group = self._waiters.setdefault(prefix, {})
@@ -251,7 +252,8 @@ class EmbeddedServer:
                 group.pop(future, None)
                 if not group and self._waiters.get(prefix) is group:
                     del self._waiters[prefix]
-        return self._events_json(prefix, after)
+            data = self._events_json(prefix, after)
+        return data
 
     def _events_json(self, prefix: str, after: int) -> bytes:
         revision = self.store.revision
@@ -374,13 +376,8 @@ class EmbeddedServer:
     async def _answer_wait(self, writer, request_id: int, prefix: str, after: int,
                            timeout_s: float) -> None:
         try:
-            events = await self._wait(prefix, after, timeout_s)
-            body = b'{"id":%d,"ok":true,"result":%s}' % (request_id, events)
-            data = wire.HEADER.pack(len(body)) + body
-            if len(body) > wire.MAX_MESSAGE_BYTES:  # the client could not read it anyway
-                data = wire.encode(_error_reply(request_id, ValueError(
-                    f"wait reply of {len(body)} bytes exceeds the message limit")))
-        except StoreCompactedError as exc:
+            data = wire.encode_result(request_id, await self._wait(prefix, after, timeout_s))
+        except (StoreCompactedError, ValueError) as exc:  # ValueError: over the message limit
             data = wire.encode(_error_reply(request_id, exc))
         if writer.is_closing():
             return
