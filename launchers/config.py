@@ -1,23 +1,77 @@
 """What one ``elastic-run`` invocation asks for, validated: :class:`LaunchConfig`."""
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import ipaddress
 import os
+import shutil
+import signal
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
 from elastic.errors import ConfigError
 
-__all__ = ["LaunchConfig", "parse_nnodes", "parse_rdzv_conf", "is_local_host"]
+__all__ = ["LaunchConfig", "parse_nnodes", "parse_rdzv_conf", "is_local_host", "is_loopback_host", "store_conf",
+           "has_token"]
 
 DEFAULT_RDZV_PORT = 29400
+NUMA_MODES = ("node", "socket", "exclusive", "core-complex")  # torch.numa.binding.AffinityMode
 DEFAULT_MASTER_PORT = 29500
-# --rdzv-conf keys the launcher understands (torchrun's names where torchrun has one).
-PROTOCOL_KEYS = {"join_timeout", "last_call_timeout", "lease_ttl", "is_host"}
+# --rdzv-conf keys the launcher understands (torchrun's names where torchrun has one). The
+# round protocol's, with torchrun's c10d meaning: join_timeout (``timeout``, the etcd backend's
+# name, is its alias) bounds the wait for a round; last_call_timeout; close_timeout bounds how
+# long the hosting node keeps the store up for the others to leave; read_timeout is the store's
+# per-request timeout; keep_alive_interval x keep_alive_max_attempt is how long a silent node
+# lives (torchrun's dead-node rule; our ``lease_ttl``); heartbeat_timeout is accepted (the
+# keep-alive call is bounded by read_timeout); is_host; store_type (tcp only).
+PROTOCOL_KEYS = {"join_timeout", "timeout", "last_call_timeout", "close_timeout", "read_timeout", "lease_ttl",
+                 "keep_alive_interval", "keep_alive_max_attempt", "heartbeat_timeout", "is_host", "store_type"}
 EMBEDDED_KEYS = {"token", "token_file", "tls", "tls_cert", "tls_key", "tls_ca", "tls_verify_hostname",
                  "timeout_s", "auth_timeout_s"}
-ETCD_KEYS = {"cacert", "cert", "key", "user", "password", "protocol", "ssl", "timeout"}
+# etcd.py's own names, torchrun's etcd spellings (protocol, ssl) and its etcd-v2 ones (ssl_cert, ...).
+ETCD_KEYS = {"cacert", "cert", "key", "tls", "user", "password", "protocol", "ssl", "timeout_s",
+             "ca_cert", "ssl_cert", "ssl_cert_key"}
+_ETCD_ALIASES = {"ca_cert": "cacert", "ssl_cert": "cert", "ssl_cert_key": "key"}
+
+
+def store_conf(rdzv_conf: Dict[str, str], backend: str) -> Dict[str, str]:
+    """The settings the store itself takes: protocol keys dropped, torchrun's names mapped."""
+    conf = {k: v for k, v in rdzv_conf.items() if k not in PROTOCOL_KEYS}
+    if "read_timeout" in rdzv_conf:
+        conf.setdefault("timeout_s", rdzv_conf["read_timeout"])
+    if backend == "etcd":
+        for alias, name in _ETCD_ALIASES.items():
+            if alias in conf:
+                conf.setdefault(name, conf.pop(alias))
+    return conf
+
+
+def has_token(rdzv_conf: Dict[str, str], environ: Optional[Dict[str, str]] = None) -> bool:
+    """Whether the embedded store's clients and server will have a shared token."""
+    env = os.environ if environ is None else environ
+    return bool(rdzv_conf.get("token") or rdzv_conf.get("token_file")
+                or env.get("ELASTIC_RDZV_TOKEN") or env.get("ELASTIC_RDZV_TOKEN_FILE"))
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` is a loopback name or address (traffic to it never leaves the machine)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        return False
+    try:
+        return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
+    except ValueError:
+        return False
 
 
 def parse_nnodes(value: str) -> Tuple[int, int]:
@@ -74,6 +128,46 @@ def is_local_host(host: str) -> bool:
     return False
 
 
+DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # torchrun's --signals-to-handle
+
+
+def parse_signals(value) -> Tuple[str, ...]:
+    """``"SIGTERM,SIGUSR1"`` (or ``TERM``, or a number) -> ("SIGTERM", "SIGUSR1")."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = []
+    for item in filter(None, (str(i).strip() for i in items)):
+        try:
+            sig = signal.Signals(int(item)) if item.isdigit() else signal.Signals[
+                item.upper() if item.upper().startswith("SIG") else "SIG" + item.upper()]
+        except (KeyError, ValueError):
+            raise ConfigError(f"--signals-to-handle: unknown signal {item!r}") from None
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ConfigError(f"--signals-to-handle: {sig.name} cannot be handled")
+        names.append(sig.name)
+    return tuple(dict.fromkeys(names))
+
+
+def module_exists(name: str, cwd: Optional[str] = None) -> bool:
+    """Whether ``python -m NAME`` run in ``cwd`` would find the module, without importing it
+    (parent packages' ``__init__`` is not run: sub-modules are looked up on the parent's path)."""
+    parts = name.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return False
+    saved = sys.path[:]
+    sys.path.insert(0, cwd or os.getcwd())
+    try:
+        spec = importlib.util.find_spec(parts[0])
+        for part in parts[1:]:
+            if spec is None or spec.submodule_search_locations is None:
+                return False
+            spec = importlib.machinery.PathFinder.find_spec(part, list(spec.submodule_search_locations))
+    except (ImportError, ValueError):
+        return False
+    finally:
+        sys.path[:] = saved
+    return spec is not None
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Everything :func:`launchers.launch` needs; the CLI builds one from torchrun's flags."""
@@ -99,6 +193,11 @@ class LaunchConfig:
     preload: Optional[Tuple[str, ...]] = None  # None: guess from the script's imports
     env: Dict[str, str] = field(default_factory=dict)
     adapter: Optional[object] = None  # an elastic.agent.FrameworkAdapter; None: PyTorch's (nothing extra)
+    console_local_ranks: Optional[Tuple[int, ...]] = None  # whose output reaches the console (None: all)
+    numa_binding: Optional[str] = None  # node | socket | exclusive | core-complex (launchers.numa)
+    signals_to_handle: Tuple[str, ...] = DEFAULT_SIGNALS  # stop workers, leave, exit 128+N
+    shutdown_timeout_s: Optional[float] = None  # SIGTERM -> SIGKILL grace for workers (None: 5 s)
+    virtual_local_rank: bool = False  # LOCAL_RANK=0 and CUDA_VISIBLE_DEVICES=<its GPU> per worker
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:
@@ -109,10 +208,29 @@ class LaunchConfig:
             raise ConfigError("--monitor-interval must be > 0")
         if not self.entrypoint:
             raise ConfigError("no training script given")
-        if not (self.module or self.no_python):
-            script = self.entrypoint[0]
-            if not os.path.isfile(script):
-                raise ConfigError(f"training script {script!r} not found")
+        script = self.entrypoint[0]
+        if self.module and self.no_python:
+            raise ConfigError("-m/--module and --no-python exclude each other (torchrun refuses both too)")
+        if self.no_python:
+            if shutil.which(script) is None:
+                raise ConfigError(f"--no-python: executable {script!r} not found "
+                                  "(neither an executable file nor on $PATH)")
+        elif self.module:
+            if not module_exists(script):
+                raise ConfigError(f"-m: no module named {script!r} (looked in the current directory "
+                                  "and on sys.path)")
+        elif not os.path.isfile(script):
+            raise ConfigError(f"training script {script!r} not found")
+        if self.numa_binding is not None and self.numa_binding not in NUMA_MODES:
+            raise ConfigError(f"--numa-binding {self.numa_binding!r}: expected one of {', '.join(NUMA_MODES)}")
+        object.__setattr__(self, "signals_to_handle", parse_signals(self.signals_to_handle))
+        if self.shutdown_timeout_s is not None and not self.shutdown_timeout_s >= 0:
+            raise ConfigError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
+        if self.console_local_ranks is not None and any(r < 0 for r in self.console_local_ranks):
+            raise ConfigError("--local-ranks-filter: local ranks are >= 0")
+        if self.rdzv_conf.get("store_type", "tcp").strip().lower() != "tcp":
+            raise ConfigError(f"--rdzv-conf store_type={self.rdzv_conf['store_type']!r}: only tcp is "
+                              "supported (the embedded server is a TCP store)")
         allowed = PROTOCOL_KEYS | (EMBEDDED_KEYS if self.rdzv_backend == "embedded" else set()) | (
             ETCD_KEYS if self.rdzv_backend == "etcd" else set())
         unknown = sorted(set(self.rdzv_conf) - allowed)
@@ -120,14 +238,16 @@ class LaunchConfig:
             raise ConfigError(f"--rdzv-conf: unknown key(s) for backend {self.rdzv_backend!r}: "
                               f"{', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
 
-    def conf_seconds(self, key: str, default: float) -> float:
-        raw = self.rdzv_conf.get(key)
-        if raw is None:
+    def conf_seconds(self, key: str, default: float, *aliases: str) -> float:
+        """``--rdzv-conf key=SECONDS`` (or the first alias given), else ``default``."""
+        name = next((k for k in (key, *aliases) if k in self.rdzv_conf), None)
+        if name is None:
             return default
+        raw = self.rdzv_conf[name]
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"--rdzv-conf {key}={raw!r}: expected seconds") from None
+            raise ConfigError(f"--rdzv-conf {name}={raw!r}: expected seconds") from None
         if value < 0:
-            raise ConfigError(f"--rdzv-conf {key}={raw!r}: must be >= 0")
+            raise ConfigError(f"--rdzv-conf {name}={raw!r}: must be >= 0")
         return value

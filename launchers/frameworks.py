@@ -5,20 +5,26 @@ torchrun's environment: Horovod a per-round Gloo rendezvous server and ``HOROVOD
 TensorFlow a ``TF_CONFIG``. Adapters are registered by name (as store backends are), so a
 third party can add one with :func:`register_adapter` without editing this package.
 
-Detection reads the script's import lines only (no import, no execution): Horovod wins over
-TensorFlow, which wins over PyTorch; anything else, or anything that cannot be read (``-m``,
-``--no-python``), gets PyTorch's environment, which is harmless for the others.
+Detection reads the script's import statements with :mod:`ast` (no import, no execution;
+imports inside functions and ``if`` blocks count, docstrings and comments do not): Horovod wins
+over TensorFlow, which wins over PyTorch; anything else, or anything that cannot be read or
+parsed (``-m``, ``--no-python``, a syntax error), gets PyTorch's environment, which is
+harmless for the others.
 """
 from __future__ import annotations
 
+import ast
+import logging
 import re
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from elastic.errors import ConfigError
 from elastic.registry import Registry
 
 __all__ = ["FRAMEWORKS", "ADAPTERS", "register_adapter", "create_adapter", "detect_framework",
-           "resolve_framework", "framework_imports", "standby_preload"]
+           "resolve_framework", "framework_imports", "standby_preload", "uses_horovod_elastic"]
+
+log = logging.getLogger("elastic.launcher")
 
 ADAPTERS: Registry = Registry("framework")
 ADAPTERS.register("torch", "launchers.torch:TorchAdapter")
@@ -28,10 +34,9 @@ ADAPTERS.register("tensorflow", "launchers.tensorflow:TensorFlowAdapter")
 FRAMEWORKS = ("torch", "horovod", "tensorflow")
 _ALIASES = {"pytorch": "torch", "ddp": "torch", "tf": "tensorflow", "keras": "tensorflow", "hvd": "horovod"}
 
-# Top-level ``import x`` / ``from x import`` lines, and names inside ``import a, b``.
-_IMPORT_LINE = re.compile(r"^[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import\b|import[ \t]+([\w., \t]+?)(?:[ \t]+as\b.*)?$)",
-                          re.M)
-_READ_BYTES = 1 << 20
+# What Horovod's elastic API is reached by: ``hvd.elastic.run``, ``hvd.elastic.TorchState``, ...
+_HVD_ELASTIC = re.compile(r"^horovod(\.\w+)*\.elastic\.(run|TorchState|KerasState|TensorFlowKerasState|"
+                          r"TensorFlowState|ObjectState)$")
 
 
 def register_adapter(name: str, target, *, overwrite: bool = False) -> None:
@@ -39,18 +44,30 @@ def register_adapter(name: str, target, *, overwrite: bool = False) -> None:
     ADAPTERS.register(name, target, overwrite=overwrite)
 
 
-def framework_imports(source: str) -> Tuple[str, ...]:
-    """Dotted module names the source imports, in order (``import a.b as c, d`` -> a.b, d)."""
+def _parse(source: str, where: str = "the script") -> Optional[ast.AST]:
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte
+        log.warning("cannot parse %s (%s); --framework auto assumes torch", where, exc)
+        return None
+
+
+def _imports(tree: Optional[ast.AST]) -> Tuple[str, ...]:
     names = []
-    for m in _IMPORT_LINE.finditer(source):
-        if m.group(1):
-            names.append(m.group(1))
-        else:
-            for part in m.group(2).split(","):
-                name = part.strip().split()[0] if part.strip() else ""
-                if name:
-                    names.append(name)
-    return tuple(names)
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.append(node.module)
+            # ``from horovod import torch`` imports the module horovod.torch
+            names.extend(f"{node.module}.{alias.name}" for alias in node.names if alias.name != "*")
+    return tuple(dict.fromkeys(names))
+
+
+def framework_imports(source: str) -> Tuple[str, ...]:
+    """Dotted module names the source's import statements name, anywhere in the code
+    (``import a.b as c, d`` -> a.b, d; ``from a import b`` -> a, a.b); () if it does not parse."""
+    return _imports(_parse(source))
 
 
 def _read(script: Optional[str]) -> str:
@@ -58,15 +75,63 @@ def _read(script: Optional[str]) -> str:
         return ""
     try:
         with open(script, encoding="utf-8", errors="replace") as f:
-            return f.read(_READ_BYTES)
+            return f.read()
     except OSError:
         return ""
+
+
+def _script_tree(script: Optional[str], warn: bool) -> Optional[ast.AST]:
+    source = _read(script)
+    if not source:
+        return None
+    if warn:
+        return _parse(source, script)
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def uses_horovod_elastic(script: Optional[str]) -> bool:
+    """Whether ``script`` uses Horovod's elastic API (``hvd.elastic.run``, ``hvd.elastic.TorchState``,
+    ``KerasState``, ``TensorFlowKerasState``, ``TensorFlowState``, ``ObjectState``) through a name
+    bound to a horovod module by any of its imports (read with ``ast``, nothing is run)."""
+    tree = _script_tree(script, warn=False)
+    if tree is None:
+        return False
+    bound: Dict[str, str] = {}  # local name -> the dotted path it stands for
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "horovod":
+                    if alias.asname:
+                        bound[alias.asname] = alias.name
+                    else:  # ``import horovod.torch.elastic`` binds ``horovod``
+                        bound["horovod"] = "horovod"
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            if node.module.split(".")[0] == "horovod":
+                for alias in node.names:
+                    if alias.name != "*":
+                        bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    if not bound:
+        return False
+    for node in ast.walk(tree):
+        attrs = []
+        base = node
+        while isinstance(base, ast.Attribute):
+            attrs.append(base.attr)
+            base = base.value
+        if isinstance(base, ast.Name) and base.id in bound:
+            path = ".".join([bound[base.id], *reversed(attrs)])
+            if _HVD_ELASTIC.match(path):
+                return True
+    return False
 
 
 def standby_preload(script: Optional[str]) -> Tuple[str, ...]:
     """What warm standbys should import ahead of time for ``script``: its frameworks, with
     Horovod's framework module and TensorFlow also when imported through Keras or our helpers."""
-    names = framework_imports(_read(script))
+    names = _imports(_script_tree(script, warn=False))
     out = []
     for name in names:
         top = name.split(".")[0]
@@ -81,18 +146,13 @@ def standby_preload(script: Optional[str]) -> Tuple[str, ...]:
 
 def detect_framework(script: Optional[str]) -> str:
     """``horovod``, ``tensorflow`` or ``torch`` from what ``script`` imports (default torch)."""
-    source = _read(script)
-    if not source:
-        return "torch"
+    tree = _script_tree(script, warn=True)
     tops = set()
-    for name in framework_imports(source):
+    for name in _imports(tree):
         parts = name.split(".")
         tops.add(parts[0])
         if parts[0] == "launchers" and len(parts) > 1:
             tops.add(parts[1])  # launchers.horovod / launchers.tensorflow helpers
-    # ``from launchers import horovod`` names the helper in the imported names, not the module.
-    for m in re.finditer(r"^[ \t]*from[ \t]+launchers[ \t]+import[ \t]+([\w, \t]+)", source, re.M):
-        tops.update(p.strip().split()[0] for p in m.group(1).split(",") if p.strip())
     if "horovod" in tops:
         return "horovod"
     if "tensorflow" in tops or "keras" in tops:

@@ -8,18 +8,19 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
+import signal
 import socket
 import time
 import uuid
-from typing import Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
-from elastic.agent import ElasticAgent, WorkerSpec
+from elastic.agent import ElasticAgent, FrameworkAdapter, WorkerSpec
+from elastic.errors import ConfigError
 from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
 from elastic.store import MemoryStore, Store, StoreError, create_store
 from elastic.store.embedded_client import parse_endpoint
 
-from .config import DEFAULT_RDZV_PORT, LaunchConfig, is_local_host
+from .config import DEFAULT_RDZV_PORT, LaunchConfig, has_token, is_local_host, is_loopback_host, store_conf
 
 __all__ = ["launch", "guess_preload"]
 
@@ -27,21 +28,18 @@ log = logging.getLogger("elastic.launcher")
 DEFAULT_LAST_CALL_S = 3.0
 DEFAULT_LEASE_TTL_S = 5.0
 DEFAULT_JOIN_TIMEOUT_S = 600.0
-_FRAMEWORK_IMPORT = re.compile(r"^\s*(?:import|from)\s+(torch|tensorflow)\b", re.M)
+DEFAULT_STOP_GRACE_S = 5.0
 
 
 def guess_preload(config: LaunchConfig) -> Tuple[str, ...]:
-    """Frameworks the script imports at top level, for the warm standbys to import first."""
+    """Frameworks the script imports (read with ``ast``), for the warm standbys to import first."""
     if config.preload is not None:
         return config.preload
     if config.module or config.no_python:
         return ()
-    try:
-        with open(config.entrypoint[0], encoding="utf-8", errors="replace") as f:
-            source = f.read(1 << 20)
-    except OSError:
-        return ()
-    return tuple(dict.fromkeys(m.group(1) for m in _FRAMEWORK_IMPORT.finditer(source)))
+    from .frameworks import standby_preload
+
+    return standby_preload(config.entrypoint[0])
 
 
 def _conf_bool(value: Optional[str]) -> Optional[bool]:
@@ -53,8 +51,7 @@ def _conf_bool(value: Optional[str]) -> Optional[bool]:
 def _open_store(config: LaunchConfig):
     """Connect to the job's store; host the embedded server here if the endpoint is ours."""
     backend = config.rdzv_backend
-    conf = {k: v for k, v in config.rdzv_conf.items() if k not in ("join_timeout", "last_call_timeout",
-                                                                    "lease_ttl", "is_host")}
+    conf = store_conf(config.rdzv_conf, backend)
     if backend == "memory":
         return MemoryStore(), None, "127.0.0.1", {}
     if backend == "etcd":
@@ -100,20 +97,113 @@ def _wait_for_others(store: Store, prefix: str, timeout_s: float) -> None:
     log.warning("other nodes still running after %.0fs; shutting the rendezvous server down", timeout_s)
 
 
-def launch(config: LaunchConfig) -> int:
-    """Run this node's agent until the job ends; returns the process exit code."""
-    settings = RendezvousSettings(
+def check_token(config: LaunchConfig) -> None:
+    """Refuse, before any connection, an embedded store off loopback without a shared token.
+
+    A server without a token serves loopback clients only (anyone who can reach the port
+    could otherwise join the job), so such a job could never form: say what to add instead.
+    """
+    if config.rdzv_backend != "embedded":
+        return
+    host, _ = parse_endpoint(config.rdzv_endpoint, DEFAULT_RDZV_PORT, any_port=True)
+    if is_loopback_host(host) or has_token(config.rdzv_conf):
+        return
+    raise ConfigError(f"rendezvous endpoint {host!r} is not a loopback address and no token is set; "
+                      "a job across machines needs the same secret on every node: add --rdzv-conf "
+                      "token_file=PATH (or token=SECRET), or set ELASTIC_RDZV_TOKEN "
+                      "(or ELASTIC_RDZV_TOKEN_FILE)")
+
+
+def rendezvous_settings(config: LaunchConfig) -> RendezvousSettings:
+    """torchrun's c10d ``--rdzv-conf`` timeouts mapped onto the round protocol's settings."""
+    lease_ttl = DEFAULT_LEASE_TTL_S
+    if {"keep_alive_interval", "keep_alive_max_attempt"} & set(config.rdzv_conf):
+        # torchrun declares a node dead after keep_alive_max_attempt missed keep-alives
+        interval = config.conf_seconds("keep_alive_interval", 5.0)
+        try:
+            attempts = int(config.rdzv_conf.get("keep_alive_max_attempt", "3"))
+        except ValueError:
+            raise ConfigError(f"--rdzv-conf keep_alive_max_attempt="
+                              f"{config.rdzv_conf['keep_alive_max_attempt']!r}: expected an integer") from None
+        lease_ttl = interval * max(1, attempts)
+    return RendezvousSettings(
         run_id=config.run_id,
         min_nodes=config.min_nodes,
         max_nodes=config.max_nodes,
         last_call_s=config.conf_seconds("last_call_timeout", DEFAULT_LAST_CALL_S),
-        lease_ttl_s=config.conf_seconds("lease_ttl", DEFAULT_LEASE_TTL_S) or DEFAULT_LEASE_TTL_S,
-        join_timeout_s=config.conf_seconds("join_timeout", DEFAULT_JOIN_TIMEOUT_S),
+        lease_ttl_s=config.conf_seconds("lease_ttl", lease_ttl) or DEFAULT_LEASE_TTL_S,
+        join_timeout_s=config.conf_seconds("join_timeout", DEFAULT_JOIN_TIMEOUT_S, "timeout"),
         max_restarts=config.max_restarts,
     )
+
+
+class _VirtualLocalRank(FrameworkAdapter):
+    """``--virtual-local-rank``: each worker sees only its own GPU, as device 0 (torchrun's
+    meaning): ``LOCAL_RANK=0`` and ``CUDA_VISIBLE_DEVICES`` the local rank's entry of the
+    agent's own ``CUDA_VISIBLE_DEVICES`` (or the local rank itself)."""
+
+    def __init__(self, inner: FrameworkAdapter, visible: Optional[str], nproc: int) -> None:
+        self.inner = inner
+        self.devices = [d.strip() for d in visible.split(",")] if visible is not None else None
+        if self.devices is not None and nproc > len(self.devices):
+            raise ConfigError(f"--virtual-local-rank: local rank {len(self.devices)} has no GPU in "
+                              f"CUDA_VISIBLE_DEVICES={visible}")
+
+    @property
+    def name(self) -> str:  # the agent decides framework-specific things by it
+        return self.inner.name
+
+    def on_round(self, *args, **kwargs) -> None:
+        self.inner.on_round(*args, **kwargs)
+
+    def worker_env(self, rnd, local_rank: int, rank: int) -> Mapping[str, str]:
+        device = self.devices[local_rank] if self.devices is not None else str(local_rank)
+        return {**self.inner.worker_env(rnd, local_rank, rank), "LOCAL_RANK": "0",
+                "CUDA_VISIBLE_DEVICES": device}
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, item):
+        return getattr(self.inner, item)
+
+
+def _handle_signals(agent: ElasticAgent, names: Tuple[str, ...]) -> Dict[int, object]:
+    """``--signals-to-handle``: each stops the workers and leaves the job, as SIGTERM does (the
+    agent itself always handles SIGTERM and SIGINT). Returns the previous handlers."""
+    previous = {}
+    for name in names:
+        sig = signal.Signals[name]
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            continue
+        previous[sig] = signal.signal(sig, agent._on_signal)
+    return previous
+
+
+def launch(config: LaunchConfig) -> int:
+    """Run this node's agent until the job ends; returns the process exit code."""
+    check_token(config)
+    settings = rendezvous_settings(config)
+    close_timeout_s = config.conf_seconds("close_timeout", settings.join_timeout_s)
+    adapter = config.adapter
+    if config.virtual_local_rank:
+        adapter = _VirtualLocalRank(adapter or FrameworkAdapter(),
+                                    config.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
+                                    config.nproc_per_node)
+    from .numa import cpu_affinity
+
+    affinity = cpu_affinity(config.numa_binding, config.nproc_per_node)
+    grace_s = config.shutdown_timeout_s
+    if grace_s is None:  # torchrun's fallback, then ours
+        raw = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "")
+        try:
+            grace_s = float(raw) if raw else DEFAULT_STOP_GRACE_S
+        except ValueError:
+            raise ConfigError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={raw!r}: expected seconds") from None
     store, server, local, store_env = _open_store(config)
     handler = None
     code = 1
+    previous: Dict[int, object] = {}
     try:
         addr = config.local_addr or local or socket.getfqdn()
         node = NodeInfo(node_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", host=addr,
@@ -123,15 +213,20 @@ def launch(config: LaunchConfig) -> int:
             entrypoint=tuple(config.entrypoint), nproc_per_node=config.nproc_per_node, module=config.module,
             no_python=config.no_python, env=dict(config.env), log_dir=config.log_dir, tee=config.tee,
             preload=guess_preload(config), standby=config.standby and not config.no_python, role=config.role,
+            stop_grace_s=grace_s, console_local_ranks=config.console_local_ranks, cpu_affinity=affinity,
         )
-        code = ElasticAgent(spec, handler, monitor_interval_s=config.monitor_interval_s,
-                            adapter=config.adapter, store_env=store_env).run()
+        agent = ElasticAgent(spec, handler, monitor_interval_s=config.monitor_interval_s,
+                             adapter=adapter, store_env=store_env)
+        previous = _handle_signals(agent, config.signals_to_handle)
+        code = agent.run()
         return code
     finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
         if handler is not None:
             handler.leave()
         if server is not None:
             if code == 0 and handler is not None:
-                _wait_for_others(server.store, handler.prefix, timeout_s=settings.join_timeout_s)
+                _wait_for_others(server.store, handler.prefix, timeout_s=close_timeout_s)
             server.stop()
         store.close()

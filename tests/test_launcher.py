@@ -170,9 +170,10 @@ def test_pet_environment_variables_are_read(procs):
 
 def test_log_dir_keeps_per_rank_logs(procs, tmp_path):
     log_dir = tmp_path / "logs"
-    procs.start("job", [ELASTIC_RUN, "--nproc-per-node", "2", "--rdzv-id", "logged", "--log-dir", str(log_dir), WORKER])
+    procs.start("job", [ELASTIC_RUN, "--nproc-per-node", "2", "--rdzv-id", "logged", "--log-dir", str(log_dir),
+                        "--redirects", "3", WORKER])
     out = procs.wait(timeout_s=60)["job"].output
-    assert "WORKER" not in out  # without --tee, worker output goes to the files only
+    assert "WORKER" not in out  # redirected without --tee: worker output goes to the files only
     for local_rank in (0, 1):
         text = (log_dir / "logged" / "attempt_1" / str(local_rank) / "stdout.log").read_text()
         assert f"local_rank={local_rank}" in text

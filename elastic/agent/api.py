@@ -54,6 +54,8 @@ class WorkerSpec:
     stop_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
     role: str = "default"
     cwd: Optional[str] = None
+    console_local_ranks: Optional[Tuple[int, ...]] = None  # tee only these local ranks (None: all)
+    cpu_affinity: Optional[Tuple[Tuple[int, ...], ...]] = None  # per local rank: CPUs to bind it to
 
     def __post_init__(self) -> None:
         if not self.entrypoint:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,33 @@ RUNNER = [sys.executable, "-m", "elastic.agent._runner"]
 def _popen(argv: List[str], env: Mapping[str, str], cwd: Optional[str], stdin=None) -> subprocess.Popen:
     return subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=dict(env), cwd=cwd, start_new_session=True)
+
+
+def _bind(pid: int, cpus) -> None:
+    """Pin every thread of ``pid`` to ``cpus`` (a warm standby may have threads already)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:
+            pass  # the thread (or the worker) is gone already
+
+
+@contextlib.contextmanager
+def _bound(cpus):
+    """Spawn under ``cpus``: a child inherits the affinity of the thread that forks it."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class StandbyPool:
@@ -67,13 +95,16 @@ class StandbyPool:
             time.sleep(0.05)
         return False
 
-    def take(self, argv: List[str], module: bool, env: Mapping[str, str], cwd: str) -> subprocess.Popen:
+    def take(self, argv: List[str], module: bool, env: Mapping[str, str], cwd: str,
+             cpus=None) -> subprocess.Popen:
         with self._lock:
             while self._ready and self._ready[0].poll() is not None:
                 self._ready.popleft()  # a standby that died (e.g. OOM) is useless
             proc = self._ready.popleft() if self._ready else None
         if proc is None:
             proc = _popen(self._argv(), self._env, self._cwd, stdin=subprocess.PIPE)
+        if cpus is not None:
+            _bind(proc.pid, cpus)  # before the script starts
         spec = {"argv": list(argv), "module": module, "env": dict(env), "cwd": cwd}
         proc.stdin.write((json.dumps(spec) + "\n").encode())
         proc.stdin.close()
@@ -170,14 +201,19 @@ class WorkerGroup:
                 pass
             env = {**env, "TORCHELASTIC_ERROR_FILE": error_file}
             argv = list(self.spec.entrypoint)
+            cpus = self.spec.cpu_affinity[local_rank] if self.spec.cpu_affinity is not None else None
             if self.spec.no_python:
-                proc = _popen(argv, env, cwd)
+                with _bound(cpus):
+                    proc = _popen(argv, env, cwd)
             elif self._standbys is not None:
-                proc = self._standbys.take(argv, self.spec.module, env, cwd)
+                proc = self._standbys.take(argv, self.spec.module, env, cwd, cpus=cpus)
             else:
                 runner = [self.spec.python or sys.executable, "-m", "elastic.agent._runner"]
-                proc = _popen(runner + (["-m"] if self.spec.module else []) + argv, env, cwd)
-            worker = _Worker(proc, int(env["RANK"]), local_rank, error_file, out_dir, self.spec.tee)
+                with _bound(cpus):
+                    proc = _popen(runner + (["-m"] if self.spec.module else []) + argv, env, cwd)
+            tee = self.spec.tee and (self.spec.console_local_ranks is None
+                                     or local_rank in self.spec.console_local_ranks)
+            worker = _Worker(proc, int(env["RANK"]), local_rank, error_file, out_dir, tee)
             self.workers = [w for w in self.workers if w.local_rank != local_rank] + [worker]
             self.workers.sort(key=lambda w: w.local_rank)
 

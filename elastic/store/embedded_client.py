@@ -306,8 +306,9 @@ class EmbeddedStore(Store):
                                         f"this client {wire.VERSION}")
         instance = str(hello.get("instance"))
         if hello.get("auth") and self._token is None:
-            raise StoreAuthError(f"{where} requires a token: set --rdzv-conf token=... or "
-                                 f"${wire.TOKEN_ENV}")
+            raise StoreAuthError(f"{where} requires a token and this node has none: add --rdzv-conf "
+                                 f"token_file=PATH (or token=SECRET), or set ${wire.TOKEN_ENV} "
+                                 f"(or ${wire.TOKEN_FILE_ENV}), with the same secret as the other nodes")
         if not hello.get("auth") and self._token is not None:
             raise StoreAuthError(f"{where} has no token configured but this client has one; "
                                  "refusing an unauthenticated server")
@@ -321,7 +322,9 @@ class EmbeddedStore(Store):
             raise StoreUnavailableError(f"{self.endpoint} is not an elastic-rendezvous server") from None
         if not answer.get("ok"):
             message = str(answer.get("message") or "authentication failed")[:200]
-            raise StoreAuthError(f"{where} refused us: {message}")
+            hint = ("; add --rdzv-conf token_file=PATH (or token=SECRET), or set "
+                    f"${wire.TOKEN_ENV}, on every node" if self._token is None else "")
+            raise StoreAuthError(f"{where} refused us: {message}{hint}")
         if self._token is not None and not wire.proof_matches(
                 wire.server_proof(self._token, server_nonce, client_nonce), answer.get("proof")):
             raise StoreAuthError(f"{where} could not prove it holds the token")

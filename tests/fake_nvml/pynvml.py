@@ -7,7 +7,10 @@ the real sampler code runs against it. Put this directory first on ``sys.path``/
 Behaviour is steered by environment variables read at ``nvmlInit``:
 ``FAKE_NVML_DEVICES`` (device count, default 1), ``FAKE_NVML_INIT_ERROR`` (an NVML error code
 that ``nvmlInit`` raises, e.g. 9 = driver not loaded), ``FAKE_NVML_NO_ENERGY=1`` (the energy
-counter raises NotSupported, as on boards without one).
+counter raises NotSupported, as on boards without one), ``FAKE_NVML_CPU_AFFINITY`` (the
+CPUs of each device's NUMA node, ``;`` between devices, sysfs list syntax: ``0;1`` puts GPU 0
+on CPU 0 and GPU 1 on CPU 1; default every CPU), ``FAKE_NVML_SOCKET_AFFINITY`` (the same per
+socket; default the union of the node sets).
 """
 import os
 import threading
@@ -19,6 +22,9 @@ NVML_TEMPERATURE_GPU = 0
 NVML_CLOCK_GRAPHICS = 0
 NVML_CLOCK_SM = 1
 NVML_CLOCK_MEM = 2
+
+NVML_AFFINITY_SCOPE_NODE = 0
+NVML_AFFINITY_SCOPE_SOCKET = 1
 
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
@@ -201,6 +207,46 @@ def nvmlDeviceGetTemperature(handle, sensor):
     if sensor != NVML_TEMPERATURE_GPU:
         raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
     return 65
+
+
+def _cpu_sets(var, count, default):
+    text = os.environ.get(var)
+    if not text:
+        return [default] * count
+    sets = []
+    for part in text.split(";"):
+        cpus = set()
+        for item in filter(None, (p.strip() for p in part.split(","))):
+            lo, _, hi = item.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+        sets.append(cpus)
+    return (sets + [sets[-1]] * count)[:count]
+
+
+def _mask(cpus, size):
+    """As NVML: ``size`` unsigned longs (64 bits each here), CPU n = bit n % 64 of word n // 64."""
+    words = [0] * size
+    for cpu in cpus:
+        if cpu // 64 < size:
+            words[cpu // 64] |= 1 << (cpu % 64)
+    return words
+
+
+def nvmlDeviceGetCpuAffinityWithinScope(handle, cpuSetSize, scope):
+    _count("nvmlDeviceGetCpuAffinityWithinScope")
+    dev = _device(handle)
+    count = len(_state["devices"])
+    nodes = _cpu_sets("FAKE_NVML_CPU_AFFINITY", count, set(range(os.cpu_count() or 1)))
+    if scope == NVML_AFFINITY_SCOPE_NODE:
+        return _mask(nodes[dev.index], cpuSetSize)
+    if scope == NVML_AFFINITY_SCOPE_SOCKET:
+        union = set().union(*nodes)
+        return _mask(_cpu_sets("FAKE_NVML_SOCKET_AFFINITY", count, union)[dev.index], cpuSetSize)
+    raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+
+
+def nvmlDeviceGetCpuAffinity(handle, cpuSetSize):
+    return nvmlDeviceGetCpuAffinityWithinScope(handle, cpuSetSize, NVML_AFFINITY_SCOPE_NODE)
 
 
 def nvmlErrorString(result):
