@@ -4,7 +4,8 @@ from setuptools import find_packages, setup
 EXTRAS = {
     # torch is pinned by `make setup` (.ci/constraints.txt) to the CPU wheel on disk.
     "torch": ["torch>=2.2"],
-    "tf": ["tensorflow-cpu>=2.16"],
+    # tf-keras: Keras 2, for Horovod's Keras elastic state (run with TF_USE_LEGACY_KERAS=1)
+    "tf": ["tensorflow-cpu>=2.16", "tf-keras>=2.16"],
     # Horovod ships only as a source package; `make setup` builds it with Gloo (see README).
     "horovod": ["horovod==0.28.1"],
     "etcd": ["etcd-sdk-python>=0.0.7"],

@@ -37,7 +37,8 @@ fi
 [ -x "$PY" ] || { log "creating $VENV"; python3 -m venv "$VENV"; }
 "$PY" -m pip install -q --upgrade pip wheel 'setuptools<81' 
 log "installing torch, tensorflow-cpu and the runtime dependencies"
-"$PY" -m pip install -q torch==2.13.0 tensorflow-cpu==2.21.0 numpy packaging cloudpickle pyyaml psutil cffi
+# tf-keras: Keras 2 for TensorFlow, which Horovod's Keras elastic state needs (TF_USE_LEGACY_KERAS=1).
+"$PY" -m pip install -q torch==2.13.0 tensorflow-cpu==2.21.0 tf-keras==2.21.0 numpy packaging cloudpickle pyyaml psutil cffi
 
 # 3. Horovod 0.28.1 from source with Gloo, for PyTorch and TensorFlow; the wheel is cached
 #    outside the repo so a machine builds it once (~4 min on 2 cores).

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from .errors import ElasticError
 
@@ -36,6 +36,7 @@ class WorkerLink:
         self.local_rank = local_rank
         self.generation = generation
         self._changed = threading.Event()
+        self.on_change: Optional[Callable[[], None]] = None  # called once per change, from the watch
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
 
@@ -101,6 +102,8 @@ class WorkerLink:
                 state = json.loads(kv.value) if kv else None
                 if state is None or state["generation"] != generation or state["state"] != "closed":
                     self._changed.set()
+                    if self.on_change is not None:
+                        self.on_change()
                     return
                 self.store.wait(key, kv.mod_revision, timeout_s=5.0)
             except Exception as exc:  # the store going away ends the job anyway

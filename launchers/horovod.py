@@ -11,11 +11,13 @@ and port, ``HOROVOD_CONTROLLER=gloo``, ``HOROVOD_CPU_OPERATIONS=gloo``, ``HOROVO
 and ``NCCL_SOCKET_IFNAME``. Unmodified ``hvd.init()`` scripts then run as under ``horovodrun``.
 
 A membership change restarts the workers with the next round's variables (state from the
-script's checkpoint), or, for ``@elastic.run`` workers, hands the survivors the new variables
-in place: they ``hvd.shutdown()`` and ``hvd.init()`` against the new round's server. The other
-nodes' agents wait (bounded) until that server accepts connections before they start or
-re-form their workers, since Horovod's own client gives up after about 1.5 s. The server also
-answers Horovod's elastic ``rank_and_size`` query from the plan (``HOROVOD_ELASTIC=1``).
+script's checkpoint), or, for workers that recover in place (``@elastic.run``, or an
+unmodified ``@hvd.elastic.run`` script: see :mod:`elastic._hvd_bridge`), hands the survivors
+the new variables: they ``hvd.shutdown()`` and ``hvd.init()`` against the new round's server,
+which answers Horovod's elastic ``rank_and_size`` query from the round's plan
+(``HOROVOD_ELASTIC=1``, as ``horovodrun --elastic`` sets). The other nodes' agents wait
+(bounded) until that server accepts connections before they start or re-form their workers,
+since Horovod's own client gives up after about 1.5 s.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from elastic._lazy import require
 from elastic.agent import FrameworkAdapter
@@ -56,11 +58,35 @@ def slot_hostname(node) -> str:
     return re.sub(r"[^\w.-]", "-", node.node_id)
 
 
-def host_plan(rnd) -> list:
-    """Horovod's ``SlotInfo`` for every rank of the round, in rank order (as ``horovodrun``)."""
+def round_hostname(node, generation: int) -> str:
+    """``HOROVOD_HOSTNAME`` of ``node``'s workers in round ``generation``.
+
+    The generation in the name keeps rounds apart on Horovod's rendezvous server: a worker
+    asking for its place in a newer round than the server holds is told to wait (404), not
+    handed its old place.
+    """
+    return f"{slot_hostname(node)}.g{generation}"
+
+
+def host_plan(rnd, fresh_local_ranks: Optional[Sequence[int]] = None) -> list:
+    """Horovod's ``SlotInfo`` for every rank of the round, in rank order (as ``horovodrun``).
+
+    ``fresh_local_ranks``: node rank 0's workers that start fresh while the others of the
+    node recover in place. Horovod's ``state.sync()`` broadcasts from rank 0, so rank 0 must
+    hold the committed state: if local rank 0 is fresh, its global rank is swapped with the
+    lowest surviving local rank's (``horovodrun`` keeps survivors on low ranks the same way).
+    """
     hosts_mod = require("horovod.runner.common.util.hosts", "--framework horovod")
-    hosts = [hosts_mod.HostInfo(slot_hostname(n), n.nproc) for n in rnd.nodes]
-    return hosts_mod.get_host_assignments(hosts, rnd.world_size)
+    hosts = [hosts_mod.HostInfo(round_hostname(n, rnd.generation), n.nproc) for n in rnd.nodes]
+    plan = hosts_mod.get_host_assignments(hosts, rnd.world_size)
+    fresh = set(fresh_local_ranks or ())
+    survivors = [i for i in range(rnd.nodes[0].nproc) if i not in fresh]
+    if 0 in fresh and survivors:
+        a, b = plan[0], plan[survivors[0]]
+        plan[0] = hosts_mod.SlotInfo(b.hostname, 0, b.local_rank, b.cross_rank, b.size, b.local_size, b.cross_size)
+        plan[survivors[0]] = hosts_mod.SlotInfo(a.hostname, b.rank, a.local_rank, a.cross_rank, a.size,
+                                                a.local_size, a.cross_size)
+    return plan
 
 
 def _addresses(host: str) -> List[str]:
@@ -115,11 +141,16 @@ def network_interface(host: str, peer: Optional[str] = None) -> str:
                        "of this machine, or set HOROVOD_GLOO_IFACE")
 
 
-def _handler_class(plan_ref):
+def _generation_of(hostname: str) -> int:
+    return int(hostname.rpartition(".g")[2] or -1) if ".g" in hostname else -1
+
+
+def _handler_class(plan_ref, generation: int):
     http = require("horovod.runner.http.http_server", "--framework horovod")
 
     class Handler(http.RendezvousHandler):
-        """Horovod's Gloo rendezvous, plus its elastic ``rank_and_size`` lookup from the plan."""
+        """Horovod's Gloo rendezvous, plus its elastic ``rank_and_size`` lookup from the plan
+        (asked by a worker's ``hvd.init()`` after a reset, with ``HOROVOD_ELASTIC=1``)."""
 
         def _get_value(self, scope, key):
             if scope == _RANK_AND_SIZE:
@@ -127,6 +158,8 @@ def _handler_class(plan_ref):
                 for slot in plan_ref[0]:
                     if slot.hostname == host and str(slot.local_rank) == local_rank:
                         return slot.to_response_string().encode("ascii")
+                if _generation_of(host) > generation:
+                    return None  # a newer round than this server's: 404, the worker asks again
                 return b"-1,-1,-1,-1,-1,-1"  # Horovod's answer for "not part of the job"
             return super()._get_value(scope, key)
 
@@ -136,12 +169,12 @@ def _handler_class(plan_ref):
 class _PlanServer:
     """Horovod's ``RendezvousServer`` bound to a given port instead of a random one."""
 
-    def __init__(self, bind: str, port: int, plan: list) -> None:
+    def __init__(self, bind: str, port: int, plan: list, generation: int) -> None:
         http = require("horovod.runner.http.http_server", "--framework horovod")
         self._plan = [plan]
         self._server = http.RendezvousServer()
         try:
-            self._server._httpd = http.RendezvousHTTPServer((bind, port), _handler_class(self._plan), 0)
+            self._server._httpd = http.RendezvousHTTPServer((bind, port), _handler_class(self._plan, generation), 0)
         except OSError as exc:
             raise HorovodError(f"cannot serve Horovod's rendezvous on {bind or '*'}:{port}: {exc}") from exc
         self._server._httpd.daemon_threads = True
@@ -173,8 +206,8 @@ class HorovodAdapter(FrameworkAdapter):
         self._generation = -1
         self._iface: Optional[str] = None
 
-    def on_round(self, rnd) -> None:
-        self._plan = host_plan(rnd)
+    def on_round(self, rnd, fresh_local_ranks: Optional[Sequence[int]] = None) -> None:
+        self._plan = host_plan(rnd, fresh_local_ranks if rnd.node_rank == 0 else None)
         self._generation = rnd.generation
         self._iface = self._iface_forced or network_interface(rnd.node.host, rnd.master_addr)
         self._stop_server()
@@ -184,7 +217,7 @@ class HorovodAdapter(FrameworkAdapter):
                 raise HorovodError("node rank 0 offered no aux port for Horovod's rendezvous")
             host = rnd.nodes[0].host
             bind = "127.0.0.1" if _is_loopback(host) else ""
-            self._server = _PlanServer(bind, port, self._plan)
+            self._server = _PlanServer(bind, port, self._plan, rnd.generation)
             log.info("round %d: Horovod rendezvous on %s:%d, %d rank(s), interface %s", rnd.generation,
                      host, port, len(self._plan), self._iface)
         elif rnd.nodes[0].aux_port and not _wait_for_server(rnd.nodes[0].host, rnd.nodes[0].aux_port,
@@ -196,10 +229,15 @@ class HorovodAdapter(FrameworkAdapter):
         if rnd.generation != self._generation:
             self._plan = host_plan(rnd)
             self._generation = rnd.generation
-        slot = self._plan[rank]
+        host = round_hostname(rnd.node, rnd.generation)
+        slot = next(s for s in self._plan if s.hostname == host and s.local_rank == local_rank)
         iface = self._iface or network_interface(rnd.node.host, rnd.master_addr)
-        # horovod.runner.gloo_run.create_slot_env_vars + create_run_env_vars, as horovodrun sets them
+        # horovod.runner.gloo_run.create_slot_env_vars + create_run_env_vars, as horovodrun sets
+        # them for its elastic mode; RANK follows Horovod's rank (they differ after a swap).
         return {
+            "RANK": str(slot.rank),
+            "ROLE_RANK": str(slot.rank),
+            "HOROVOD_ELASTIC": "1",
             "HOROVOD_HOSTNAME": slot.hostname,
             "HOROVOD_RANK": str(slot.rank),
             "HOROVOD_SIZE": str(slot.size),

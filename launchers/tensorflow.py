@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from elastic._lazy import require
 from elastic.agent import FrameworkAdapter
@@ -57,7 +57,7 @@ class TensorFlowAdapter(FrameworkAdapter):
 
     name = "tensorflow"
 
-    def on_round(self, rnd) -> None:
+    def on_round(self, rnd, fresh_local_ranks: Optional[Sequence[int]] = None) -> None:
         if any(not n.aux_port for n in rnd.nodes):
             raise ConfigError("a node offered no aux ports for TF_CONFIG")
 

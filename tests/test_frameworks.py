@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -129,17 +130,19 @@ def test_horovod_env_is_what_horovodrun_sets():
     from horovod.runner.common.util.hosts import HostInfo, get_host_assignments
     from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
 
-    from launchers.horovod import HorovodAdapter, slot_hostname
+    from launchers.horovod import HorovodAdapter, round_hostname, slot_hostname
 
     rnd = make_round([2, 1, 2], node_rank=1)
     adapter = HorovodAdapter()
     adapter.on_round(rnd)  # not node rank 0: serves nothing
     try:
-        plan = get_host_assignments([HostInfo(slot_hostname(n), n.nproc) for n in rnd.nodes], rnd.world_size)
+        plan = get_host_assignments([HostInfo(round_hostname(n, rnd.generation), n.nproc) for n in rnd.nodes],
+                                    rnd.world_size)
         env = dict(adapter.worker_env(rnd, 0, rnd.rank_offset))
         expected = {k: str(v) for k, v in create_slot_env_vars(plan[2]).items()}
         expected.update({k: str(v) for k, v in create_run_env_vars(
             "127.0.0.1", ["lo"], rnd.nodes[0].aux_port).items()})
+        expected["HOROVOD_ELASTIC"] = "1"  # as horovodrun --elastic: hvd.init() after a reset asks the server
         assert {k: env[k] for k in expected} == expected
         assert (env["HOROVOD_RANK"], env["HOROVOD_SIZE"], env["HOROVOD_LOCAL_RANK"], env["HOROVOD_LOCAL_SIZE"],
                 env["HOROVOD_CROSS_RANK"], env["HOROVOD_CROSS_SIZE"]) == ("2", "5", "0", "1", "1", "3")
@@ -162,7 +165,7 @@ def http(method, url, data=None):
 def test_node_rank_zero_serves_horovods_rendezvous_per_round():
     from horovod.runner.http.http_client import put_data_into_kvstore, read_data_from_kvstore
 
-    from launchers.horovod import HorovodAdapter, slot_hostname
+    from launchers.horovod import HorovodAdapter, round_hostname
 
     adapter = HorovodAdapter()
     rnd = make_round([2, 1], node_rank=0)
@@ -173,21 +176,51 @@ def test_node_rank_zero_serves_horovods_rendezvous_per_round():
         put_data_into_kvstore("127.0.0.1", port, "global", "k", b"v1")
         assert read_data_from_kvstore("127.0.0.1", port, "global", "k") == b"v1"
         # and Horovod's elastic re-init query answers the slot of host:local_rank
-        host1 = slot_hostname(rnd.nodes[1])
+        host1 = round_hostname(rnd.nodes[1], rnd.generation)
         assert http("GET", f"http://127.0.0.1:{port}/rank_and_size/{host1}:0") == (200, b"2,3,0,1,1,2")
         assert http("GET", f"http://127.0.0.1:{port}/rank_and_size/nobody:0")[1] == b"-1,-1,-1,-1,-1,-1"
+        # a worker already told of a newer round is told to ask again (404), not given its old place
+        newer = round_hostname(rnd.nodes[1], rnd.generation + 1)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            http("GET", f"http://127.0.0.1:{port}/rank_and_size/{newer}:0")
+        assert err.value.code == 404
         # the next round stops this server and serves a fresh one on the new round's port
         nxt = make_round([2], node_rank=0, generation=4)
         adapter.on_round(nxt)
         with pytest.raises(OSError):
             http("GET", f"http://127.0.0.1:{port}/global/k")
         new_port = nxt.nodes[0].aux_port
-        assert http("GET", f"http://127.0.0.1:{new_port}/rank_and_size/{slot_hostname(nxt.nodes[0])}:1") == \
+        assert http("GET", f"http://127.0.0.1:{new_port}/rank_and_size/{round_hostname(nxt.nodes[0], 4)}:1") == \
             (200, b"1,2,1,2,0,1")
     finally:
         adapter.close()
     with pytest.raises(OSError):
         http("GET", f"http://127.0.0.1:{new_port}/global/k")
+
+
+@pytest_horovod
+def test_a_fresh_local_rank_zero_swaps_horovod_ranks_with_the_lowest_survivor():
+    """Horovod's state.sync() broadcasts from rank 0: after an in-place re-formation rank 0 must
+    be a survivor, so a fresh local rank 0 on node 0 trades ranks with the lowest survivor."""
+    from launchers.horovod import HorovodAdapter, host_plan
+
+    rnd = make_round([3, 2], node_rank=0)
+    plan = host_plan(rnd, fresh_local_ranks=[0])
+    assert [s.rank for s in plan] == list(range(5))
+    by_local = {(s.hostname, s.local_rank): s.rank for s in plan}
+    node0 = plan[0].hostname
+    assert (by_local[(node0, 0)], by_local[(node0, 1)], by_local[(node0, 2)]) == (1, 0, 2)
+    assert [s.rank for s in plan if s.hostname != node0] == [3, 4]  # other nodes keep theirs
+    assert [s.rank for s in host_plan(rnd, fresh_local_ranks=[1])] == list(range(5))  # rank 0 survives
+    assert [(s.local_rank, s.rank) for s in host_plan(rnd, fresh_local_ranks=[0, 1, 2])][:3] == \
+        [(0, 0), (1, 1), (2, 2)]  # nobody to swap with
+    adapter = HorovodAdapter()
+    try:
+        adapter.on_round(rnd, fresh_local_ranks=[0])
+        env = adapter.worker_env(rnd, 0, 0)
+        assert (env["HOROVOD_RANK"], env["RANK"], env["HOROVOD_LOCAL_RANK"]) == ("1", "1", "0")
+    finally:
+        adapter.close()
 
 
 @pytest_horovod

@@ -54,6 +54,10 @@ def _write_error_file(exc: BaseException) -> None:
 
 def _run(argv: list, module: bool) -> int:
     sys.argv = list(argv)
+    if os.environ.get("HOROVOD_RANK") and os.environ.get("ELASTIC_NODE_ID"):
+        from elastic import _hvd_bridge  # unmodified @hvd.elastic.run scripts follow the agent's rounds
+
+        _hvd_bridge.install()
     if not module:
         script_dir = os.path.dirname(os.path.abspath(argv[0]))
         sys.path.insert(0, script_dir)

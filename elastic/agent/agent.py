@@ -206,10 +206,10 @@ class ElasticAgent:
     def _reform_in_place(self, rnd: Round) -> None:
         """Tell live workers their place in ``rnd``; start new ones for dead local ranks."""
         group = self._group
-        self._host_worker_store(rnd)
-        self.adapter.on_round(rnd)
-        self._restart_watch(rnd)
         dead = [w.local_rank for w in group.workers if w.proc.poll() not in (None, 0)]
+        self._host_worker_store(rnd)
+        self.adapter.on_round(rnd, fresh_local_ranks=dead)
+        self._restart_watch(rnd)
         for w in group.workers:
             if w.local_rank in dead:
                 continue

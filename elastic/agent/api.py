@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal as _signal
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, ElasticError
 
@@ -27,8 +27,9 @@ class FrameworkAdapter:
 
     name = "torch"
 
-    def on_round(self, rnd) -> None:
-        pass
+    def on_round(self, rnd, fresh_local_ranks: Optional[Sequence[int]] = None) -> None:
+        """``fresh_local_ranks``: when the other local workers recover in place, the ones
+        that start fresh this round (None: all of them start)."""
 
     def worker_env(self, rnd, local_rank: int, rank: int) -> Mapping[str, str]:
         return {}

@@ -1,0 +1,121 @@
+"""Unmodified Horovod Elastic scripts (``@hvd.elastic.run``, ``hvd.elastic.TorchState`` /
+``KerasState``, ``state.commit()``, reset callbacks) under ``elastic-run --framework horovod``:
+after one worker's SIGKILL the survivors reset in place through Horovod's own elastic path
+(same PIDs, reset callbacks run), the replacement takes the state by Horovod's broadcast,
+and no step is lost: the job ends where a fault-free run ends."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
+WORKERS = os.path.join(os.path.dirname(__file__), "workers")
+TORCH_SCRIPT = os.path.join(WORKERS, "hvd_elastic_torch.py")
+KERAS_SCRIPT = os.path.join(WORKERS, "hvd_elastic_keras.py")
+REFERENCE = os.path.join(WORKERS, "inproc_train.py")
+STEPS = 40
+
+
+def _has(module):
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+needs_hvd_torch = pytest.mark.skipif(not _has("horovod.torch"), reason="horovod.torch not installed (make setup)")
+
+
+def steps(output):
+    return [dict(kv.split("=", 1) for kv in m.group(1).split()) for m in re.finditer(r"STEP (.*)", output)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Final parameters of a fault-free run of the same model and data: one plain process."""
+    out = tmp_path_factory.mktemp("ref") / "params.json"
+    res = subprocess.run([sys.executable, REFERENCE, "--steps", str(STEPS), "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return json.loads(out.read_text())
+
+
+@needs_hvd_torch
+@pytest.mark.parametrize("victim_rank", ["0", "1"])
+def test_unmodified_hvd_elastic_torch_script_survives_a_worker_kill(procs, tmp_path, reference, victim_rank):
+    out = tmp_path / "params.json"
+    procs.start("job", [ELASTIC_RUN, "--framework", "horovod", "--nproc-per-node", "2", "--max-restarts", "1",
+                        TORCH_SCRIPT, "--steps", str(STEPS), "--step-delay", "0.03", "--out", str(out)])
+    procs.wait_for_output("job", "STEP step=10 rank=1", timeout_s=120)
+    first = {r["rank"]: r["pid"] for r in steps(procs.output("job")) if r["gen"] == "1"}
+    victim = int(first[victim_rank])
+    survivor = next(pid for rank, pid in first.items() if rank != victim_rank)
+    os.kill(victim, signal.SIGKILL)
+    result = procs.wait(timeout_s=120)["job"]
+    text = result.output
+    assert result.returncode == 0, text[-4000:]
+    records = steps(text)
+    later = [r for r in records if r["gen"] != "1"]
+    assert later, text[-4000:]
+    # The survivor kept its process and is rank 0 of the new round (it holds the state).
+    assert {r["pid"] for r in later if r["rank"] == "0"} == {survivor}, text[-4000:]
+    replacement = {r["pid"] for r in later if r["rank"] == "1"}
+    assert len(replacement) == 1 and str(victim) not in replacement and survivor not in replacement
+    # The replacement started from the survivors' last commit, by Horovod's broadcast.
+    assert min(int(r["step"]) for r in later if r["rank"] == "1") > 2, text[-4000:]
+    assert "workers re-formed in place" in text and "re-formed in" in text
+    assert f"DONE rank=0 pid={survivor} resets=[2]" in text  # Horovod's reset callbacks ran
+    assert text.count("DONE") == 2
+    got = json.loads(out.read_text())
+    for key in reference:  # no step lost, none repeated: the fault-free run's parameters
+        np.testing.assert_allclose(np.array(got[key]), np.array(reference[key]), rtol=1e-4, atol=1e-5)
+
+
+@needs_hvd_torch
+def test_unmodified_hvd_elastic_script_runs_alone_without_elastic_run(tmp_path):
+    """Outside elastic-run the script is Horovod's: one process, a world of one."""
+    res = subprocess.run([sys.executable, TORCH_SCRIPT, "--steps", "4"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": os.path.dirname(WORKERS) + "/.."})
+    assert res.returncode == 0, res.stderr
+    assert "DONE rank=0" in res.stdout and "resets=[]" in res.stdout
+
+
+needs_hvd_keras = pytest.mark.skipif(not (_has("horovod.tensorflow") and _has("tf_keras")),
+                                     reason="horovod.tensorflow or tf-keras not installed (make setup)")
+
+
+@needs_hvd_keras
+def test_unmodified_hvd_elastic_keras_script_survives_a_worker_kill(procs, tmp_path):
+    """Horovod's Keras elastic state needs Keras 2 (tf-keras, TF_USE_LEGACY_KERAS=1), as under
+    horovodrun; rank 0 is killed, so the survivor must become rank 0 to broadcast its state."""
+    epochs, batches = 3, 12
+    procs.start("job", [ELASTIC_RUN, "--framework", "horovod", "--nproc-per-node", "2", "--max-restarts", "1",
+                        KERAS_SCRIPT, "--epochs", str(epochs), "--batches", str(batches), "--step-delay", "0.05"],
+                env={"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    procs.wait_for_output("job", "STEP step=8 rank=1", timeout_s=180)
+    first = {r["rank"]: r["pid"] for r in steps(procs.output("job")) if r["gen"] == "1"}
+    victim, survivor = int(first["0"]), first["1"]
+    os.kill(victim, signal.SIGKILL)
+    result = procs.wait(timeout_s=180)["job"]
+    text = result.output
+    assert result.returncode == 0, text[-4000:]
+    records = steps(text)
+    before = [int(r["step"]) for r in records if r["gen"] == "1" and r["pid"] == survivor]
+    later = [r for r in records if r["gen"] != "1"]
+    assert {r["pid"] for r in later if r["rank"] == "0"} == {survivor}, text[-4000:]  # same process, rank 0 now
+    fresh = [int(r["step"]) for r in later if r["rank"] == "1"]
+    assert fresh and str(victim) not in {r["pid"] for r in later}
+    # Rolled back to the last commit (every 2 batches), and the replacement took that state.
+    resumed = min(int(r["step"]) for r in later if r["pid"] == survivor)
+    assert max(before) - 2 <= resumed - 1 <= max(before), text[-4000:]
+    assert min(fresh) == resumed, text[-4000:]
+    done = re.findall(r"DONE rank=(\d) pid=(\d+) steps=(\d+) resets=(\[.*?\])", text)
+    assert len(done) == 2 and len({d[2] for d in done}) == 1, text[-4000:]
+    assert int(done[0][2]) >= epochs * batches  # no batch lost
+    assert ("0", survivor, done[0][2], "[2]") in done  # Horovod's reset callback ran in the survivor
