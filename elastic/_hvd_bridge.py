@@ -75,6 +75,7 @@ def _run(link, state, reset: Callable, func: Callable, args, kwargs) -> Any:
                 if not is_recoverable(exc):
                     raise
                 reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                link.report_lost_peer(reason)
                 state.restore()
                 skip_sync = False
             except HostsUpdatedInterrupt as exc:

@@ -60,6 +60,15 @@ class WorkerLink:
         self.store.put(self._key("inproc"), str(os.getpid()).encode())
         self._start_watch()
 
+    def report_lost_peer(self, reason: str) -> None:
+        """Tell the agent at once that a collective lost a peer: it opens the next round
+        without waiting for a dead node's lease to expire (a live node simply joins it)."""
+        try:
+            self.store.put(self._key("lostpeer"),
+                           json.dumps({"generation": self.generation, "reason": reason}).encode())
+        except Exception as exc:  # the agent still learns of a dead node from its lease
+            log.debug("reporting a lost peer: %s", exc)
+
     @property
     def membership_changed(self) -> bool:
         return self._changed.is_set()

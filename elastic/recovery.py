@@ -61,6 +61,13 @@ def is_recoverable(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _PEER_LOST)
 
 
+def _is_membership_news(exc: BaseException) -> bool:
+    """The agent told us of a new round (rather than a collective losing a peer)."""
+    hvd_exc = sys.modules.get("horovod.common.exceptions")
+    return isinstance(exc, MembershipChangedError) or (
+        hvd_exc is not None and isinstance(exc, hvd_exc.HostsUpdatedInterrupt))
+
+
 class _Backend:
     """How the workers' communicator is built and torn down for each round."""
 
@@ -194,8 +201,11 @@ class _Session:
                     if self.link is None or not is_recoverable(exc):
                         raise
                     reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                    lost_peer = not _is_membership_news(exc)
                 # Out of the except block the failed call's frames (and the DDP module, whose
                 # reducer holds the old group) are freed before the group is torn down.
+                if lost_peer:
+                    self.link.report_lost_peer(reason)
                 self._recover(reason)
         finally:
             if self.link is not None:

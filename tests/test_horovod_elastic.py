@@ -119,3 +119,36 @@ def test_unmodified_hvd_elastic_keras_script_survives_a_worker_kill(procs, tmp_p
     assert len(done) == 2 and len({d[2] for d in done}) == 1, text[-4000:]
     assert int(done[0][2]) >= epochs * batches  # no batch lost
     assert ("0", survivor, done[0][2], "[2]") in done  # Horovod's reset callback ran in the survivor
+
+
+@needs_hvd_torch
+def test_a_dead_node_is_left_out_at_once_and_its_death_is_not_charged(procs, tmp_path, reference):
+    """Two nodes; the second one's agent is SIGKILLed (its worker dies with it) while its lease
+    has seconds to run. The survivor reports the lost peer, its agent opens the next round at
+    once, and the job goes on at world size 1 in the same process, with --max-restarts 0."""
+    from services import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    out = tmp_path / "params.json"
+
+    def agent(name):
+        procs.start(name, [ELASTIC_RUN, "--framework", "horovod", "--nnodes", "1:2", "--nproc-per-node", "1",
+                           "--rdzv-endpoint", endpoint, "--rdzv-id", "lost-peer", "--max-restarts", "0",
+                           "--rdzv-conf", "last_call_timeout=0.5,lease_ttl=8,join_timeout=60",
+                           TORCH_SCRIPT, "--steps", str(STEPS), "--step-delay", "0.1", "--out", str(out)])
+
+    agent("a0")
+    procs.wait_for_output("a0", "listening", timeout_s=60)
+    agent("a1")
+    procs.wait_for_output("a1", "world=2", timeout_s=120)  # a1 joined: a scale-up, in place
+    procs.signal("a1", signal.SIGKILL)  # the agent alone: its worker dies with it (PDEATHSIG)
+    result = procs.wait(timeout_s=120, names=["a0"])["a0"]
+    text = result.output
+    assert result.returncode == 0, text[-4000:]
+    records = steps(text)
+    assert len({r["pid"] for r in records}) == 1, text[-4000:]  # a0's worker never restarted
+    assert records[-1]["world"] == "1" and any(r["world"] == "2" for r in records)
+    assert "lost a peer" in text and "restart budget" not in text, text[-4000:]
+    got = json.loads(out.read_text())
+    for key in reference:  # no step lost across 1 -> 2 -> 1
+        np.testing.assert_allclose(np.array(got[key]), np.array(reference[key]), rtol=1e-4, atol=1e-5)

@@ -44,6 +44,27 @@ def test_round_closes_at_min_after_last_call():
     assert [r.num_nodes for r in rounds] == [2, 2]
 
 
+def test_a_re_formation_closes_once_every_live_node_joined():
+    """After a node leaves, the survivors' next round closes as soon as both joined: no last
+    call (600 s here) to wait out. A first round still waits for it (nodes may be starting)."""
+    store = MemoryStore()
+    hs = [make(store, n, min_nodes=1, max_nodes=4, last_call_s=0.3) for n in "abc"]
+    first = join_all(hs)
+    for h in hs:
+        h.settings = RendezvousSettings(**{**h.settings.__dict__, "last_call_s": 600})
+    hs[2].leave()
+    second = join_all(hs[:2], first[:2])
+    assert [r.num_nodes for r in second] == [2, 2] and second[0].generation == first[0].generation + 1
+    # a node that is alive but has not joined yet is still waited for (up to the last call)
+    hs[1].request_new_round(second[1], "test", count_restart=False)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(hs[0].next_round, second[0])
+        with pytest.raises(TimeoutError):
+            pending.result(timeout=1.0)
+        third = hs[1].next_round(second[1])
+        assert third.num_nodes == 2 and pending.result(timeout=30).generation == third.generation
+
+
 def test_too_few_nodes_time_out_with_a_clear_error():
     store = MemoryStore()
     h = make(store, "lonely", min_nodes=2, max_nodes=2, join_timeout_s=0.5)

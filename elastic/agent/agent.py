@@ -90,6 +90,7 @@ class ElasticAgent:
         self._standbys: Optional[StandbyPool] = None
         self._change = threading.Event()
         self._change_reason = ""
+        self._lost_peer_reason = ""  # an in-place worker's report that a collective lost a peer
         self._watch_stop = threading.Event()
         self._base_env = self._make_base_env()
 
@@ -134,6 +135,13 @@ class ElasticAgent:
                 self._stop_workers()
                 self.handler.leave()
                 return 0
+            if outcome == "lost_peer":
+                # A peer on another node is gone (its lease may live on for seconds): open
+                # the next round now; a live node joins it, a dead one is left out. A
+                # membership change, never charged to --max-restarts.
+                log.warning("a worker lost a peer (%s); opening the next round", detail)
+                self.handler.request_new_round(rnd, f"a worker lost a peer: {detail}", count_restart=False)
+                outcome, detail = "changed", "a worker lost a peer"
             if outcome == "failed" and self._lost_a_peer(rnd, detail):
                 # Its peers' node died: that is a membership change, not a failure to charge
                 # to --max-restarts, once the dead node's lease has expired.
@@ -304,9 +312,31 @@ class ElasticAgent:
         self._watch_stop.set()
         self._change.clear()
         self._change_reason = ""
+        self._lost_peer_reason = ""
         self._watch_stop = threading.Event()
         threading.Thread(target=self._watch, args=(rnd, self._watch_stop), name="rdzv-watch",
                          daemon=True).start()
+        threading.Thread(target=self._watch_lost_peers, args=(rnd, self._watch_stop), name="lost-peer-watch",
+                         daemon=True).start()
+
+    def _watch_lost_peers(self, rnd: Round, stop: threading.Event) -> None:
+        """Wake the monitor when an in-place worker of this node reports a lost peer in ``rnd``."""
+        prefix = f"{self.handler.prefix}lostpeer/{self.handler.node.node_id}/"
+        store = self.handler.store
+        while not stop.is_set():
+            try:
+                kvs, rev = store.get_prefix(prefix)
+                for kv in kvs:
+                    record = json.loads(kv.value)
+                    if record.get("generation") == rnd.generation and not stop.is_set():
+                        self._lost_peer_reason = str(record.get("reason") or "connection lost")
+                        self._change.set()
+                        return
+                store.wait(prefix, rev, timeout_s=1.0)
+            except Exception as exc:  # a store hiccup: the leases still decide liveness
+                if stop.wait(0.5):
+                    return
+                log.debug("watching for lost peers: %s", exc)
 
     def _scratch_dir(self) -> str:
         path = os.path.join(tempfile.gettempdir(), f"elastic-run-{os.getuid()}")
@@ -345,7 +375,17 @@ class ElasticAgent:
             if exits and len(exits) == len(group.workers) and all(e.returncode == 0 for e in exits):
                 return "succeeded", None
             if self._change.wait(self.monitor_interval_s):
-                return "changed", self._change_reason
+                if self._change_reason or not self._lost_peer_reason:
+                    return "changed", self._change_reason
+                # A local worker's death also breaks its peers' connections: a failure seen
+                # within a monitor interval is that (charged), not another node's loss.
+                deadline = time.monotonic() + self.monitor_interval_s
+                while time.monotonic() < deadline and not any(e.returncode for e in group.poll()):
+                    time.sleep(self.monitor_interval_s / 4)
+                failed = [e for e in group.poll() if e.returncode != 0]
+                if failed:
+                    return "failed", failed[0]
+                return "lost_peer", self._lost_peer_reason
 
     # -- failures --------------------------------------------------------------------------
     def _report_failure(self, rnd: Round, failure: WorkerExit) -> None:

@@ -283,10 +283,16 @@ class RendezvousHandler:
 
         The joiners are read once and then followed through events, so coordinating N
         joiners costs O(N), not O(N^2) re-reads. Returns once the round is closed or gone.
+        A round that re-forms a running job (it has previous nodes) closes as soon as every
+        live node (``alive/``) has joined: the last call is for nodes still on their way, and
+        there are none. A node that left or died is not waited for (it would only be taken
+        in by the last call, and a dead one never comes).
         """
         settings = self.settings
         kvs, rev = self.store.get_prefix(join_prefix)
         joins: Dict[str, KeyValue] = {kv.key: kv for kv in kvs}
+        alive_prefix = self._key("alive") + "/"
+        alive = {kv.key for kv in self.store.get_prefix(alive_prefix)[0]}
         min_reached_at: Optional[float] = None
         kv = None
         while True:
@@ -302,7 +308,9 @@ class RendezvousHandler:
                 min_reached_at = None
             elif min_reached_at is None:
                 min_reached_at = now
-            if n >= settings.max_nodes or (
+            everyone = bool(state.get("prev_nodes")) and n >= settings.min_nodes and {
+                k[len(alive_prefix):] for k in alive} <= {k[len(join_prefix):] for k in joins}
+            if n >= settings.max_nodes or everyone or (
                     min_reached_at is not None and now - min_reached_at >= settings.last_call_s):
                 self._close(kv, state, sorted(joins.values(), key=lambda j: j.mod_revision))
                 kv = None
@@ -315,6 +323,7 @@ class RendezvousHandler:
             except StoreCompactedError:
                 kvs, rev = self.store.get_prefix(join_prefix)
                 joins = {j.key: j for j in kvs}
+                alive = {a.key for a in self.store.get_prefix(alive_prefix)[0]}
                 kv = None
                 continue
             if not events:
@@ -326,6 +335,8 @@ class RendezvousHandler:
                         joins[event.key] = KeyValue(event.key, event.value, event.revision)
                     else:
                         joins.pop(event.key, None)
+                elif event.key.startswith(alive_prefix):
+                    (alive.add if event.kind == "put" else alive.discard)(event.key)
                 elif event.key == self._round_key:
                     kv = None
                 rev = event.revision
