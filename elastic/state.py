@@ -13,8 +13,7 @@ skipped.
 from __future__ import annotations
 
 import copy
-import json
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 from ._worker import MembershipChangedError
 

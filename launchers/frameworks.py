@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import ast
 import logging
-import re
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from elastic.errors import ConfigError
 from elastic.registry import Registry
 
 __all__ = ["FRAMEWORKS", "ADAPTERS", "register_adapter", "create_adapter", "detect_framework",
-           "resolve_framework", "framework_imports", "standby_preload", "uses_horovod_elastic"]
+           "resolve_framework", "framework_imports", "standby_preload"]
 
 log = logging.getLogger("elastic.launcher")
 
@@ -33,11 +32,6 @@ ADAPTERS.register("tensorflow", "launchers.tensorflow:TensorFlowAdapter")
 
 FRAMEWORKS = ("torch", "horovod", "tensorflow")
 _ALIASES = {"pytorch": "torch", "ddp": "torch", "tf": "tensorflow", "keras": "tensorflow", "hvd": "horovod"}
-
-# What Horovod's elastic API is reached by: ``hvd.elastic.run``, ``hvd.elastic.TorchState``, ...
-_HVD_ELASTIC = re.compile(r"^horovod(\.\w+)*\.elastic\.(run|TorchState|KerasState|TensorFlowKerasState|"
-                          r"TensorFlowState|ObjectState)$")
-
 
 def register_adapter(name: str, target, *, overwrite: bool = False) -> None:
     """Add an adapter: ``target`` is a class/factory or a ``"module:attr"`` path."""
@@ -90,42 +84,6 @@ def _script_tree(script: Optional[str], warn: bool) -> Optional[ast.AST]:
         return ast.parse(source)
     except (SyntaxError, ValueError):
         return None
-
-
-def uses_horovod_elastic(script: Optional[str]) -> bool:
-    """Whether ``script`` uses Horovod's elastic API (``hvd.elastic.run``, ``hvd.elastic.TorchState``,
-    ``KerasState``, ``TensorFlowKerasState``, ``TensorFlowState``, ``ObjectState``) through a name
-    bound to a horovod module by any of its imports (read with ``ast``, nothing is run)."""
-    tree = _script_tree(script, warn=False)
-    if tree is None:
-        return False
-    bound: Dict[str, str] = {}  # local name -> the dotted path it stands for
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name.split(".")[0] == "horovod":
-                    if alias.asname:
-                        bound[alias.asname] = alias.name
-                    else:  # ``import horovod.torch.elastic`` binds ``horovod``
-                        bound["horovod"] = "horovod"
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            if node.module.split(".")[0] == "horovod":
-                for alias in node.names:
-                    if alias.name != "*":
-                        bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
-    if not bound:
-        return False
-    for node in ast.walk(tree):
-        attrs = []
-        base = node
-        while isinstance(base, ast.Attribute):
-            attrs.append(base.attr)
-            base = base.value
-        if isinstance(base, ast.Name) and base.id in bound:
-            path = ".".join([bound[base.id], *reversed(attrs)])
-            if _HVD_ELASTIC.match(path):
-                return True
-    return False
 
 
 def standby_preload(script: Optional[str]) -> Tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Records and errors of the rendezvous round protocol."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from ..errors import ConfigError, ElasticError, UserError
