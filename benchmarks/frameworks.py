@@ -64,17 +64,24 @@ def free_port() -> int:
 
 
 class Job:
-    """A launcher process whose STEP / PID lines are parsed as they come."""
+    """A launcher process whose STEP / PID lines are parsed as they come.
 
-    def __init__(self, argv: List[str], env: Optional[dict] = None) -> None:
+    ``joins``: another node's Job of the same job, whose lines this one shares (rank 0, which
+    prints the steps, may be on either node: a slow rejoin can reorder the nodes).
+    """
+
+    def __init__(self, argv: List[str], env: Optional[dict] = None, joins: Optional["Job"] = None) -> None:
         full = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
                 "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True, env=full, cwd=REPO)
-        self.lines: List[str] = []
-        self.steps: List[tuple] = []  # (step, unix time, world)
-        self.pids: dict = {}  # host or rank -> pid
-        self.cond = threading.Condition()
+        if joins is not None:
+            self.lines, self.steps, self.pids, self.cond = joins.lines, joins.steps, joins.pids, joins.cond
+        else:
+            self.lines: List[str] = []
+            self.steps: List[tuple] = []  # (step, unix time, world)
+            self.pids: dict = {}  # host or rank -> pid
+            self.cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -130,7 +137,7 @@ def elastic_run_trial(framework: str, warm_s: float, kind: Optional[str] = None,
     a1 = None
     try:
         a0.wait_step(lambda s: s[2] == 1, timeout_s=180)
-        a1 = Job(argv)
+        a1 = Job(argv, joins=a0)
         t2 = a0.wait_step(lambda s: s[2] == 2, timeout_s=180)[1]
         a0.wait_step(lambda s: s[2] == 2 and s[1] - t2 >= warm_s, timeout_s=180)  # standbys warm again
         killed_at = time.time()

@@ -110,6 +110,8 @@ class WorkerLink:
                 kv = self.store.get(key)
                 state = json.loads(kv.value) if kv else None
                 if state is None or state["generation"] != generation or state["state"] != "closed":
+                    if stop.is_set():  # replaced by a newer round's watcher: its news, not ours
+                        return
                     self._changed.set()
                     if self.on_change is not None:
                         self.on_change()
