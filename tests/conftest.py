@@ -56,3 +56,11 @@ def procs(tmp_path):
     env.setdefault("PYTHONUNBUFFERED", "1")
     with Procs(env=env, cwd=str(tmp_path)) as p:
         yield p
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The parameters a fault-free run of tests/workers/inproc_train.py ends with."""
+    from inproc_checks import fault_free_params
+
+    return fault_free_params(tmp_path_factory.mktemp("ref") / "params.json")

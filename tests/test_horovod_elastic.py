@@ -3,22 +3,20 @@
 after one worker's SIGKILL the survivors reset in place through Horovod's own elastic path
 (same PIDs, reset callbacks run), the replacement takes the state by Horovod's broadcast,
 and no step is lost: the job ends where a fault-free run ends."""
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+
+from inproc_checks import STEPS, assert_same_params, steps
 
 ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
 WORKERS = os.path.join(os.path.dirname(__file__), "workers")
 TORCH_SCRIPT = os.path.join(WORKERS, "hvd_elastic_torch.py")
 KERAS_SCRIPT = os.path.join(WORKERS, "hvd_elastic_keras.py")
-REFERENCE = os.path.join(WORKERS, "inproc_train.py")
-STEPS = 40
 
 
 def _has(module):
@@ -30,20 +28,6 @@ def _has(module):
 
 
 needs_hvd_torch = pytest.mark.skipif(not _has("horovod.torch"), reason="horovod.torch not installed (make setup)")
-
-
-def steps(output):
-    return [dict(kv.split("=", 1) for kv in m.group(1).split()) for m in re.finditer(r"STEP (.*)", output)]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Final parameters of a fault-free run of the same model and data: one plain process."""
-    out = tmp_path_factory.mktemp("ref") / "params.json"
-    res = subprocess.run([sys.executable, REFERENCE, "--steps", str(STEPS), "--out", str(out)],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return json.loads(out.read_text())
 
 
 @needs_hvd_torch
@@ -72,16 +56,14 @@ def test_unmodified_hvd_elastic_torch_script_survives_a_worker_kill(procs, tmp_p
     assert "workers re-formed in place" in text and "re-formed in" in text
     assert f"DONE rank=0 pid={survivor} resets=[2]" in text  # Horovod's reset callbacks ran
     assert text.count("DONE") == 2
-    got = json.loads(out.read_text())
-    for key in reference:  # no step lost, none repeated: the fault-free run's parameters
-        np.testing.assert_allclose(np.array(got[key]), np.array(reference[key]), rtol=1e-4, atol=1e-5)
+    assert_same_params(out, reference)  # no step lost, none repeated: the fault-free run's parameters
 
 
 @needs_hvd_torch
 def test_unmodified_hvd_elastic_script_runs_alone_without_elastic_run(tmp_path):
     """Outside elastic-run the script is Horovod's: one process, a world of one."""
     res = subprocess.run([sys.executable, TORCH_SCRIPT, "--steps", "4"], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": os.path.dirname(WORKERS) + "/.."})
+                         timeout=120)
     assert res.returncode == 0, res.stderr
     assert "DONE rank=0" in res.stdout and "resets=[]" in res.stdout
 
@@ -149,6 +131,4 @@ def test_a_dead_node_is_left_out_at_once_and_its_death_is_not_charged(procs, tmp
     assert len({r["pid"] for r in records}) == 1, text[-4000:]  # a0's worker never restarted
     assert records[-1]["world"] == "1" and any(r["world"] == "2" for r in records)
     assert "lost a peer" in text and "restart budget" not in text, text[-4000:]
-    got = json.loads(out.read_text())
-    for key in reference:  # no step lost across 1 -> 2 -> 1
-        np.testing.assert_allclose(np.array(got[key]), np.array(reference[key]), rtol=1e-4, atol=1e-5)
+    assert_same_params(out, reference)  # no step lost across 1 -> 2 -> 1

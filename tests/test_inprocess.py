@@ -1,45 +1,21 @@
 """@elastic.run: survivors recover inside their processes (same PIDs) and end where a
 fault-free run ends; new workers get their state from peers by broadcast."""
-import json
 import os
 import re
 import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from inproc_checks import STEPS, assert_same_params, steps
 from services import free_port
 
 ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
 TRAIN = os.path.join(os.path.dirname(__file__), "workers", "inproc_train.py")
 HVD_TRAIN = os.path.join(os.path.dirname(__file__), "workers", "inproc_hvd_train.py")
 SAMPLER = os.path.join(os.path.dirname(__file__), "workers", "inproc_sampler.py")
-STEPS = 40
 ARGS = ["--steps", str(STEPS), "--step-delay", "0.02"]
-
-
-def steps(output):
-    return [dict(kv.split("=", 1) for kv in m.group(1).split()) for m in re.finditer(r"STEP (.*)", output)]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Final parameters of a fault-free run: one plain process, no launcher at all."""
-    out = tmp_path_factory.mktemp("ref") / "params.json"
-    res = subprocess.run([sys.executable, TRAIN, "--steps", str(STEPS), "--out", str(out)],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    assert "DONE rank=0" in res.stdout and "resets=[]" in res.stdout
-    return json.loads(out.read_text())
-
-
-def assert_same_params(path, reference):
-    got = json.loads(open(path).read())
-    assert got.keys() == reference.keys()
-    for key in reference:
-        np.testing.assert_allclose(np.array(got[key]), np.array(reference[key]), rtol=1e-4, atol=1e-5)
 
 
 def pids_by_rank(records, gen):
