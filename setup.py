@@ -23,6 +23,8 @@ EXTRAS = {
         "pytest-timeout>=2.2",
         "moto[server]>=5",
         "scikit-learn>=1.3",
+        # test certificates for the TLS tests (embedded store, etcd): tests/tls_certs.py
+        "cryptography>=41",
     ],
 }
 # Console scripts are added by the issues that build them.

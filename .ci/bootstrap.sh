@@ -60,13 +60,29 @@ if ! "$PY" -c "import horovod" 2>/dev/null; then
         HOROVOD_WITHOUT_MXNET=1 MAKEFLAGS="-j$(nproc)" "$@" \
         "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WHEELS" "$tree" > "$CACHE/horovod-build.log" 2>&1
     }
+    # Both halves or nothing: a PyTorch-only Horovod would leave the TensorFlow tests with
+    # nothing to run, so a failed build stops the setup here.
     if ! build HOROVOD_WITH_TENSORFLOW=1; then
-      log "Horovod with TensorFlow failed to build (log: $CACHE/horovod-build.log); building the PyTorch half"
-      build HOROVOD_WITHOUT_TENSORFLOW=1
+      log "ERROR: Horovod $HOROVOD_VERSION failed to build with TensorFlow and PyTorch"
+      log "ERROR: build log: $CACHE/horovod-build.log"
+      tail -n 30 "$CACHE/horovod-build.log" >&2 || true
+      exit 1
     fi
     whl=$(ls "$WHEELS"/horovod-$HOROVOD_VERSION-*.whl | head -1)
   fi
   "$PY" -m pip install -q "$whl"
+fi
+# Whatever the wheel's origin (cached from an older setup, installed by hand), Horovod must
+# carry both frameworks: importing each half loads its compiled extension. On failure the
+# cached wheel and the install go, so the next `make setup` builds afresh.
+if ! err=$(TF_CPP_MIN_LOG_LEVEL=3 "$PY" -c "import horovod.torch, horovod.tensorflow" 2>&1); then
+  log "ERROR: the installed Horovod lacks a framework (import horovod.torch, horovod.tensorflow failed):"
+  printf '%s\n' "$err" | tail -n 5 >&2
+  log "ERROR: build log: $CACHE/horovod-build.log; removing the cached wheel ($WHEELS/horovod-$HOROVOD_VERSION-*.whl)"
+  log "ERROR: and the installed Horovod; rerun make setup to rebuild it"
+  rm -f "$WHEELS"/horovod-$HOROVOD_VERSION-*.whl
+  "$PY" -m pip uninstall -q -y horovod >/dev/null 2>&1 || true
+  exit 1
 fi
 
 # 4. The project itself with every extra and the test tools.

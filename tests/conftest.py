@@ -10,14 +10,28 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from harness import Procs  # noqa: E402
+from needs import check
 from services import EtcdServer, S3Server  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs(*modules, tools=(), why=''): modules/tools the test needs; skipped when "
+        "missing, failed under CI=true (see tests/needs.py)")
+
+
+def pytest_runtest_setup(item):
+    """``@needs(...)`` / ``pytestmark = needs(...)``: skip locally, fail under CI (tests/needs.py)."""
+    for mark in item.iter_markers("needs"):
+        check(mark.kwargs.get("modules", ()), mark.kwargs.get("tools", ()), mark.kwargs.get("why", ""))
+
+
 @pytest.fixture(scope="session")
 def etcd_server():
     """One etcd per xdist worker; tests keep to their own key prefix (see ``etcd_prefix``)."""
+    check(tools=["etcd"], why="etcd-server, installed by make setup")
     with EtcdServer() as server:
         yield server
 
@@ -30,12 +44,14 @@ def etcd_prefix() -> str:
 @pytest.fixture
 def etcd_server_fn():
     """An etcd server of this test's own, for tests that stop or kill it."""
+    check(tools=["etcd"], why="etcd-server, installed by make setup")
     with EtcdServer() as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def s3_server():
+    check(["boto3"], tools=["moto_server"], why="moto[server], the test extra")
     with S3Server() as server:
         yield server
 

@@ -19,6 +19,7 @@ from checkpoint import (CheckpointCorruptError, CheckpointError, CheckpointNotFo
                         CheckpointStateError, CheckpointStorageError, CheckpointURLError,
                         CheckpointWriteError, Checkpointer, PerRank, StaleGenerationError)
 from elastic.errors import ConfigError, UserError
+from needs import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -295,7 +296,7 @@ def test_bad_urls_missing_checkpoints_and_bad_state_give_clear_errors(tmp_path, 
 
 
 def test_torch_model_optimizer_scheduler_round_trip(tmp_path, memdir):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
 
     def build():
         torch.manual_seed(0)
@@ -341,7 +342,7 @@ def test_torch_model_optimizer_scheduler_round_trip(tmp_path, memdir):
 
 
 def test_tensorflow_variables_round_trip(tmp_path, memdir):
-    tf = pytest.importorskip("tensorflow")
+    tf = require("tensorflow")
     from checkpoint.frameworks import tf_variables
 
     def build():

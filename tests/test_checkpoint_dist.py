@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from checkpoint import Checkpointer
+from needs import require, require_tool
 
 # One worker script for every multi-process test; numpy only, so processes start fast.
 WORKER = r'''
@@ -362,17 +363,14 @@ def test_horovod_ranks_split_one_checkpoint_through_its_framework(tmp_path):
     import subprocess
     import sys
 
-    bindir = os.path.dirname(sys.executable)
-    horovodrun = os.path.join(bindir, "horovodrun")
-    if not os.path.exists(horovodrun):
-        pytest.skip("horovod not installed (make setup)")
-    pytest.importorskip("torch")
+    horovodrun = require_tool("horovodrun", "Horovod built by make setup")
+    require("horovod.torch", "Horovod built by make setup")
     script = tmp_path / "hvd_ckpt.py"
     script.write_text(HOROVOD_SCRIPT)
     url = str(tmp_path / "ck")
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(PATH=bindir + os.pathsep + env["PATH"],
+    env.update(PATH=os.path.dirname(horovodrun) + os.pathsep + env["PATH"],
                PYTHONPATH=repo + os.pathsep + env.get("PYTHONPATH", ""),
                ELASTIC_CKPT_MEMORY_DIR=str(tmp_path / "shm"))
     res = subprocess.run([horovodrun, "-np", "2", "-H", "localhost:2", "--gloo",

@@ -17,6 +17,7 @@ from dataload import (CacheTooSmallError, ChecksumError, DatasetIndexError, Elas
                       ShardFormatError, write_shards)
 from elastic import World
 from elastic.errors import UserError
+from needs import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,8 +113,8 @@ def test_npz_shards_are_mapped_and_what_callers_get_is_their_own(tmp_path):
 
 
 def test_parquet_table_and_file_sources(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    pa = require("pyarrow", "the parquet extra")
+    pq = require("pyarrow.parquet", "the parquet extra")
     table = pa.table({"id": list(range(100)), "text": [f"t{i}" for i in range(100)],
                       "tags": [[i, i + 1] if i % 2 else [] for i in range(100)]})
     pq.write_table(table, str(tmp_path / "t.parquet"))
@@ -295,7 +296,7 @@ def test_epoch_advances_and_an_end_position_starts_the_next_epoch(npy_ds):
 
 
 def test_torch_loader_with_workers_counts_consumed_batches_not_prefetched(npy_ds, tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = require("torch")
     cache = ShardCache(str(tmp_path / "cache"), "10MiB", progress=False)
     ds = ShardedDataset(npy_ds, cache=cache)
     world = World(rank=0, world_size=2)
@@ -448,7 +449,7 @@ def test_first_fill_reports_progress(npy_ds, tmp_path):
 
 
 def test_tf_dataset_adapter(npy_ds):
-    tf = pytest.importorskip("tensorflow")
+    tf = require("tensorflow")
     ds = ShardedDataset(npy_ds)
     tfl = dataload.to_tf_dataset(ds, 32, world=World(rank=0, world_size=2), seed=1)
     ids = []

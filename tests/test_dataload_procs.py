@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dataload import ShardCache, ShardInfo, write_shards
+from needs import require, require_tool
 
 AUDIT_WORKER = textwrap.dedent("""
     import json, os, signal, sys
@@ -229,13 +230,10 @@ HOROVOD_WORKER = textwrap.dedent("""
 
 
 def test_horovod_through_the_torch_path(procs, tmp_path):
-    pytest.importorskip("horovod.torch")
-    import shutil
+    require("horovod.torch", "Horovod built by make setup")
+    horovodrun = require_tool("horovodrun", "Horovod built by make setup")
     import sys
 
-    horovodrun = shutil.which("horovodrun", path=os.path.dirname(sys.executable))
-    if horovodrun is None:
-        pytest.skip("horovodrun is not installed")
     url = str(tmp_path / "ds")
     write_shards({"id": np.arange(300, dtype=np.int64)}, url, samples_per_shard=50)
     script = tmp_path / "hvd_worker.py"

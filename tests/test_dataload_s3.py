@@ -11,8 +11,9 @@ import pytest
 
 from dataload import (ChecksumError, ElasticNumpyLoader, ShardCache, ShardedDataset,
                       write_shards)
+from needs import needs
 
-pytest.importorskip("s3fs")
+pytestmark = needs("s3fs", "boto3", tools=["moto_server"], why="the s3 extra and the test extra's moto")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -16,6 +16,7 @@ from elastic.store import create_store
 from elastic.store import _wire as wire
 from elastic.store.embedded import EmbeddedServer
 from store_contract import wait_until
+from needs import require
 
 TOKEN = "hostile-test-token"
 
@@ -222,7 +223,7 @@ def test_flood_of_requests_without_reading_replies(server, bystander):
 
 
 def test_garbage_to_a_tls_server(tmp_path):
-    pytest.importorskip("cryptography")
+    require("cryptography", "TLS test certificates")
     from tls_certs import make_tls_files
 
     tls = make_tls_files(str(tmp_path))

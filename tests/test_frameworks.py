@@ -15,12 +15,12 @@ import urllib.request
 
 import pytest
 
+from needs import needs
 from services import free_port
 
 BIN = os.path.dirname(sys.executable)
 ELASTIC_RUN = os.path.join(BIN, "elastic-run")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_HOROVOD = os.path.exists(os.path.join(BIN, "horovodrun"))
 
 
 def make_round(nprocs, node_rank=0, generation=3, host="127.0.0.1"):
@@ -122,7 +122,7 @@ def test_tf_config_lists_every_rank_on_its_nodes_aux_ports():
 
 
 # -- Horovod: the environment horovodrun gives, and its rendezvous server ----------------------------
-pytest_horovod = pytest.mark.skipif(not HAVE_HOROVOD, reason="horovod not installed (make setup)")
+pytest_horovod = needs("horovod.runner.gloo_run", tools=["horovodrun"], why="Horovod built by make setup")
 
 
 @pytest_horovod

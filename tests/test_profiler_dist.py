@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
+from needs import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "profiled_train.py")
@@ -109,7 +109,7 @@ def test_report_errors_are_one_line(tmp_path):
 
 
 def test_keras_callback_makes_each_batch_a_step(tmp_path):
-    pytest.importorskip("tensorflow")
+    require("tensorflow")
     code = textwrap.dedent(f"""
         import json, os
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

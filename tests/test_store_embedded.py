@@ -14,6 +14,7 @@ from elastic.store import (LeaseNotFoundError, StoreAuthError, StoreError, Store
 from elastic.store.embedded import EmbeddedServer, EmbeddedStore, parse_endpoint
 from elastic.errors import ConfigError, UserError
 from store_contract import StoreContract, prefix, wait_until  # noqa: F401
+from needs import require
 
 TOKEN = "contract-token"
 
@@ -67,10 +68,8 @@ class TestEmbeddedStoreOverTheCli(StoreContract):
 
 
 def _cli(*args):
-    script = os.path.join(os.path.dirname(sys.executable), "elastic-rendezvous")
-    if os.path.exists(script):
-        return [script, *args]
-    return [sys.executable, "-m", "elastic.rendezvous_cli", *args]
+    # the console script setup.py declares, not a fallback that would hide a broken install
+    return [os.path.join(os.path.dirname(sys.executable), "elastic-rendezvous"), *args]
 
 
 # -- authentication --------------------------------------------------------------------------
@@ -300,7 +299,7 @@ def test_large_binary_value_round_trips(server, prefix):
 # -- TLS -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory):
-    pytest.importorskip("cryptography")
+    require("cryptography", "TLS test certificates")
     from tls_certs import make_tls_files
 
     return make_tls_files(str(tmp_path_factory.mktemp("tls")))
