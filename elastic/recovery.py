@@ -29,20 +29,23 @@ from typing import Any, Callable, Optional
 from . import _collectives
 from ._lazy import require
 from ._worker import MembershipChangedError, WorkerLink
+from .faults import looks_like_bug, looks_like_lost_peer
 from .state import State
 
 __all__ = ["run", "is_recoverable"]
 
 log = logging.getLogger("elastic.recovery")
-# Messages of torch.distributed errors that mean "a peer went away", not a bug in train().
-_PEER_LOST = ("connection reset", "connection closed", "broken pipe", "connection refused",
-              "timed out", "timeout", "gloo", "nccl", "socket", "end of file", "eof")
-# Horovod reports every failed collective as HorovodInternalError; these ones are bugs.
-_HOROVOD_BUGS = ("mismatched", "mismatch")
 
 
 def is_recoverable(exc: BaseException) -> bool:
-    """Whether ``exc`` means the world changed under us (rather than a bug in the script)."""
+    """Whether ``exc`` means the world changed under us (rather than a bug in the script).
+
+    By type first: the agent's news (``MembershipChangedError``, Horovod's
+    ``HostsUpdatedInterrupt``) and torch's ``DistNetworkError`` are faults. A collective's
+    ``RuntimeError`` (torch's ``DistError`` family included) is a fault only when its message
+    is a lost peer's, Horovod's ``HorovodInternalError`` unless its message is a bug's
+    (:mod:`elastic.faults`); any other exception is a bug in ``train()``, raised at once.
+    """
     if isinstance(exc, MembershipChangedError):
         return True
     hvd_exc = sys.modules.get("horovod.common.exceptions")  # only if the script uses Horovod
@@ -50,15 +53,14 @@ def is_recoverable(exc: BaseException) -> bool:
         if isinstance(exc, hvd_exc.HostsUpdatedInterrupt):
             return True
         if isinstance(exc, hvd_exc.HorovodInternalError):
-            return not any(m in str(exc).lower() for m in _HOROVOD_BUGS)
-    try:
-        dist = require("torch.distributed")
-    except ImportError:
-        return False
-    dist_error = getattr(dist, "DistError", None)
-    if dist_error is not None and isinstance(exc, dist_error):
+            # A lost peer shuts Horovod down ("Horovod has been shut down ..."; the reset
+            # connection is only logged); a mismatch fails the one collective, and says so.
+            return not looks_like_bug(f"{exc} {exc.__cause__ or ''}")
+    dist = sys.modules.get("torch.distributed")
+    network_error = getattr(dist, "DistNetworkError", None) if dist is not None else None
+    if network_error is not None and isinstance(exc, network_error):
         return True
-    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _PEER_LOST)
+    return isinstance(exc, RuntimeError) and looks_like_lost_peer(str(exc))
 
 
 def _is_membership_news(exc: BaseException) -> bool:

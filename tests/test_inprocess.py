@@ -143,13 +143,46 @@ def test_scale_up_two_to_three_in_process(procs, tmp_path, reference):
 
 
 def test_is_recoverable():
+    import torch.distributed as dist
+
     from elastic import MembershipChangedError
     from elastic.recovery import is_recoverable
 
     assert is_recoverable(MembershipChangedError("x"))
-    assert is_recoverable(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
+    assert is_recoverable(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29586"))
+    assert is_recoverable(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:17055: "
+                                       "Connection reset by peer. This is typically caused by a remote worker"))
+    assert is_recoverable(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms "
+                                       "for recv operation to complete"))
+    assert is_recoverable(dist.DistNetworkError("failed to recv, got 0 bytes"))
+    assert is_recoverable(dist.DistBackendError("NCCL communicator was aborted on rank 1"))
+    # bugs, even when they name the transport: raised at once, no new round awaited
     assert not is_recoverable(ValueError("a bug in train()"))
     assert not is_recoverable(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_recoverable(RuntimeError("NCCL error: invalid usage (run with NCCL_DEBUG=WARN for details)"))
+    assert not is_recoverable(dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1, invalid usage"))
+    assert not is_recoverable(RuntimeError("[enforce fail at gloo/transport/tcp/pair.cc:456] op.preamble.length "
+                                           "<= op.nbytes. 8 vs 4. Received data size doesn't match expected size."))
+    assert not is_recoverable(RuntimeError("gloo socket error in a user op"))  # "gloo", "socket" alone: a bug
+    assert not is_recoverable(dist.DistStoreError("key 'x' not found"))
+
+
+@pytest.mark.parametrize("bug", ["size", "op"])
+def test_a_collective_bug_fails_the_job_instead_of_waiting_for_a_round(procs, bug):
+    """Real Gloo mismatches under @elastic.run with --max-restarts 0: a size mismatch aborts
+    one rank (its failure is charged), an op mismatch times both ranks out with nobody lost
+    (the round that comes back with every node is charged). Either way the job ends with the
+    documented failure, well before the 300 s a wait for a new round would take."""
+    procs.start("job", [ELASTIC_RUN, "--nproc-per-node", "2", "--max-restarts", "0",
+                        os.path.join(os.path.dirname(TRAIN), "inproc_bug.py"), "--bug", bug])
+    result = procs.wait(timeout_s=90, check=False)["job"]
+    out = result.output
+    assert result.returncode == 1, out[-3000:]
+    assert "restart budget exhausted (0 restarts)" in out and "DONE" not in out
+    if bug == "size":
+        assert "collective mismatch" in out  # Gloo's own words, from the aborted rank
+    else:
+        assert "no node was lost" in out
 
 
 @pytest.mark.skipif(not _has_horovod_torch(), reason="horovod.torch not installed (make setup)")

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from ..faults import looks_like_lost_peer
 from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
                           Round)
 from .api import FrameworkAdapter, WorkerExit, WorkerSpec
@@ -33,8 +34,6 @@ from .workers import StandbyPool, WorkerGroup
 __all__ = ["ElasticAgent", "free_port", "free_port_range"]
 
 log = logging.getLogger("elastic.agent")
-# What a collective library prints when the other end of a connection went away.
-_LOST_PEER_SIGNS = ("connection reset by peer", "connection closed by peer", "broken pipe")
 
 
 def free_port(host: str = "") -> int:
@@ -135,25 +134,14 @@ class ElasticAgent:
                 self._stop_workers()
                 self.handler.leave()
                 return 0
-            if outcome == "lost_peer":
-                # A peer on another node is gone (its lease may live on for seconds): open
-                # the next round now; a live node joins it, a dead one is left out. A
-                # membership change, never charged to --max-restarts.
-                log.warning("a worker lost a peer (%s); opening the next round", detail)
-                self.handler.request_new_round(rnd, f"a worker lost a peer: {detail}", count_restart=False)
-                outcome, detail = "changed", "a worker lost a peer"
-            if outcome == "failed" and self._lost_a_peer(rnd, detail):
-                # Its peers' node died: that is a membership change, not a failure to charge
-                # to --max-restarts, once the dead node's lease has expired.
-                grace_s = 2 * self.settings.lease_ttl_s + 1.0  # expiry, plus a loaded store's lag
-                log.warning("%s after losing a peer; waiting up to %.0fs for the membership change",
-                            detail.describe(), grace_s)
-                if self._change.wait(grace_s) and "left or died" in self._change_reason:
-                    outcome, detail = "changed", self._change_reason
-            in_place = self._workers_recover_in_place(
-                exclude=[detail.local_rank] if outcome == "failed" else [])
-            if outcome == "failed":
-                failure: WorkerExit = detail
+            failure: Optional[WorkerExit] = detail if outcome == "failed" else None
+            in_place = self._workers_recover_in_place(exclude=[failure.local_rank] if failure else [])
+            if outcome == "lost_peer" or (failure and self._lost_a_peer(rnd, failure)):
+                code = self._on_lost_peer(rnd, failure.describe() if failure else detail, failure, in_place)
+                if code is not None:
+                    return code
+                continue
+            if failure:
                 log.error("%s", failure.describe())
                 self._report_failure(rnd, failure)
                 if not in_place:
@@ -161,33 +149,58 @@ class ElasticAgent:
                 try:
                     self.handler.request_new_round(rnd, failure.describe(), count_restart=True)
                 except RestartBudgetExceededError as exc:
-                    self._stop_workers()
-                    self._print_failure_summary(str(exc))
-                    self.handler.leave()
-                    return 1
+                    return self._fail(str(exc))
             else:  # the round changed
                 reason: str = detail
                 if reason.startswith("job failed"):
-                    self._stop_workers()
-                    self._print_failure_summary(reason)
-                    self.handler.leave()
-                    return 1
+                    return self._fail(reason)
                 log.warning("membership changed: %s", reason)
                 if not in_place:
                     self._stop_workers()
             rnd = self._next_round(rnd)
-            if in_place:
-                self._reform_in_place(rnd)
-            else:
-                self._start_workers(rnd)
+            self._resume(rnd, in_place)
+
+    def _on_lost_peer(self, rnd: Round, why: str, failure: Optional[WorkerExit], in_place: bool) -> Optional[int]:
+        """A collective lost a peer: a node may be gone, its lease alive for seconds yet.
+
+        Open the next round at once: a live node joins it, a dead one is left out. A node's
+        death is a membership change and costs no restart; a round that comes back with every
+        node (nobody was lost: a bug or a network blip broke the collective) is charged once,
+        by the node that opened it, unless a worker's failure was already charged for it.
+        """
+        log.warning("a worker lost a peer (%s); opening the next round", why)
+        if not in_place:
+            self._stop_workers()
+        opened = self.handler.request_new_round(rnd, f"a worker lost a peer: {why}", count_restart=False)
+        nxt = self._next_round(rnd)
+        if opened and set(rnd.node_ids) <= set(nxt.node_ids) and not self.handler.failures_of(rnd.generation):
+            if failure:
+                self._report_failure(rnd, failure)
+            try:
+                self.handler.charge_restart(f"{why}, and no node was lost")
+            except RestartBudgetExceededError as exc:
+                return self._fail(str(exc))
+        self._resume(nxt, in_place)
+        return None
+
+    def _resume(self, rnd: Round, in_place: bool) -> None:
+        if in_place:
+            self._reform_in_place(rnd)
+        else:
+            self._start_workers(rnd)
+
+    def _fail(self, reason: str) -> int:
+        self._stop_workers()
+        self._print_failure_summary(reason)
+        self.handler.leave()
+        return 1
 
     @staticmethod
     def _lost_a_peer(rnd: Round, failure: WorkerExit) -> bool:
         """Whether a worker died of a connection to another node breaking (not of a bug)."""
         if rnd.num_nodes < 2 or failure.signal:
             return False
-        text = (failure.error + failure.stderr_tail).lower()
-        return any(sign in text for sign in _LOST_PEER_SIGNS)
+        return looks_like_lost_peer(failure.error + failure.stderr_tail)
 
     def _joining_a_running_job(self) -> bool:
         kv = self.handler.store.get(self.handler.prefix + "round")

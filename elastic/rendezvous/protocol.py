@@ -163,20 +163,27 @@ class RendezvousHandler:
                     return reason
         return None
 
-    def request_new_round(self, rnd: Round, reason: str, count_restart: bool) -> None:
-        """End ``rnd`` so that every node re-rendezvouses; a failure spends the restart budget."""
+    def request_new_round(self, rnd: Round, reason: str, count_restart: bool) -> bool:
+        """End ``rnd`` so that every node re-rendezvouses; a failure spends the restart budget.
+
+        Returns whether this call opened the next round (another node may have been first).
+        """
         if count_restart:
-            count = self._add_restart()
-            if count > self.settings.max_restarts:
-                msg = (f"restart budget exhausted ({self.settings.max_restarts} restarts) "
-                       f"after: {reason}")
-                self.fail(msg)
-                raise RestartBudgetExceededError(msg)
-            log.info("restart %d/%d: %s", count, self.settings.max_restarts, reason)
+            self.charge_restart(reason)
         kv = self.store.get(self._round_key)
         state = _loads(kv)
         if state and state["generation"] == rnd.generation and state["state"] == "closed":
-            self._open_next(kv, state, reason)
+            return self._open_next(kv, state, reason)
+        return False
+
+    def charge_restart(self, reason: str) -> None:
+        """Spend one restart of the job-wide budget; past it, fail the job and raise."""
+        count = self._add_restart()
+        if count > self.settings.max_restarts:
+            msg = f"restart budget exhausted ({self.settings.max_restarts} restarts) after: {reason}"
+            self.fail(msg)
+            raise RestartBudgetExceededError(msg)
+        log.info("restart %d/%d: %s", count, self.settings.max_restarts, reason)
 
     def mark_done(self, rnd: Round) -> None:
         """Record that this node's workers succeeded, so its leaving is not a scale-down."""
@@ -185,6 +192,11 @@ class RendezvousHandler:
     def report_failure(self, rnd: Round, record: dict) -> None:
         """Publish a worker failure so any node can name the first failing rank."""
         self.store.put(self._key("failures", f"{rnd.generation:012d}", str(record["rank"])), _dumps(record))
+
+    def failures_of(self, generation: int) -> List[dict]:
+        """The worker failures reported in round ``generation``."""
+        kvs, _ = self.store.get_prefix(self._key("failures", f"{generation:012d}") + "/")
+        return [json.loads(kv.value) for kv in kvs]
 
     def first_failure(self) -> Optional[dict]:
         """The earliest failure of the latest round that had any (the one that ended the job)."""
@@ -371,7 +383,7 @@ class RendezvousHandler:
         if ok:
             log.info("round %d closed with %d node(s)", state["generation"], len(chosen))
 
-    def _open_next(self, kv: KeyValue, state: dict, reason: str = "") -> None:
+    def _open_next(self, kv: KeyValue, state: dict, reason: str = "") -> bool:
         nodes = [row[0] for row in state.get("nodes", [])] if state["state"] == "closed" else []
         nxt = {"generation": state["generation"] + 1, "state": "open", "prev_nodes": nodes}
         if reason:
@@ -380,6 +392,7 @@ class RendezvousHandler:
         if ok:
             self._opened_generation = nxt["generation"]
             log.info("opened round %d%s", nxt["generation"], f" ({reason})" if reason else "")
+        return ok
 
     def _round_from(self, state: dict, kv: KeyValue) -> Round:
         nodes, ranks = _members(kv.value)
