@@ -452,16 +452,27 @@ class RendezvousHandler:
                 return count
 
     def _beat(self) -> None:
+        """Renew the lease every third of its TTL; after a failed renewal try again soon, not a
+        whole interval later (on a loaded machine a late beat must not become a false death)."""
         interval = self.settings.lease_ttl_s / 3
-        while not self._closed.wait(interval):
+        wait = interval
+        while not self._closed.wait(wait):
+            wait = interval
             try:
                 self.store.keep_alive(self._lease)
             except LeaseNotFoundError:
+                if self._closed.is_set():
+                    return  # leave() revoked it while this renewal was in flight: nothing is wrong
                 # We were declared dead (e.g. paused past the TTL): take a new lease so the
                 # next round can admit us as a newcomer.
                 log.warning("rendezvous lease expired; rejoining with a new one")
-                self._lease = self.store.grant_lease(self.settings.lease_ttl_s)
-                self.store.put(self._key("alive", self.node.node_id), _dumps(self.node.to_json()),
-                               lease=self._lease)
+                try:
+                    self._lease = self.store.grant_lease(self.settings.lease_ttl_s)
+                    self.store.put(self._key("alive", self.node.node_id), _dumps(self.node.to_json()),
+                                   lease=self._lease)
+                except StoreError as exc:
+                    log.warning("rendezvous heartbeat could not rejoin: %s", exc)
+                    wait = min(interval, 0.2)
             except StoreError as exc:
                 log.warning("rendezvous heartbeat failed: %s", exc)
+                wait = min(interval, 0.2)
