@@ -77,9 +77,17 @@ class _Server:
 
 
 class EtcdServer(_Server):
-    """A single-member etcd v3 cluster with a temporary data dir; ``endpoint`` is host:port."""
+    """A single-member etcd v3 cluster with a temporary data dir; ``endpoint`` is host:port.
 
-    def __init__(self) -> None:
+    ``tls`` (a ``tls_certs.TlsFiles``): serve the client port over TLS with that certificate;
+    ``client_cert_auth``: also require client certificates signed by ``tls.ca``
+    (``--client-cert-auth --trusted-ca-file``)."""
+
+    def __init__(self, tls=None, client_cert_auth: bool = False) -> None:
+        if client_cert_auth and tls is None:
+            raise ValueError("client_cert_auth needs tls")
+        self.tls = tls
+        self.client_cert_auth = client_cert_auth
         super().__init__()
         self.port = free_port()
         self.peer_port = free_port()
@@ -92,16 +100,48 @@ class EtcdServer(_Server):
 
     def start(self) -> None:
         etcd = shutil.which("etcd") or "/usr/bin/etcd"
-        client = f"http://{self.host}:{self.port}"
+        client = f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
         peer = f"http://{self.host}:{self.peer_port}"
+        tls_args: List[str] = []
+        if self.tls is not None:
+            tls_args = ["--cert-file", self.tls.cert, "--key-file", self.tls.key]
+            if self.client_cert_auth:
+                tls_args += ["--client-cert-auth", "--trusted-ca-file", self.tls.ca]
         self._spawn([
             etcd, "--name", "test", "--data-dir", os.path.join(self.tmp, "data"),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"test={peer}", "--initial-cluster-state", "new",
-            "--log-level", "warn",
+            "--log-level", "warn", *tls_args,
         ])
-        _wait_http(f"{client}/health", self.proc, self.log_path, timeout_s=30)
+        if self.tls is None:
+            _wait_http(f"{client}/health", self.proc, self.log_path, timeout_s=30)
+        else:
+            self._wait_tls(timeout_s=30)
+
+    def _wait_tls(self, timeout_s: float) -> None:
+        """Ready when /health answers over TLS (with the client certificate when required)."""
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.tls.ca)
+        if self.client_cert_auth:
+            ctx.load_cert_chain(self.tls.cert, self.tls.key)
+        url = f"https://{self.host}:{self.port}/health"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{url}: etcd exited with {self.proc.returncode}:\n{_tail(self.log_path)}")
+            try:
+                with urllib.request.urlopen(url, timeout=1, context=ctx) as resp:
+                    if resp.status < 500:
+                        return
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500:
+                    return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{url}: etcd not ready after {timeout_s}s:\n{_tail(self.log_path)}")
 
     def client(self):
         import pyetcd

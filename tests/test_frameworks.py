@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from needs import needs
+from needs import needs, require
 from services import free_port
 
 BIN = os.path.dirname(sys.executable)
@@ -187,15 +187,17 @@ def test_node_rank_zero_serves_horovods_rendezvous_per_round():
         # the next round stops this server and serves a fresh one on the new round's port
         nxt = make_round([2], node_rank=0, generation=4)
         adapter.on_round(nxt)
-        with pytest.raises(OSError):
+        with pytest.raises(urllib.error.URLError) as gone:  # nothing listens there any more
             http("GET", f"http://127.0.0.1:{port}/global/k")
+        assert isinstance(gone.value.reason, ConnectionRefusedError), gone.value
         new_port = nxt.nodes[0].aux_port
         assert http("GET", f"http://127.0.0.1:{new_port}/rank_and_size/{round_hostname(nxt.nodes[0], 4)}:1") == \
             (200, b"1,2,1,2,0,1")
     finally:
         adapter.close()
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.URLError) as gone:
         http("GET", f"http://127.0.0.1:{new_port}/global/k")
+    assert isinstance(gone.value.reason, ConnectionRefusedError), gone.value
 
 
 @pytest_horovod
@@ -385,3 +387,61 @@ def test_closed_round_fence_reads_the_jobs_store():
         os.environ.update(saved)
         store.close()
         server.stop()
+
+
+# -- ElasticCheckpoint(every_s=, every_epochs=): which steps a real Keras fit() saves ----------
+KERAS_FIT = textwrap.dedent("""
+    import json, os, sys
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+    from checkpoint import Checkpointer
+    from launchers.tensorflow import ElasticCheckpoint
+
+    for i, opts in enumerate(json.loads(sys.argv[2])):  # one TensorFlow start, a fit per config
+        url = os.path.join(sys.argv[1], str(i))
+        model = tf.keras.Sequential([tf.keras.Input((4,)), tf.keras.layers.Dense(2)])
+        model.compile(optimizer="sgd", loss="mse")
+        ck = ElasticCheckpoint(url, verbose=False, **opts)
+        saved = {"batches": [], "epochs": []}  # ck's last saved step after each batch / epoch
+
+        class Probe(tf.keras.callbacks.Callback):  # runs after ck (it comes later in the list)
+            def on_train_batch_end(self, batch, logs=None):
+                saved["batches"].append(ck.ck.last_saved_step)
+
+            def on_epoch_end(self, epoch, logs=None):
+                saved["epochs"].append(ck.ck.last_saved_step)
+
+        x, y = np.ones((32, 4), "float32"), np.zeros((32, 2), "float32")
+        model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False, callbacks=[ck, Probe()])
+        saved["committed"] = Checkpointer(url, memory=False).steps()
+        print("SAVED", json.dumps(saved), flush=True)
+""")
+
+
+def test_elastic_checkpoint_every_epochs_and_every_s_pick_the_saved_steps(tmp_path):
+    """3 epochs of 4 batches (steps 1..12) in a real Keras fit(), once per setting."""
+    require("tensorflow")
+    configs = [{"every_epochs": 2},
+               {"every_s": 1e-9},  # always due: every step is saved as it ends
+               {"every_s": 1e9}]  # never due within the run: only the final save
+    script = tmp_path / "keras_fit.py"
+    script.write_text(KERAS_FIT)
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2",
+           "ELASTIC_CKPT_MEMORY_DIR": str(tmp_path / "shm")}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ELASTIC_GENERATION"):
+        env.pop(var, None)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "ck"), json.dumps(configs)],
+                         capture_output=True, text=True, timeout=240, env=env, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    epochs2, always, never = [json.loads(line.split("SAVED", 1)[1]) for line in res.stdout.splitlines()
+                              if line.startswith("SAVED")]
+
+    assert epochs2["batches"] == [None] * 8 + [8] * 4  # no mid-epoch saves
+    assert epochs2["epochs"] == [None, 8, 8]  # at the end of epoch 2 (step 8), not of 1 or 3
+    assert epochs2["committed"] == [8, 12]  # and the final save when fit() ends
+
+    assert always["batches"] == list(range(1, 13))
+    assert always["epochs"] == [4, 8, 12]
+    assert never["batches"] == [None] * 12 and never["epochs"] == [None] * 3  # every_s alone: no epoch saves
+    assert always["committed"][-1] == never["committed"][-1] == 12

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -437,8 +438,9 @@ def test_prometheus_endpoint_is_scraped_over_http_and_parses(tmp_path):
     device = {s.labels["metric"] for s in families["elastic_prof_device"].samples}
     assert "proc_cpu_pct" in device
     # the server is gone after close
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.URLError) as gone:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    assert isinstance(gone.value.reason, ConnectionRefusedError), gone.value
 
 
 def test_tensorboard_scalars_without_importing_tensorflow(tmp_path):
@@ -472,10 +474,11 @@ def test_tensorboard_scalars_without_importing_tensorflow(tmp_path):
 # -- device samplers ------------------------------------------------------------------------
 
 def test_nvml_sampler_runs_against_the_fake_nvml(fake_nvml, tmp_path):
-    sampler = create_sampler("auto", device_index=0, hz=10)
+    # hz: one background sample per 1000 s, i.e. none in this test: the samples are these four
+    sampler = create_sampler("auto", device_index=0, hz=0.001)
     assert isinstance(sampler, NvmlSampler)
     for _ in range(4):
-        sampler.sample_once()
+        latest = sampler.sample_once()
     window = sampler.window()
     assert window["gpu_util_pct"] == 70.0  # 60/80 alternating
     assert window["mem_util_pct"] == 30.0
@@ -486,7 +489,8 @@ def test_nvml_sampler_runs_against_the_fake_nvml(fake_nvml, tmp_path):
     assert window["throttle_reasons_mask"] == float(0x4 | 0x1)  # OR over the window
     assert window["temperature_c"] == 65.0
     # no new sample since: the latest one stands in
-    assert sampler.window()["throttle_reasons_mask"] in (0x1, 0x4)
+    assert latest["throttle_reasons_mask"] in (0x1, 0x4)  # one read: power cap or idle, not both
+    assert sampler.window()["throttle_reasons_mask"] == latest["throttle_reasons_mask"]
     sampler.stop()
     assert fake_nvml.calls["nvmlShutdown"] == 1
 

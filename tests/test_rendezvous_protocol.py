@@ -37,11 +37,41 @@ def test_round_closes_at_max_without_waiting_for_last_call():
     assert sorted(r.rank_offset for r in rounds) == [0, 2, 4]
 
 
+def wait_for_join_key(store, node_id, generation=1, run_id="job"):
+    """Block (on the store's watch, no sleeping) until ``node_id`` has joined the open round."""
+    key = f"/elastic/{run_id}/join/{generation}/{node_id}"
+    for _ in range(30):
+        kvs, rev = store.get_prefix(key)
+        if kvs:
+            return
+        store.wait(key, rev, timeout_s=2)
+    raise AssertionError(f"{node_id} never joined round {generation}")
+
+
 def test_round_closes_at_min_after_last_call():
     store = MemoryStore()
     hs = [make(store, n, min_nodes=2, max_nodes=4, last_call_s=0.3) for n in "ab"]
     rounds = join_all(hs)
     assert [r.num_nodes for r in rounds] == [2, 2]
+
+
+def test_last_call_keeps_a_round_at_min_open_for_a_later_node():
+    """Reaching MIN does not close the round: it stays open through the last call, so a node
+    that joins after MIN was reached is admitted. (The round then closes at MAX, so nothing
+    here waits for the 600 s window or depends on how long anything takes.)"""
+    store = MemoryStore()
+    hs = [make(store, n, min_nodes=1, max_nodes=3, last_call_s=600) for n in "abc"]
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(hs[0].next_round)
+        wait_for_join_key(store, "a")  # MIN (1) reached: only the last call keeps it open
+        second = pool.submit(hs[1].next_round)
+        wait_for_join_key(store, "b")
+        assert not first.done() and not second.done()  # still open at MIN and above
+        third = pool.submit(hs[2].next_round)
+        rounds = [f.result(timeout=60) for f in (first, second, third)]
+    assert {r.generation for r in rounds} == {1}  # one round: a's did not close without b, c
+    assert [r.node_ids for r in rounds] == [("a", "b", "c")] * 3
+    assert [r.node_rank for r in rounds] == [0, 1, 2]  # in joining order
 
 
 def test_a_re_formation_closes_once_every_live_node_joined():

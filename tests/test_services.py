@@ -51,7 +51,7 @@ def test_etcd_server_can_be_killed(etcd_server_fn):
     client = etcd_server_fn.client()
     client.put("/k", "v")
     etcd_server_fn.stop()
-    with pytest.raises(Exception):
+    with pytest.raises(pyetcd.exceptions.ConnectionFailedError):
         pyetcd.client(host=etcd_server_fn.host, port=etcd_server_fn.port, timeout=2).get("/k")
 
 

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-pytest.importorskip("pyetcd")
-if not (shutil.which("etcd") or os.path.exists("/usr/bin/etcd")):
-    pytest.skip("no etcd binary", allow_module_level=True)
+from needs import needs, require
+
+pytestmark = needs("pyetcd", tools=["etcd"], why="the etcd extra; etcd-server from make setup")
 
 from elastic.errors import ConfigError, UserError  # noqa: E402
 from elastic.store import (StoreAuthError, StoreCompactedError, StoreUnavailableError,  # noqa: E402
@@ -130,42 +130,17 @@ def test_user_and_password(etcd_server_fn, prefix):
 
 
 # -- TLS -------------------------------------------------------------------------------------
-class _TlsEtcd(EtcdServer):
-    """etcd serving its client port over TLS with a test CA's certificate."""
-
-    def __init__(self, tls) -> None:
-        self.tls = tls
-        super().__init__()
-
-    def start(self) -> None:
-        etcd = shutil.which("etcd") or "/usr/bin/etcd"
-        client = f"https://{self.host}:{self.port}"
-        peer = f"http://{self.host}:{self.peer_port}"
-        self._spawn([
-            etcd, "--name", "test", "--data-dir", os.path.join(self.tmp, "data"),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"test={peer}", "--initial-cluster-state", "new",
-            "--cert-file", self.tls.cert, "--key-file", self.tls.key, "--log-level", "warn",
-        ])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((self.host, self.port), timeout=1):
-                    return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"etcd exited: {open(self.log_path).read()[-2000:]}")
-                time.sleep(0.05)
-        raise RuntimeError("TLS etcd did not start")
+def _tls_etcd(tls, client_cert_auth=False):
+    """etcd serving its client port over TLS with a test CA's certificate (tests/services.py)."""
+    return EtcdServer(tls=tls, client_cert_auth=client_cert_auth)
 
 
 def test_tls_round_trip(tmp_path, prefix):
-    pytest.importorskip("cryptography")
+    require("cryptography", "TLS test certificates")
     from tls_certs import make_tls_files
 
     tls = make_tls_files(str(tmp_path))
-    with _TlsEtcd(tls) as server:
+    with _tls_etcd(tls) as server:
         store = None
         deadline = time.monotonic() + 30
         while store is None:  # etcd may accept TCP before it serves gRPC
@@ -182,3 +157,25 @@ def test_tls_round_trip(tmp_path, prefix):
             create_store("etcd", server.endpoint, timeout_s=3)
     with pytest.raises(ConfigError, match="cannot read"):
         create_store("etcd", "127.0.0.1:1", cacert=str(tmp_path / "missing.pem"))
+
+
+def test_tls_client_certificates(tmp_path, prefix):
+    """etcd with --client-cert-auth: a client with a certificate the CA signed gets in; one
+    without a certificate, or with one another CA signed, is refused."""
+    require("cryptography", "TLS test certificates")
+    from tls_certs import make_tls_files
+
+    tls = make_tls_files(str(tmp_path))
+    stranger = make_tls_files(str(tmp_path), name="stranger")  # signed by another CA
+    with _tls_etcd(tls, client_cert_auth=True) as server:  # ready: /health answered over mTLS
+        with create_store("etcd", server.endpoint, cacert=tls.ca, cert=tls.cert, key=tls.key,
+                          timeout_s=5) as store:
+            store.put(prefix + "k", b"mtls")
+            assert store.get(prefix + "k").value == b"mtls"
+        for conf in ({"cacert": tls.ca}, {"cacert": tls.ca, "cert": stranger.cert, "key": stranger.key}):
+            with pytest.raises(StoreUnavailableError) as info:
+                with create_store("etcd", server.endpoint, timeout_s=3, **conf) as store:
+                    store.get(prefix + "k")
+            assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="needs both cert and key"):
+        create_store("etcd", "127.0.0.1:1", cacert=tls.ca, cert=tls.cert)
