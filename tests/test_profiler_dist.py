@@ -110,6 +110,7 @@ def test_report_errors_are_one_line(tmp_path):
 
 def test_keras_callback_makes_each_batch_a_step(tmp_path):
     require("tensorflow")
+    require("sklearn", "the test extra (scikit-learn's digits)")
     code = textwrap.dedent(f"""
         import json, os
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
