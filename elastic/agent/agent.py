@@ -215,14 +215,18 @@ class ElasticAgent:
         group = self._group
         if group is None:
             return False
-        live = [w for w in group.workers if w.local_rank not in exclude and w.proc.poll() is None]
-        if not live:
-            return False
-        for w in live:
-            kv = self.handler.store.get(self._inproc_key(w.local_rank, "inproc"))
-            if kv is None or kv.value.decode() != str(w.proc.pid):
-                return False
-        return True
+        others = [w for w in group.workers if w.local_rank not in exclude]
+        for w in others:
+            if w.proc.poll() not in (None, 0):  # it died too: say why, as it cannot re-form
+                error = w.read_error().strip().splitlines()
+                log.warning("rank %d (pid %d) exited too, with code %s%s", w.rank, w.proc.pid, w.proc.returncode,
+                            f": {error[-1]}" if error else "")
+        live = [w for w in others if w.proc.poll() is None]
+        return bool(live) and all(self._registered(w) for w in live)
+
+    def _registered(self, worker) -> bool:
+        kv = self.handler.store.get(self._inproc_key(worker.local_rank, "inproc"))
+        return kv is not None and kv.value.decode() == str(worker.proc.pid)
 
     def _reform_in_place(self, rnd: Round) -> None:
         """Tell live workers their place in ``rnd``; start new ones for dead local ranks."""
