@@ -23,6 +23,10 @@ LOST_PEER_SIGNS = (
     "remote process exited",
     "communicator was aborted",  # nccl: torch's watchdog aborted the group after a peer failed
     "watchdog caught collective operation timeout",
+    # torch's store while a group forms: a peer did not come (or the store's host is gone)
+    "waiting for clients",
+    "socket timeout",
+    "has timed out after",  # a client socket connecting to the store
 )
 # Messages that mean a bug even when they also name the transport (checked first).
 BUG_SIGNS = ("mismatch", "invalid usage", "invalid argument", "doesn't match expected size")

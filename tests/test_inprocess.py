@@ -152,6 +152,7 @@ def test_is_recoverable():
                                        "for recv operation to complete"))
     assert is_recoverable(dist.DistNetworkError("failed to recv, got 0 bytes"))
     assert is_recoverable(dist.DistBackendError("NCCL communicator was aborted on rank 1"))
+    assert is_recoverable(dist.DistStoreError("Timed out after 61 seconds waiting for clients. 2/3 clients joined."))
     # bugs, even when they name the transport: raised at once, no new round awaited
     assert not is_recoverable(ValueError("a bug in train()"))
     assert not is_recoverable(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
