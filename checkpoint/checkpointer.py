@@ -35,7 +35,6 @@ from ._storage import CHUNK_BYTES, Storage, fsync_dir, open_url, why
 from ._tree import (TensorLeaf, decode, encode, fill_target, flatten_target, raw_dtype,
                     tensor_keys, to_framework)
 from .api import CheckpointInfo, LoadInfo, Shard
-from .frameworks import horovod_world
 from .errors import (CheckpointCorruptError, CheckpointError, CheckpointNotFoundError,
                      CheckpointStateError, CheckpointStorageError, CheckpointTimeoutError,
                      CheckpointWriteError, StaleGenerationError)
@@ -139,7 +138,8 @@ class Checkpointer:
     ``s3://bucket/run``). ``keep``: how many committed checkpoints to keep. ``staging_bytes``:
     the most host memory one save may stage; a save whose local state is larger is written
     directly from the tensors and blocks until committed. Rank, world size and the rendezvous
-    generation default to the environment the agent sets (:meth:`elastic.World.from_env`);
+    generation default to this process's place (:meth:`elastic.World.detect`: elastic-run,
+    torchrun, horovodrun, TF_CONFIG, mpirun, srun);
     ``current_generation`` (optional) returns the newest generation, and a writer older than
     it cannot publish. ``memory`` keeps the last snapshot in node-local shared memory
     (``memory_dir``, default ``/dev/shm/elastic-run``) for fast reloads after a restart.
@@ -159,15 +159,9 @@ class Checkpointer:
         if staging_bytes is not None and (not isinstance(staging_bytes, int) or staging_bytes < 0):
             raise ConfigError(f"staging_bytes must be a non-negative integer or None, got "
                               f"{staging_bytes!r}")
-        world = World.from_env()
-        env_rank, env_size = world.rank, world.world_size
-        if not os.environ.get("RANK") and (rank is None or world_size is None):
-            # Not launched by torchrun / elastic-run: ask Horovod (horovodrun, mpirun) instead.
-            hvd = horovod_world()
-            if hvd is not None:
-                env_rank, env_size = hvd
-        self.rank = env_rank if rank is None else int(rank)
-        self.world_size = env_size if world_size is None else int(world_size)
+        world = World.detect()
+        self.rank = world.rank if rank is None else int(rank)
+        self.world_size = world.world_size if world_size is None else int(world_size)
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ConfigError(f"invalid world: rank {self.rank} of {self.world_size}")
         self.generation = world.generation if generation is None else int(generation)

@@ -24,7 +24,6 @@ import numpy as np
 from elastic.errors import ConfigError
 from elastic.world import World
 
-from ._world import resolve_world
 from .errors import SamplerStateError
 
 __all__ = ["ElasticSampler", "rank_slices"]
@@ -68,7 +67,7 @@ class ElasticSampler:
             raise ConfigError("shard_sizes do not add up to num_samples")
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
-        self.world = resolve_world(world)
+        self.world = World.detect() if world is None else world
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
@@ -82,7 +81,7 @@ class ElasticSampler:
     # -- world and epochs --------------------------------------------------------------
     def set_world(self, world: Optional[World] = None, batch_size: Optional[int] = None) -> None:
         """Adopt a new world (default: from the environment) and optionally a new batch size."""
-        self.world = resolve_world(world)
+        self.world = World.detect() if world is None else world
         if batch_size is not None:
             if batch_size < 1:
                 raise ConfigError(f"batch_size must be >= 1, got {batch_size}")

@@ -212,10 +212,8 @@ class TrainingCheckpoint:
             raise ConfigError(f"every_s must be > 0, got {every_s}")
         from checkpoint import Checkpointer
 
-        world = World.from_env()
-        if rank is None:  # under horovodrun only HOROVOD_RANK says who the chief is
-            rank = world.rank if "RANK" in os.environ else int(os.environ.get("HOROVOD_RANK", "0"))
-        self.rank = int(rank)
+        world = World.detect()  # under horovodrun only Horovod says who the chief is
+        self.rank = world.rank if rank is None else int(rank)
         self.generation = world.generation
         self.is_chief = self.rank == 0
         self.url = url
@@ -268,7 +266,7 @@ class TrainingCheckpoint:
         self._last_save_t = time.monotonic()
         if not self.is_chief or step == self.last_saved_step:
             return
-        world = World.from_env()
+        world = World.detect()
         state = {"vars": self._variables(),
                  "meta": {"step": int(step), "extra": self.extra, "world_size": world.world_size,
                           "generation": self.generation}}
@@ -433,7 +431,7 @@ def _elastic_checkpoint_class():
                 model._initial_epoch = self.epoch  # as BackupAndRestore: fit() starts at this epoch
                 if self.verbose and self.ck.rank == 0:
                     print(f"ElasticCheckpoint: resumed from step {step} at epoch {self.epoch} (world size "
-                          f"{World.from_env().world_size}, generation {self.ck.generation})", flush=True)
+                          f"{World.detect().world_size}, generation {self.ck.generation})", flush=True)
 
         def _extra(self, batches: int) -> Dict[str, Any]:
             # The epoch in progress and how far into it: a save at its last batch and one at its

@@ -33,7 +33,7 @@ def init_process_group(backend: Optional[str] = None, timeout_s: float = 600.0) 
     torch = require("torch", "launchers.torch.init_process_group")
     import torch.distributed as dist
 
-    world = World.from_env()
+    world = World.detect()
     if dist.is_initialized():
         return world
     if "MASTER_ADDR" not in os.environ:  # not launched: a world of one

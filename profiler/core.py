@@ -245,7 +245,7 @@ class StepProfiler:
                 f"straggler_threshold must be >= 0, got {straggler_threshold}")
         if peak_flops is not None and not peak_flops > 0:
             raise ProfilerConfigError(f"peak_flops must be positive, got {peak_flops}")
-        self.world = World.from_env() if world is None else world
+        self.world = World.detect() if world is None else world
         self.run_dir = os.path.abspath(run_dir or os.environ.get("ELASTIC_PROF_DIR")
                                        or os.path.join("elastic-prof", self.world.run_id))
         self._clock = self._make_clock(timer)
@@ -646,11 +646,13 @@ class StepProfiler:
 
         return keras_callback(self, batch_size)
 
-    def set_world(self, world: World) -> None:
-        """New rank facts after a re-rendezvous (in-process recovery): later records carry the
-        new generation; a new rank gets its own JSON lines file."""
+    def set_world(self, world: Optional[World] = None) -> None:
+        """New rank facts after a re-rendezvous (in-process recovery; default: detected anew,
+        :meth:`elastic.World.detect`): later records carry the new generation; a new rank
+        gets its own JSON lines file."""
         self._collect(wait_all=True)
         old = self.world
+        world = World.detect() if world is None else world
         self.world = world
         if world.rank != old.rank:
             self._writer.drain()
