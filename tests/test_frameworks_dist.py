@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from needs import needs
 from services import free_port
 
 BIN = os.path.dirname(sys.executable)
@@ -23,8 +24,7 @@ EXAMPLES = os.path.join(REPO, "examples")
 FAST = "last_call_timeout=0.5,lease_ttl=2,join_timeout=120"
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2", "ELASTIC_LOG_LEVEL": "INFO"}
 
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "horovodrun")),
-                                reason="horovod not installed (make setup)")
+pytestmark = needs("horovod.torch", "horovod.tensorflow", tools=["horovodrun"], why="Horovod built by make setup")
 
 # example -> (accuracy it reaches on 2 workers in the epochs given, epochs)
 EXAMPLE_ACCURACY = {

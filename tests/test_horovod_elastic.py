@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from inproc_checks import STEPS, assert_same_params, steps
+from needs import needs
 
 ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
 WORKERS = os.path.join(os.path.dirname(__file__), "workers")
@@ -19,15 +20,7 @@ TORCH_SCRIPT = os.path.join(WORKERS, "hvd_elastic_torch.py")
 KERAS_SCRIPT = os.path.join(WORKERS, "hvd_elastic_keras.py")
 
 
-def _has(module):
-    try:
-        __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-needs_hvd_torch = pytest.mark.skipif(not _has("horovod.torch"), reason="horovod.torch not installed (make setup)")
+needs_hvd_torch = needs("horovod.torch", why="Horovod built by make setup")
 
 
 @needs_hvd_torch
@@ -68,8 +61,7 @@ def test_unmodified_hvd_elastic_script_runs_alone_without_elastic_run(tmp_path):
     assert "DONE rank=0" in res.stdout and "resets=[]" in res.stdout
 
 
-needs_hvd_keras = pytest.mark.skipif(not (_has("horovod.tensorflow") and _has("tf_keras")),
-                                     reason="horovod.tensorflow or tf-keras not installed (make setup)")
+needs_hvd_keras = needs("horovod.tensorflow", "tf_keras", why="Horovod with TensorFlow and tf-keras, by make setup")
 
 
 @needs_hvd_keras

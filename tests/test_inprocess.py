@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from inproc_checks import STEPS, assert_same_params, steps
+from needs import needs
 from services import free_port
 
 ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
@@ -44,15 +45,7 @@ def test_survivors_recover_in_process_after_a_worker_dies_or_hangs(procs, tmp_pa
     assert_same_params(out, reference)
 
 
-def _has_horovod_torch():
-    try:
-        import horovod.torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_horovod_torch(), reason="horovod.torch not installed (make setup)")
+@needs("horovod.torch", why="Horovod built by make setup")
 def test_horovod_survivors_recover_in_process_after_a_kill(procs, tmp_path, reference):
     """The same kill under --framework horovod: survivors hvd.shutdown()/hvd.init() in place."""
     out = tmp_path / "params.json"
@@ -68,7 +61,7 @@ def test_horovod_survivors_recover_in_process_after_a_kill(procs, tmp_path, refe
     assert before["0"] == after["0"] and before["2"] == after["2"]  # same processes
     assert after["1"] != str(victim)
     assert min(int(r["step"]) for r in records if r["pid"] == after["1"]) > 1  # state from its peers
-    assert "Horovod has been shut down" in out_text or "Connection" in out_text  # a Horovod error...
+    assert "Horovod has been shut down" in out_text.split("recovering in process")[0]  # a Horovod error...
     assert "re-formed in" in out_text and "workers re-formed in place" in out_text  # ...recovered in place
     assert out_text.count("DONE") == 3
     assert all(f"pid={before[r]} resets=[3" in out_text for r in ("0", "2"))  # reset callbacks ran
@@ -182,7 +175,7 @@ def test_a_collective_bug_fails_the_job_instead_of_waiting_for_a_round(procs, bu
         assert "no node was lost" in out
 
 
-@pytest.mark.skipif(not _has_horovod_torch(), reason="horovod.torch not installed (make setup)")
+@needs("horovod.torch", why="Horovod built by make setup")
 def test_horovod_errors_are_recoverable():
     from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 
