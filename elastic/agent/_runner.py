@@ -8,6 +8,9 @@ Two modes:
     this already-warm interpreter. The agent keeps one ready per local worker so a replacement
     starts in milliseconds instead of paying interpreter start and ``import torch`` again.
 
+``python -m elastic.agent._runner --fork-server SOCKET [--preload torch,...]``
+    The node's fork server (:mod:`elastic.agent.forkserver`): imports once, forks workers.
+
 ``python -m elastic.agent._runner [-m] SCRIPT ARGS...``
     A cold start with the environment already set.
 
@@ -134,6 +137,10 @@ def _die_with_parent() -> None:
 def main() -> int:
     _die_with_parent()
     args = sys.argv[1:]
+    if args[:1] == ["--fork-server"]:
+        from .forkserver import main as fork_server
+
+        return fork_server(args[1:])
     if args[:1] == ["--standby"]:
         preload = []
         if args[1:2] == ["--preload"] and len(args) > 2:

@@ -29,6 +29,7 @@ from ..faults import looks_like_lost_peer
 from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
                           Round)
 from .api import FrameworkAdapter, WorkerExit, WorkerSpec
+from .forkserver import FORK_SAFE_PRELOADS, ForkServer
 from .workers import StandbyPool, WorkerGroup
 
 __all__ = ["ElasticAgent", "free_port", "free_port_range"]
@@ -86,7 +87,7 @@ class ElasticAgent:
         self._worker_store = None  # node rank 0's TCPStore for the workers of the current round
         self.round: Optional[Round] = None
         self._group: Optional[WorkerGroup] = None
-        self._standbys: Optional[StandbyPool] = None
+        self._standbys = None  # a ForkServer, or a StandbyPool where the framework is not fork-safe
         self._change = threading.Event()
         self._change_reason = ""
         self._lost_peer_reason = ""  # an in-place worker's report that a collective lost a peer
@@ -98,7 +99,11 @@ class ElasticAgent:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             if self.spec.standby and not self.spec.no_python:
-                self._standbys = StandbyPool(self.spec, self._base_env, self.spec.nproc_per_node)
+                if set(self.spec.preload) <= FORK_SAFE_PRELOADS:  # one import per node, forked on demand
+                    self._standbys = ForkServer(self.spec.python or sys.executable, list(self.spec.preload),
+                                                self._base_env, self.spec.cwd)
+                else:
+                    self._standbys = StandbyPool(self.spec, self._base_env, self.spec.nproc_per_node)
             return self._loop()
         except _Terminated as exc:
             log.warning("agent received %s: stopping workers and leaving the job", exc)

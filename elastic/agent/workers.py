@@ -206,16 +206,23 @@ class WorkerGroup:
                 with _bound(cpus):
                     proc = _popen(argv, env, cwd)
             elif self._standbys is not None:
-                proc = self._standbys.take(argv, self.spec.module, env, cwd, cpus=cpus)
+                try:
+                    proc = self._standbys.take(argv, self.spec.module, env, cwd, cpus=cpus)
+                except OSError as exc:  # no warm interpreter to be had: start this one cold
+                    log.warning("starting local rank %d cold: %s", local_rank, exc)
+                    proc = self._cold(argv, env, cwd, cpus)
             else:
-                runner = [self.spec.python or sys.executable, "-m", "elastic.agent._runner"]
-                with _bound(cpus):
-                    proc = _popen(runner + (["-m"] if self.spec.module else []) + argv, env, cwd)
+                proc = self._cold(argv, env, cwd, cpus)
             tee = self.spec.tee and (self.spec.console_local_ranks is None
                                      or local_rank in self.spec.console_local_ranks)
             worker = _Worker(proc, int(env["RANK"]), local_rank, error_file, out_dir, tee)
             self.workers = [w for w in self.workers if w.local_rank != local_rank] + [worker]
             self.workers.sort(key=lambda w: w.local_rank)
+
+    def _cold(self, argv: List[str], env: Mapping[str, str], cwd: str, cpus) -> subprocess.Popen:
+        runner = [self.spec.python or sys.executable, "-m", "elastic.agent._runner"]
+        with _bound(cpus):
+            return _popen(runner + (["-m"] if self.spec.module else []) + argv, env, cwd)
 
     @property
     def pids(self) -> List[int]:

@@ -1,0 +1,90 @@
+"""The node's fork server: one interpreter imports the framework once and forks every worker,
+first start and replacement alike; exits, signals, output and CPU affinity reach the agent as
+from a child of its own, and nothing outlives the agent."""
+import os
+import signal
+import sys
+import time
+
+import pytest
+
+from elastic.agent.forkserver import ForkServer
+
+ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def server(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    srv = ForkServer(sys.executable, ["json"], env, str(tmp_path))
+    assert srv.wait_warm(60)
+    yield srv
+    srv.close()
+
+
+def script(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(body)
+    return str(path)
+
+
+def test_exit_codes_signals_and_output_reach_the_caller(server, tmp_path):
+    ok = script(tmp_path, "ok.py", "import sys, random\nprint('OUT', random.random())\n"
+                                   "print('ERR', file=sys.stderr)\n")
+    bad = script(tmp_path, "bad.py", "raise SystemExit(3)\n")
+    hang = script(tmp_path, "hang.py", "import time\nprint('UP', flush=True)\ntime.sleep(60)\n")
+    env = dict(os.environ)
+    a = server.take([ok], False, env, str(tmp_path))
+    b = server.take([ok], False, env, str(tmp_path))
+    assert a.wait(30) == 0 and b.wait(30) == 0
+    out_a, out_b = a.stdout.read().decode(), b.stdout.read().decode()
+    assert out_a.startswith("OUT ") and a.stderr.read().decode() == "ERR\n"
+    assert out_a != out_b  # each fork reseeds: no two workers share a random stream
+    assert server.take([bad], False, env, str(tmp_path)).wait(30) == 3
+    h = server.take([hang], False, env, str(tmp_path))
+    assert h.stdout.readline() == b"UP\n" and h.poll() is None
+    assert os.getpgid(h.pid) == h.pid  # its own session: the agent signals its process group
+    os.killpg(h.pid, signal.SIGKILL)
+    assert h.wait(30) == -signal.SIGKILL
+
+
+def test_the_forked_worker_is_bound_to_its_cpus(server, tmp_path):
+    show = script(tmp_path, "cpus.py", "import os\nprint(sorted(os.sched_getaffinity(0)))\n")
+    proc = server.take([show], False, dict(os.environ), str(tmp_path), cpus=(0,))
+    assert proc.wait(30) == 0 and proc.stdout.read().decode().strip() == "[0]"
+
+
+def test_elastic_run_forks_torch_workers_and_they_die_with_the_agent(procs, tmp_path):
+    """Both workers come from one warm interpreter (their parent), which had imported torch
+    before the script ran; SIGKILL to the agent takes the server and the workers with it."""
+    probe = script(tmp_path, "probe.py", "import os, sys, time\n"
+                                         "warm = 'torch' in sys.modules\n"
+                                         "import torch\n"
+                                         "print('PROBE', os.environ['LOCAL_RANK'], os.getpid(), os.getppid(), warm,"
+                                         " flush=True)\n"
+                                         "time.sleep(120)\n")
+    procs.start("job", [ELASTIC_RUN, "--nproc-per-node", "2", probe])
+    procs.wait_for_output("job", "PROBE 1", timeout_s=120)
+    procs.wait_for_output("job", "PROBE 0", timeout_s=120)
+    rows = [line.split("PROBE ", 1)[1].split() for line in procs.output("job").splitlines() if "PROBE " in line]
+    agent = procs["job"].pid
+    parents = {ppid for _, _, ppid, _ in rows}
+    assert len(parents) == 1 and str(agent) not in parents  # one fork server, not the agent
+    assert all(warm == "True" for *_, warm in rows)
+    pids = [int(pid) for _, pid, _, _ in rows] + [int(parents.pop())]
+    procs.signal("job", signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
+        time.sleep(0.05)
+    assert not alive, f"outlived the agent: {alive}"
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
