@@ -7,22 +7,31 @@ leftovers), and other processes' bursts hit all of them alike. Each step is time
 (wall clock, from fetching its batch to the end of everything the profiler does at the
 step's end); each block's CPU time is read too.
 
-Two paired figures per configuration, each the median over rounds of (the configuration's
+Paired figures per configuration, each the median over rounds of (the configuration's
 block / the plain block of the same round) - 1, with a distribution-free 95% confidence
 interval of that median, and an A/A row (the plain loop in its own block of every round) for
 the noise floor:
 
   wall overhead:  of the median wall time per step. What a user sees, but on a shared
                   machine the noisiest;
-  CPU overhead:   of the training thread's CPU time of the block's cheapest step (other
-                  processes only add to it, through cache and core contention, while a
-                  profiler's cost is in every step) plus, for ours, the CPU time of its own
-                  writer and sampler threads during its blocks, read from their per-thread
-                  clocks, and of reading and writing out its block's remaining steps at the
-                  block's end, per step. Conservative: that background work overlaps
-                  the step on a free core. torch.profiler: the process's CPU time.
+  CPU overhead:   one statistic for every configuration: the training thread's CPU time of
+                  the block's cheapest step (other processes only add to it, through cache and
+                  core contention, while a profiler's cost is in every step) plus the CPU time
+                  per step of the process's other threads during the block (torch.profiler's
+                  own threads, if any), where the profiler's own writer and sampler threads
+                  (alive all run) are charged to its blocks only, together with reading and
+                  writing out its block's remaining steps at the block's end. Conservative
+                  for ours: its background work overlaps the step on a free core.
 
-``overhead_frac`` and ``torch_profiler_overhead_frac`` are the CPU figures.
+``overhead_frac`` and ``torch_profiler_overhead_frac`` are the CPU figures. ``per_step_cpu_us``
+is the training thread's CPU time inside the profiler per step (target <= 10 us), read from
+the thread's CPU clock around every call the training thread makes into the profiler (the
+step context, each phase begin/end, the module hooks) in extra blocks of real steps after the
+timed rounds, less what the meter's own clock reads cost: stable on a noisy machine, since
+other processes do not run on this thread's clock and the window is only the profiler's code.
+(The paired difference of the cheapest steps' thread CPU, ours minus plain, is printed beside
+it with its CI and the A/A row's: it includes the cache effects on the step, but at this
+machine's noise its CI is about +-100 us.)
 
   ours:            one StepProfiler for the whole run (always on) with the PyTorch hooks
                    attached for its blocks (forward, backward, optimizer), the data phase via
@@ -35,7 +44,7 @@ Also printed: the profiler's direct cost per step on a near-empty step (warm cac
 bound; after a real step the caches are cold and the same code costs several times more).
 
 Usage: python benchmarks/profiler.py [--quick] [--rounds N] [--steps N]. Last line: one JSON
-object with ``overhead_frac`` and ``torch_profiler_overhead_frac``.
+object with ``overhead_frac``, ``torch_profiler_overhead_frac`` and ``per_step_cpu_us``.
 """
 from __future__ import annotations
 
@@ -44,6 +53,7 @@ import gc
 import json
 import math
 import os
+import platform
 import random
 import statistics
 import sys
@@ -124,30 +134,36 @@ class Workload:
 
 
 class Measured:
-    """One block's measurements: wall and training-thread CPU time of each step, process CPU
-    time per step."""
+    """One block's measurements: wall and training-thread CPU time of each step, and the CPU
+    time per step of the process's other threads that the configuration is charged with."""
 
-    __slots__ = ("steps_s", "cpu_s", "step_cpu_s")
+    __slots__ = ("steps_s", "step_cpu_s", "other_cpu_s")
 
-    def __init__(self, steps_s: List[float], cpu_s: float, step_cpu_s: List[float]) -> None:
+    def __init__(self, steps_s: List[float], step_cpu_s: List[float], other_cpu_s: float) -> None:
         self.steps_s = steps_s
-        self.cpu_s = cpu_s / len(steps_s)
         self.step_cpu_s = step_cpu_s
+        self.other_cpu_s = other_cpu_s / len(steps_s)
+
+    def cpu_stat(self) -> float:
+        """The CPU statistic every configuration is compared by (see the module's doc)."""
+        return min(self.step_cpu_s) + self.other_cpu_s
 
 
-def _timed_loop(n: int, it, run_step) -> Measured:
-    """Time ``n`` steps one by one (wall clock and the thread's CPU time) and the block's
-    process CPU time."""
+def _timed_loop(n: int, it, run_step, ours: "Ours") -> Measured:
+    """Time ``n`` steps one by one (wall clock and the thread's CPU time), and the CPU time of
+    the process's other threads during the block, less the always-on profiler's threads (which
+    :func:`block_ours` charges to its own blocks)."""
     out, out_cpu = [], []
     clock, cpu, tcpu = time.perf_counter, time.process_time, time.thread_time
-    c0 = cpu()
+    p0, b0, c0 = ours.cpu_s(ours.threads), tcpu(), cpu()
     for _ in range(n):
         t0, tc0 = clock(), tcpu()
         x, y = next(it)
         run_step(x, y)
         out_cpu.append(tcpu() - tc0)
         out.append(clock() - t0)
-    return Measured(out, cpu() - c0, out_cpu)
+    other = (cpu() - c0) - (tcpu() - b0) - (ours.cpu_s(ours.threads) - p0)
+    return Measured(out, out_cpu, max(0.0, other))
 
 
 class Ours:
@@ -165,6 +181,7 @@ class Ours:
         threads = {t.name: t for t in threading.enumerate() if t.name.startswith("profiler-")}
         self.writer = threads.pop("profiler-writer")
         self.samplers = list(threads.values())  # profiler-psutil-sampler or -nvml-
+        self.threads = [self.writer] + self.samplers
 
     @staticmethod
     def cpu_s(threads) -> float:
@@ -180,7 +197,7 @@ def _settle(w: Workload) -> None:
 
 
 def block_plain(w: Workload, n: int, ours: Ours) -> Measured:
-    return _timed_loop(n, w.stream(n), w.step)
+    return _timed_loop(n, w.stream(n), w.step, ours)
 
 
 def block_ours(w: Workload, n: int, ours: Ours) -> Measured:
@@ -193,17 +210,89 @@ def block_ours(w: Workload, n: int, ours: Ours) -> Measured:
             train(x, y)
 
     s0, w0 = ours.cpu_s(ours.samplers), ours.cpu_s([ours.writer])
-    block = _timed_loop(n, prof.wrap_loader(w.stream(n)), run_step)
+    block = _timed_loop(n, prof.wrap_loader(w.stream(n)), run_step, ours)
     t0 = time.thread_time()
     prof._collect()  # the writer's batch for the rest of this block (no file flush): charged
     prof._writer.drain()
-    ours.writer_s += ours.cpu_s([ours.writer]) - w0 + time.thread_time() - t0
-    ours.sampler_s += ours.cpu_s(ours.samplers) - s0
+    writer_s = ours.cpu_s([ours.writer]) - w0 + time.thread_time() - t0
+    sampler_s = ours.cpu_s(ours.samplers) - s0
+    ours.writer_s += writer_s
+    ours.sampler_s += sampler_s
+    block.other_cpu_s += (writer_s + sampler_s) / n
     prof.detach()
     ours.steps += n
     last = prof.last_record
     assert last is not None and {"data", "forward", "backward", "optimizer"} <= set(last.phases_s)
     return block
+
+
+class _Meter:
+    """The training thread's CPU time inside the profiler's own code, from the thread's CPU
+    clock around each outermost call into it (nested calls are not counted twice)."""
+
+    def __init__(self) -> None:
+        self.total_s = 0.0
+        self.calls = 0
+        self._depth = 0
+
+    def wrap(self, fn):
+        clock = time.thread_time
+        meter = self
+
+        def timed(*args, **kwargs):
+            if meter._depth:
+                return fn(*args, **kwargs)
+            meter._depth = 1
+            t0 = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                meter.total_s += clock() - t0
+                meter.calls += 1
+                meter._depth = 0
+        return timed
+
+
+def _meter_floor_s(reps: int = 20000) -> float:
+    """What the meter reads around an empty call (its own clock reads): subtracted per call."""
+    m = _Meter()
+    f = m.wrap(lambda *a: None)
+    for _ in range(reps):
+        f()
+    return m.total_s / m.calls
+
+
+def block_ours_metered(w: Workload, n: int, ours: Ours, meter: _Meter) -> None:
+    """A block of ours in which every entry of the training thread into the profiler is
+    metered: the step context, every phase begin/end (the data phase of wrap_loader, the
+    optimizer hooks, backward's start and end) and the module hooks' own bodies."""
+    from profiler import core
+
+    saved = {(cls, name): getattr(cls, name) for cls, name in (
+        (core._Phase, "begin"), (core._Phase, "end"), (core._Phase, "cancel"),
+        (core._Step, "__enter__"), (core._Step, "__exit__"), (core.StepProfiler, "step"))}
+    for (cls, name), fn in saved.items():
+        setattr(cls, name, meter.wrap(fn))
+    core._Phase.__enter__ = core._Phase.begin
+    prof = ours.prof
+    try:
+        prof.attach(w.model, w.opt)  # the hooks bind the metered methods
+        for hooks in (w.model._forward_pre_hooks, w.model._forward_hooks):
+            for key in list(hooks):
+                hooks[key] = meter.wrap(hooks[key])
+        step, batch, train = prof.step, w.batch, w.step
+
+        def run_step(x, y):
+            with step(samples=batch):
+                train(x, y)
+
+        for x, y in prof.wrap_loader(w.stream(n)):
+            run_step(x, y)
+        prof.detach()
+    finally:
+        for (cls, name), fn in saved.items():
+            setattr(cls, name, fn)
+        core._Phase.__enter__ = core._Phase.begin
 
 
 _torch_exit_s: List[float] = []
@@ -217,7 +306,7 @@ def block_torch_profiler(w: Workload, n: int, ours: Ours) -> Measured:
             w.step(x, y)
             tp.step()
 
-        block = _timed_loop(n, w.stream(n), run_step)
+        block = _timed_loop(n, w.stream(n), run_step, ours)
         exit_start = time.perf_counter()
     _torch_exit_s.append(time.perf_counter() - exit_start)
     return block
@@ -317,7 +406,16 @@ def main(argv=None) -> int:
                 _settle(w)
                 blocks[name].append(fn(w, steps, ours))
         writer_s = ours.writer_s
-        background_s = writer_s + ours.sampler_s
+        floor_s = _meter_floor_s()
+        metered, calls = [], []  # per block: metered CPU per step, calls per step
+        for r in range(max(10, rounds // 3)):  # after the timed rounds, with real steps between
+            _settle(w)
+            meter = _Meter()
+            block_ours_metered(w, steps, ours, meter)
+            metered.append((meter.total_s - meter.calls * floor_s) / steps)
+            calls.append(meter.calls / steps)
+        per_step_cpu_s = statistics.median(metered)
+        metered_steps = steps * len(metered)
         ours.prof.close()
         records = len(ours.prof.records)
 
@@ -328,22 +426,19 @@ def main(argv=None) -> int:
         return median_ci([stat(b) / stat(a) - 1.0 for b, a in zip(blocks[name], base)])
 
     wall = {n: paired(n, lambda b: statistics.median(b.steps_s)) for n in names}
-    # the training thread's CPU time per step, from each block's cheapest step: other processes
-    # only ever add to it (cache and core contention), while a profiler's cost is in every step
-    thread = {n: paired(n, lambda b: min(b.step_cpu_s)) for n in names}
-    process = {n: paired(n, lambda b: b.cpu_s) for n in names}
-    base_cpu_s = statistics.median(min(b.step_cpu_s) for b in base)
-    bg_frac = background_s / ours.steps / base_cpu_s
-    # CPU overhead: the training thread's (paired) plus, for ours, its own threads' CPU per
-    # step (measured exactly); torch.profiler's: the whole process's, paired, as it has no
-    # threads of its own to single out.
-    cpu = {"none": thread["none"], "none again (A/A)": thread["none again (A/A)"],
-           "torch.profiler": process["torch.profiler"],
-           "ours (hooks on)": tuple(v + bg_frac for v in thread["ours (hooks on)"])}
+    # one CPU statistic for every configuration (Measured.cpu_stat)
+    cpu = {n: paired(n, Measured.cpu_stat) for n in names}
+    # the training thread's own cost: its cheapest step, ours minus plain, per round
+    thread = {n: median_ci([min(b.step_cpu_s) - min(a.step_cpu_s) for b, a in zip(blocks[n], base)])
+              for n in names}
+    base_cpu_s = statistics.median(b.cpu_stat() for b in base)
 
     def ci(m):
         return f"{m[0] * 100:>6.2f}% [{m[1] * 100:>6.2f}, {m[2] * 100:>6.2f}]"
 
+    print(f"versions: python {platform.python_version()}, torch {torch.__version__}; torch.profiler "
+          f"with activities=[CPU], record every step; ours: StepProfiler(exchange='none', psutil "
+          f"sampler at its default rate, JSON lines, trace) with hooks")
     print(f"profiler overhead on a PyTorch training step ({w.depth} pre-norm MLP blocks of width "
           f"{w.width}, AdamW, batch {w.batch}, 1 thread; {base_cpu_s * 1e3:.1f} ms CPU per plain "
           f"step): {rounds} rounds x {steps} steps per configuration, interleaved, a new random "
@@ -354,8 +449,11 @@ def main(argv=None) -> int:
         v = sorted(all_steps[name])
         print(f"{name:<18} {statistics.median(v) * 1e3:>7.2f} {v[int(.9 * len(v))] * 1e3:>7.2f} "
               f"{ci(wall[name]):>26} {ci(cpu[name]):>26} {cpu[name][0] * base_cpu_s * 1e6:>11.1f}")
-    print(f"ours, split: training thread {thread['ours (hooks on)'][0] * base_cpu_s * 1e6:.1f} us/step "
-          f"(paired), its writer thread {writer_s / ours.steps * 1e6:.1f} us/step and sampler "
+    t = thread["ours (hooks on)"]
+    aa = thread["none again (A/A)"]
+    print(f"ours, split: training thread {t[0] * 1e6:.1f} us/step [{t[1] * 1e6:.1f}, {t[2] * 1e6:.1f}] "
+          f"(paired cheapest steps; the A/A row's: {aa[0] * 1e6:.1f} [{aa[1] * 1e6:.1f}, "
+          f"{aa[2] * 1e6:.1f}]; torch.profiler's: {thread['torch.profiler'][0] * 1e6:.1f}), its writer thread {writer_s / ours.steps * 1e6:.1f} us/step and sampler "
           f"thread {ours.sampler_s / ours.steps * 1e6:.1f} us/step (measured: {writer_s * 1e3:.1f} "
           f"and {ours.sampler_s * 1e3:.1f} ms CPU for {ours.steps} steps; {records} records)")
     if _torch_exit_s:
@@ -364,11 +462,18 @@ def main(argv=None) -> int:
     print("wall overhead: median over rounds of (median wall time per step of the block / the "
           "same of the plain block of the same round) - 1, with a distribution-free 95% CI of "
           "that median; other processes on the machine make it noisy. CPU overhead: the same "
-          "for the training thread's CPU time of the block's cheapest step (other processes "
-          "only add to it, a profiler's cost is in every step) "
-          "plus, for ours, the CPU of its writer and sampler threads during its blocks, per step "
-          "(conservative: that work overlaps the step on a free core); torch.profiler: the process's CPU time. The A/A "
-          "row is the noise floor. overhead_frac is ours' CPU figure.")
+          "for one statistic, the training thread's CPU time of the block's cheapest step (other "
+          "processes only add to it, a profiler's cost is in every step) plus the CPU per step of "
+          "the process's other threads during the block, the profiler's writer and sampler "
+          "charged to its blocks only (conservative: that work overlaps the step on a free core). "
+          "The A/A row is the noise floor. overhead_frac is ours' CPU figure, "
+          "torch_profiler_overhead_frac torch.profiler's; per_step_cpu_us the training thread's "
+          "added CPU per step (target <= 10 us).")
+    print(f"per_step_cpu_us: the training thread's CPU time inside the profiler's code, metered "
+          f"by its thread clock around every call into it: {per_step_cpu_s * 1e6:.1f} us/step "
+          f"(median of {len(metered)} blocks, {min(metered) * 1e6:.1f}-{max(metered) * 1e6:.1f}; "
+          f"target <= 10; {statistics.median(calls):.1f} calls per step over {metered_steps} real "
+          f"steps, less {floor_s * 1e6:.2f} us per call that the meter itself reads)")
     direct = direct_cost_us()
     print(f"direct cost of ours on a near-empty step (warm caches, best of 30): "
           f"{direct['cost_us']:.1f} us/step ({direct['profiled_us']:.1f} vs "
@@ -376,7 +481,8 @@ def main(argv=None) -> int:
           f"code costs several times that")
     sys.stdout.flush()
     print(json.dumps({"overhead_frac": round(cpu["ours (hooks on)"][0], 5),
-                      "torch_profiler_overhead_frac": round(cpu["torch.profiler"][0], 5)}),
+                      "torch_profiler_overhead_frac": round(cpu["torch.profiler"][0], 5),
+                      "per_step_cpu_us": round(per_step_cpu_s * 1e6, 2)}),
           flush=True)
     return 0
 
