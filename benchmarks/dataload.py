@@ -1,33 +1,39 @@
 """Data loading, side by side on one generated dataset (samples/s, resume time).
 
-    python benchmarks/dataload.py [--quick]
+    python benchmarks/dataload.py [--quick] [--mosaic-workers N]
 
 Starts a real S3 endpoint (moto server) on loopback, writes the dataset there as shards and
 also pre-stages the same shard files on local disk, then measures with ElasticDataLoader
 (torch, batches of 256, no workers): epoch 1 from S3 through an empty node cache
-(``remote_sps``), the next epoch from the cache (``cached_sps``), the same order read straight
-from the local shards (``local_sps``), and the time to resume at 90% of an epoch (``resume_s``:
-new loader, ``load_state_dict``, first batch). MosaicML Streaming 0.13 runs from
-``.bench-venv`` (``make bench-env``), writes its own MDS format from the same arrays to the same
-endpoint and reads it through its own cache with torch's DataLoader (``mosaic_cached_sps``:
-its second epoch).
+(``remote_sps``), the next epochs from the cache (``cached_sps``), the same order read straight
+from the local shards (``local_sps``), and the time to resume at 90% of an epoch in a fresh
+process (``resume_s``: in a new Python process, with the node cache on disk from before but
+nothing in memory: dataset, loader, ``load_state_dict``, first batch, after ``import torch``
+and ``import dataload`` as a training script has them; the process's start-up and those
+imports are printed beside it). MosaicML Streaming 0.13 runs from ``.bench-venv``
+(``make bench-env``) as its documentation recommends: its own MDS format written from the same
+arrays to the same endpoint, a ``StreamingDataset(remote=, local=, shuffle=True,
+batch_size=256)`` read through a torch ``DataLoader(batch_size=256, num_workers=N)``
+(``--mosaic-workers``, default the number of CPUs, at most 8); ``mosaic_cached_sps`` is from its
+cache (the epochs after the first).
 
-Cached and local are compared on equal terms: the same loader class, sampler, seed, epoch
-order, batch size and shard decode (the shard files are byte-identical; only where they come
-from differs), after a warm-up pass on each side so both read from a warm page cache. Then
-cached and local passes over the same epoch alternate for many rounds (which goes first
-alternates too), timing every step (``iter`` + first batch, each next batch, the end). Each
-round is printed. Since every pass does the same work step for step, ``cached_sps`` and
-``local_sps`` sum each step's median over the rounds: a step slowed by other processes on this
-shared machine is an outlier there, while anything the reader itself pays at a step is paid in
-every round and stays. ``cached_frac_of_local`` is their ratio; the median of the whole-epoch
-ratios and the CPU-time ratio are printed beside it. Last line: JSON.
+Every side is measured the same way: whole epochs, the same number of rounds (``--rounds``:
+31 ``--quick``, 15 full) after one warm-up epoch, samples/s of the median epoch time, and
+every epoch must deliver every sample exactly once (a MosaicML epoch whose sample count or
+ids are wrong is an error: its figure is null and the error is printed, never a figure).
+Cached and local alternate (which goes first alternates too) with the same loader class,
+sampler, seed, epoch order, batch size and shard decode (the shard files are byte-identical;
+only where they come from differs), both from a warm page cache; ``cached_frac_of_local`` is
+the median over rounds of the paired whole-epoch ratio (cached epoch / the local epoch next to
+it). Also printed: the ratio of the two median epochs, the same ratio from each step's median over the rounds summed
+(a step another tenant slowed is an outlier there) and by CPU time. Last line: JSON.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -52,12 +58,13 @@ import json, os, sys, time, types
 # streaming/__init__ imports streaming.vision (torchvision datasets); the reader never uses it
 # and PyPI's torchvision cannot load beside CPU torch, so that one subpackage is stubbed.
 sys.modules["streaming.vision"] = types.ModuleType("streaming.vision")
+import importlib.metadata
 import numpy as np
 import torch
 from streaming import MDSWriter, StreamingDataset
 
-arrays, remote, local, shard_bytes, batch = sys.argv[1:]
-shard_bytes, batch = int(shard_bytes), int(batch)
+arrays, remote, local, shard_bytes, batch, rounds, workers = sys.argv[1:]
+shard_bytes, batch, rounds, workers = int(shard_bytes), int(batch), int(rounds), int(workers)
 data = np.load(os.path.join(arrays, "x.npy"))
 ids = np.load(os.path.join(arrays, "id.npy"))
 cols = {"id": "int64", "x": f"ndarray:float32:{data.shape[1]}"}
@@ -67,17 +74,46 @@ with MDSWriter(out=(os.path.join(local, "staging"), remote), columns=cols,
         w.write({"id": int(ids[i]), "x": data[i]})
 ds = StreamingDataset(remote=remote, local=os.path.join(local, "cache"), shuffle=True,
                       shuffle_seed=7, batch_size=batch)
-out = {}
-for epoch in (1, 2):
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0)
+loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers)
+out = {"versions": {"mosaicml-streaming": importlib.metadata.version("mosaicml-streaming"),
+                    "torch": torch.__version__, "numpy": np.__version__},
+       "epochs": []}
+for epoch in range(1 + 1 + rounds):  # the first fills the cache, one warm-up, then the rounds
     t0 = time.perf_counter()
     n = 0
-    seen = set()
+    seen = []
     for b in loader:
         n += len(b["id"])
-    out[f"epoch{epoch}_sps"] = n / (time.perf_counter() - t0)
-    out[f"epoch{epoch}_n"] = n
+        seen.append(b["id"].numpy())
+    took = time.perf_counter() - t0
+    got = np.sort(np.concatenate(seen)) if seen else np.empty(0, np.int64)
+    exact = len(got) == len(ids) and bool(np.array_equal(got, np.sort(ids)))
+    out["epochs"].append({"n": n, "s": took, "exact": exact})
 print("MOSAIC", json.dumps(out))
+'''
+
+RESUME = r'''
+import json, os, sys, time
+t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[1])
+import torch  # a restarted training process has imported it for its model already
+import dataload
+state = json.loads(sys.argv[2])
+opts = json.loads(sys.argv[5])
+t1 = time.perf_counter()
+marks = {}
+cache = dataload.ShardCache(sys.argv[4], 1 << 40, progress=False)
+ds = dataload.ShardedDataset(sys.argv[3], storage_options=opts, cache=cache)
+marks["dataset_s"] = time.perf_counter() - t1
+loader = dataload.ElasticDataLoader(ds, int(sys.argv[6]))
+loader.load_state_dict(state)
+marks["load_state_s"] = time.perf_counter() - t1 - marks["dataset_s"]
+it = iter(loader)
+first = next(it)
+t2 = time.perf_counter()
+marks["first_batch_s"] = t2 - t1 - marks["dataset_s"] - marks["load_state_s"]
+print("RESUME", json.dumps({"resume_s": t2 - t1, "imports_s": t1 - t0, "batch": len(first["id"]),
+                            "first_id": int(first["id"][0]), **marks}))
 '''
 
 
@@ -117,10 +153,13 @@ def _robust_sps(n: int, runs: list) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a small dataset (~40 MB)")
+    ap.add_argument("--rounds", type=int, default=None, help="epochs per side (quick 31, full 15)")
+    ap.add_argument("--mosaic-workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="DataLoader workers for MosaicML Streaming (its docs: one per CPU)")
     args = ap.parse_args()
     n, dim = (10_000, 1024) if args.quick else (80_000, 1024)  # 4 KiB per sample
     shard_bytes = (4 << 20) if args.quick else (32 << 20)
-    rounds = 31 if args.quick else 15
+    rounds = args.rounds or (31 if args.quick else 15)
     work = tempfile.mkdtemp(prefix="bench-dataload-")
     rng = np.random.default_rng(0)
     x = rng.random((n, dim), dtype=np.float32)
@@ -128,6 +167,13 @@ def main() -> None:
     np.save(os.path.join(work, "x.npy"), x)
     np.save(os.path.join(work, "id.npy"), ids)
     results: dict = {}
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    try:
+        import torch
+
+        versions["torch"] = torch.__version__
+    except ImportError:
+        pass
     try:
         with S3Server() as s3:
             s3.new_bucket("bench")
@@ -171,23 +217,36 @@ def main() -> None:
                 local_runs.append(pair["local"])
                 c_sps, l_sps = n / sum(pair["cached"][1]), n / sum(pair["local"][1])
                 print(f"{r:5d} {c_sps:10,.0f} {l_sps:10,.0f} {c_sps / l_sps:6.3f}")
-            results["cached_sps"] = _robust_sps(n, cached)
-            results["local_sps"] = _robust_sps(n, local_runs)
-            results["cached_frac_of_local"] = results["cached_sps"] / results["local_sps"]
+            # the figures: samples/s of the median whole epoch (as for MosaicML below)
+            results["cached_sps"] = n / statistics.median(sum(c[1]) for c in cached)
+            results["local_sps"] = n / statistics.median(sum(loc[1]) for loc in local_runs)
+            step_frac = _robust_sps(n, cached) / _robust_sps(n, local_runs)
+            # the ratio: per round, the cached epoch against the local epoch next to it, median
+            # (a paired whole-epoch statistic; the ratio of the two medians is printed beside)
             epoch_frac = statistics.median(sum(loc[1]) / sum(c[1])
                                            for c, loc in zip(cached, local_runs))
+            results["cached_frac_of_local"] = epoch_frac
+            medians_frac = results["cached_sps"] / results["local_sps"]
             cpu_frac = (statistics.median(loc[2] for loc in local_runs)
                         / statistics.median(c[2] for c in cached))
 
-            # Resume at 90% of an epoch: a fresh loader jumps there (no replay).
+            # Resume at 90% of an epoch in a fresh process: nothing in memory, the node cache
+            # on disk (a restarted worker); it jumps there, no replay.
             state = dict(loader.state_dict(), position=int(0.9 * n))
             t0 = time.perf_counter()
-            ds2 = dataload.ShardedDataset(url, storage_options=opts, cache=cache)
-            resumed = dataload.ElasticDataLoader(ds2, BATCH)
-            resumed.load_state_dict(state)
-            first = next(iter(resumed))
-            results["resume_s"] = time.perf_counter() - t0
-            assert len(first["id"]) == BATCH
+            proc = subprocess.run([sys.executable, "-c", RESUME, REPO, json.dumps(state), url,
+                                   os.path.join(work, "cache"), json.dumps(opts), str(BATCH)],
+                                  capture_output=True, text=True, timeout=300)
+            process_s = time.perf_counter() - t0
+            if proc.returncode != 0 or "RESUME" not in proc.stdout:
+                raise RuntimeError("resume process failed: " + proc.stderr[-2000:])
+            res = json.loads(proc.stdout.split("RESUME", 1)[1])
+            assert res["batch"] == BATCH
+            results["resume_s"] = res["resume_s"]
+            resume_note = (f"dataset {res['dataset_s']:.2f} s, load_state_dict "
+                           f"{res['load_state_s']:.2f} s, first batch {res['first_batch_s']:.2f} s; "
+                           f"fresh process: {process_s:.2f} s from its start (imports "
+                           f"{res['imports_s']:.2f} s of torch and dataload)")
             replay_s = 0.9 * n / results["cached_sps"]
 
             results["mosaic_cached_sps"] = None
@@ -202,17 +261,23 @@ def main() -> None:
                 with open(script, "w") as f:
                     f.write(MOSAIC)
                 proc = subprocess.run([BENCH_PY, script, work, "s3://bench/mds",
-                                       os.path.join(work, "mosaic"), str(shard_bytes), str(BATCH)],
-                                      capture_output=True, text=True, env=env, timeout=1800)
+                                       os.path.join(work, "mosaic"), str(shard_bytes), str(BATCH),
+                                       str(rounds), str(args.mosaic_workers)],
+                                      capture_output=True, text=True, env=env, timeout=3600)
                 if proc.returncode != 0 or "MOSAIC" not in proc.stdout:
                     mosaic_note = "MosaicML run failed: " + (proc.stderr.strip().splitlines()
                                                              or ["?"])[-1]
                 else:
                     m = json.loads(proc.stdout.split("MOSAIC", 1)[1].strip().splitlines()[0])
-                    if m["epoch2_n"] != n:
-                        mosaic_note = f"MosaicML read {m['epoch2_n']} samples, not {n}"
-                    results["mosaic_cached_sps"] = m["epoch2_sps"]
-                    results["mosaic_remote_sps"] = m["epoch1_sps"]
+                    versions.update(m["versions"])
+                    wrong = [(i, e["n"]) for i, e in enumerate(m["epochs"]) if not e["exact"]]
+                    if wrong:
+                        mosaic_note = (f"MosaicML ERROR: epochs {wrong[:5]} (epoch, samples) did not "
+                                       f"deliver each of the {n} samples exactly once: no figure")
+                    else:
+                        timed = [e["s"] for e in m["epochs"][2:]]
+                        results["mosaic_cached_sps"] = n / statistics.median(timed)
+                        results["mosaic_remote_sps"] = n / m["epochs"][0]["s"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -220,20 +285,27 @@ def main() -> None:
         ("epoch 1 from S3 (fills cache)", results["remote_sps"], "remote_sps"),
         ("epoch 2 from the node cache", results["cached_sps"], "cached_sps"),
         ("local shards, read directly", results["local_sps"], "local_sps"),
-        ("MosaicML Streaming, epoch 1", results.get("mosaic_remote_sps"), ""),
+        ("MosaicML Streaming, epoch 1 (fills)", results.get("mosaic_remote_sps"), ""),
         ("MosaicML Streaming, cached epoch", results["mosaic_cached_sps"], "mosaic_cached_sps"),
     ]
+    print("\nversions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"settings: {n} samples of {dim * 4} B, shards of {shard_bytes >> 20} MiB, batch {BATCH}; "
+          f"ours: ElasticDataLoader, no workers; MosaicML: StreamingDataset(shuffle=True, "
+          f"batch_size={BATCH}) in DataLoader(num_workers={args.mosaic_workers}); each side: "
+          f"{rounds} whole epochs after a warm-up, samples/s of the median epoch; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print(f"\n{'what':36} {'samples/s':>12}")
     for label, value, _key in rows:
         print(f"{label:36} {value:12,.0f}" if value is not None else f"{label:36} {'n/a':>12}")
-    print(f"\ncached / local: {results['cached_frac_of_local']:.3f} (target >= 0.95; per-step "
-          f"medians of {rounds} rounds); median of the whole-epoch ratios: {epoch_frac:.3f}; "
-          f"by CPU time: {cpu_frac:.3f}")
+    print(f"\ncached / local: {results['cached_frac_of_local']:.3f} (target >= 0.95; median over "
+          f"{rounds} rounds of the cached epoch / the local epoch beside it); ratio of the median "
+          f"epochs: {medians_frac:.3f}; from per-step medians: {step_frac:.3f}; by CPU time: "
+          f"{cpu_frac:.3f}")
     if results["mosaic_cached_sps"]:
         print(f"cached / MosaicML cached: {results['cached_sps'] / results['mosaic_cached_sps']:.2f}"
               " (target >= 1)")
-    print(f"resume at 90% of an epoch: {results['resume_s']:.3f} s (target < 1 s); replaying "
-          f"to it at the cached rate would take {replay_s:.1f} s")
+    print(f"resume at 90% of an epoch: {results['resume_s']:.3f} s (target < 1 s; {resume_note}); "
+          f"replaying to it at the cached rate would take {replay_s:.1f} s")
     if mosaic_note:
         print(mosaic_note)
     keys = ["remote_sps", "cached_sps", "local_sps", "mosaic_cached_sps", "cached_frac_of_local",
