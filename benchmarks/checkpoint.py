@@ -5,8 +5,10 @@
 Compares, on one torch state of 1 GiB (``--quick``: 256 MiB) in one run:
 
 * the training stall of ``Checkpointer.save()`` (time until it returns) against ``torch.save``
-  and ``torch.distributed.checkpoint.async_save`` (1-rank gloo group), and against an
-  in-memory copy of the state into preallocated buffers (``memcpy_s``, the floor);
+  and ``torch.distributed.checkpoint.async_save`` (1-rank gloo group) with one ``DefaultStager``
+  reused across saves, as its users run it (its stall: until its staging completes, when the
+  state may be modified again; the time until ``async_save`` returns is printed too), and
+  against an in-memory copy of the state into preallocated buffers (``memcpy_s``, the floor);
 * our persist throughput (state bytes / time from ``save()`` to durable commit) against
   ``dd oflag=direct`` writing as many bytes to the same disk right after each timed save;
 * our load throughput (a fresh reader, no node memory: map, CRC, tensors) against ``dd``
@@ -14,9 +16,10 @@ Compares, on one torch state of 1 GiB (``--quick``: 256 MiB) in one run:
   figure; evicted with fadvise and checked with mincore before each run) and both warm, in
   interleaved trials (medians), so that the other tenants of a shared machine weigh on both.
 
-Stalls are steady-state figures (the median over saves after a first warm-up save, which
-allocates the staging memory once); the first save's stall is printed too. The last line is
-one JSON object with the keys the issue names.
+Every figure is the median of ``--saves`` runs (default 5) after a warm-up run (which
+allocates staging memory once; the first save's stall is printed too), and its spread
+(min-max over the runs) is printed beside it and given in the JSON's ``spread``. The last line
+is one JSON object with the keys the issue names.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import re
 import shutil
 import socket
@@ -141,8 +145,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="256 MiB of state instead of 1 GiB")
     ap.add_argument("--size-mib", type=int, default=None)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir in /tmp)")
-    ap.add_argument("--saves", type=int, default=3, help="timed saves after the warm-up")
-    ap.add_argument("--load-trials", type=int, default=3, help="interleaved load/read trials")
+    ap.add_argument("--saves", type=int, default=5, help="timed runs of each save after a warm-up")
+    ap.add_argument("--load-trials", type=int, default=5, help="interleaved load/read trials")
     args = ap.parse_args()
     size = (args.size_mib or (256 if args.quick else 1024)) << 20
 
@@ -161,12 +165,13 @@ def main() -> None:
         # 1. in-memory copy into preallocated buffers: the floor for any stall
         dst = {k: torch.empty_like(v) for k, v in state["model"].items()}
         times = []
-        for _ in range(5):
+        for _ in range(1 + args.saves):
             t0 = time.perf_counter()
             for k, v in state["model"].items():
                 dst[k].copy_(v)
             times.append(time.perf_counter() - t0)
-        memcpy_s = statistics.median(times[1:])  # the first run faults the buffers in
+        memcpy_runs = times[1:]  # the first run faults the buffers in
+        memcpy_s = statistics.median(memcpy_runs)
         del dst
 
         # 2. ours: stall, and persist time until the manifest is committed
@@ -198,6 +203,8 @@ def main() -> None:
         persist_s = statistics.median(persists[1:])
         persist_bps = written / persist_s
         dd_write = statistics.median(dd_writes)
+        # paired per save: our persist rate over dd's right after it
+        persist_fracs = [written / p / d for p, d in zip(persists[1:], dd_writes)]
 
         # 3. load vs a sequential read of the same files, both cold (page cache dropped before
         # each run) and both warm (files cached); trials interleaved so that load from the
@@ -233,63 +240,101 @@ def main() -> None:
         # 4. torch.save (its stall is the whole save)
         path = os.path.join(work, "torch.pt")
         times = []
-        for _ in range(2):
+        for _ in range(1 + args.saves):
             t0 = time.perf_counter()
             torch.save(state, path)
             times.append(time.perf_counter() - t0)
             os.unlink(path)
-        torch_save_s = min(times)
+        torch_save_runs = times[1:]
+        torch_save_s = statistics.median(torch_save_runs)
 
-        # 5. DCP async_save on a 1-rank gloo group: stall until it returns
+        # 5. DCP async_save on a 1-rank gloo group with one DefaultStager reused across saves
+        # (its staging buffers are allocated once, as ours are): the stall lasts until the
+        # staging completes (then the state may change), the save until the upload completes
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
-        dcp_stalls, dcp_totals = [], []
-        for i in range(2):
-            t0 = time.perf_counter()
-            fut = dcp.async_save({"model": state["model"]}, checkpoint_id=os.path.join(work, f"dcp{i}"))
-            t1 = time.perf_counter()
-            fut.result()
-            dcp_stalls.append(t1 - t0)
-            dcp_totals.append(time.perf_counter() - t0)
-        dist.destroy_process_group()
-        dcp_async_stall_s = dcp_stalls[-1]
+        gpu = torch.cuda.is_available()
+        # its defaults, except what needs an accelerator: pinned memory, non-blocking copies
+        options = StagingOptions(use_pinned_memory=gpu, use_non_blocking_copy=gpu)
+        stager = DefaultStager(options)
+        dcp_stalls, dcp_returns, dcp_totals = [], [], []
+        try:
+            for i in range(1 + args.saves):
+                path = os.path.join(work, f"dcp{i}")
+                t0 = time.perf_counter()
+                resp = dcp.async_save({"model": state["model"]}, checkpoint_id=path, async_stager=stager)
+                t1 = time.perf_counter()
+                resp.staging_completion.result()
+                t2 = time.perf_counter()
+                resp.upload_completion.result()
+                dcp_returns.append(t1 - t0)
+                dcp_stalls.append(t2 - t0)
+                dcp_totals.append(time.perf_counter() - t0)
+                shutil.rmtree(path, ignore_errors=True)
+        finally:
+            stager.close()
+            dist.destroy_process_group()
+        dcp_async_stall_s = statistics.median(dcp_stalls[1:])
+        dcp_return_s = statistics.median(dcp_returns[1:])
+        dcp_total_s = statistics.median(dcp_totals[1:])
 
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
 
+    def spread(runs, scale=1.0, unit="s", digits=3):
+        return f"[{min(runs) * scale:.{digits}f}-{max(runs) * scale:.{digits}f}{' ' + unit if unit else ''}]"
+
+    load_fracs = [read / load for load, read in zip(cold_ours, cold_read)]
     rows = [
         ("state", f"{gib:.2f} GiB", ""),
-        ("in-memory copy (memcpy_s)", f"{memcpy_s:.3f} s", "floor"),
-        ("ours: save() stall (stall_s)", f"{stall_s:.3f} s", f"{stall_s / memcpy_s:.2f}x memcpy"),
+        ("in-memory copy (memcpy_s)", f"{memcpy_s:.3f} s", f"floor {spread(memcpy_runs)}"),
+        ("ours: save() stall (stall_s)", f"{stall_s:.3f} s",
+         f"{stall_s / memcpy_s:.2f}x memcpy {spread(stalls[1:])}"),
         ("ours: first save() stall", f"{stalls[0]:.3f} s", "allocates the staging slot"),
-        ("torch.save", f"{torch_save_s:.3f} s", f"{torch_save_s / stall_s:.1f}x ours"),
-        ("DCP async_save stall", f"{dcp_async_stall_s:.3f} s",
-         f"{dcp_async_stall_s / stall_s:.1f}x ours (first call {dcp_stalls[0]:.3f} s)"),
-        ("ours: persist (save->commit)", f"{persist_s:.3f} s", f"{persist_bps / 1e9:.2f} GB/s"),
+        ("torch.save", f"{torch_save_s:.3f} s", f"{torch_save_s / stall_s:.1f}x ours {spread(torch_save_runs)}"),
+        ("DCP async_save stall (staged)", f"{dcp_async_stall_s:.3f} s",
+         f"{dcp_async_stall_s / stall_s:.1f}x ours {spread(dcp_stalls[1:])} (first call "
+         f"{dcp_stalls[0]:.3f} s; async_save returns after {dcp_return_s:.3f} s)"),
+        ("DCP async_save -> written", f"{dcp_total_s:.3f} s", f"{spread(dcp_totals[1:])}"),
+        ("ours: persist (save->commit)", f"{persist_s:.3f} s",
+         f"{persist_bps / 1e9:.2f} GB/s {spread(persists[1:])}"),
         ("ours: of which after save() returned", f"{persist_s - stall_s:.3f} s",
          f"{written / (persist_s - stall_s) / 1e9:.2f} GB/s (write, fsync, commit)"),
         ("dd oflag=direct write", f"{dd_write / 1e9:.2f} GB/s",
-         f"same bytes, after each timed save (median of {len(dd_writes)})"),
+         f"same bytes, after each timed save {spread(dd_writes, 1e-9, 'GB/s', 2)}"),
         ("ours: load, cold page cache", f"{load_s:.3f} s",
-         f"{load_bps / 1e9:.2f} GB/s (at most {max(left_cached):.0%} cached before a cold run)"),
-        ("dd read of the same files, cold", f"{read_s:.3f} s", f"{dd_read / 1e9:.2f} GB/s"),
-        ("ours: load, warm page cache", f"{warm_load_s:.3f} s", f"{written / warm_load_s / 1e9:.2f} GB/s"),
+         f"{load_bps / 1e9:.2f} GB/s {spread(cold_ours)} (at most {max(left_cached):.0%} cached "
+         f"before a cold run)"),
+        ("dd read of the same files, cold", f"{read_s:.3f} s", f"{dd_read / 1e9:.2f} GB/s {spread(cold_read)}"),
+        ("ours: load, warm page cache", f"{warm_load_s:.3f} s",
+         f"{written / warm_load_s / 1e9:.2f} GB/s {spread(warm_ours)}"),
         ("dd read of the same files, warm", f"{warm_read_s:.3f} s",
-         f"{written / warm_read_s / 1e9:.2f} GB/s"),
+         f"{written / warm_read_s / 1e9:.2f} GB/s {spread(warm_read)}"),
         ("ours: load from node memory", f"{mem_load_s:.3f} s",
          "mapped copy-on-write: no byte is copied (pages fault in on first use)"),
     ]
+    print("versions: python " + platform.python_version() + ", torch " + torch.__version__)
+    print(f"settings: {gib:.2f} GiB in {len(state['model'])} tensors; ours: Checkpointer(keep=1, "
+          f"node memory in /dev/shm); DCP: async_save, 1-rank gloo group, one DefaultStager("
+          f"{options}) for all saves; {args.saves} runs of each after a warm-up, {args.load_trials} "
+          f"load trials; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     width = max(len(r[0]) for r in rows)
     print(f"{'checkpoint benchmark':<{width}}  {'value':>12}  note")
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>12}  {note}")
-    print(f"persist = {persist_bps / dd_write:.2f} of dd direct write; "
-          f"load = {load_bps / dd_read:.2f} of a sequential read, cold "
-          f"({warm_read_s / warm_load_s:.2f} warm; medians of {args.load_trials} interleaved trials)")
+    print(f"persist = {persist_bps / dd_write:.2f} of dd direct write (per save, paired: "
+          f"{spread(persist_fracs, unit='', digits=2)}); load = {load_bps / dd_read:.2f} of a "
+          f"sequential read, cold (per trial: {spread(load_fracs, unit='', digits=2)}; "
+          f"{warm_read_s / warm_load_s:.2f} warm; medians of {args.load_trials} interleaved trials)")
+
+    def mm(runs, digits=4):
+        return [round(min(runs), digits), round(max(runs), digits)]
+
     print(json.dumps({
         "stall_s": round(stall_s, 4),
         "torch_save_s": round(torch_save_s, 4),
@@ -297,6 +342,10 @@ def main() -> None:
         "memcpy_s": round(memcpy_s, 4),
         "persist_frac_of_dd": round(persist_bps / dd_write, 3),
         "load_frac_of_read": round(load_bps / dd_read, 3),
+        "runs": args.saves,
+        "spread": {"stall_s": mm(stalls[1:]), "torch_save_s": mm(torch_save_runs),
+                   "dcp_async_stall_s": mm(dcp_stalls[1:]), "memcpy_s": mm(memcpy_runs),
+                   "persist_frac_of_dd": mm(persist_fracs, 3), "load_frac_of_read": mm(load_fracs, 3)},
     }))
 
 
