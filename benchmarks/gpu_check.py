@@ -48,7 +48,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -141,7 +141,9 @@ def check_profiler(device: str, steps: int, hidden: int, batch: int) -> dict:
     must = ("gpu_util_pct", "mem_used_bytes") if device == "cuda" else ("cpu_util_pct", "rss_bytes")
     missing = [k for k in must if k not in device_metrics]
     if missing:
-        problems.append(f"device metrics missing: {missing} (got {sorted(device_metrics)})")
+        hint = (" - NVML was not used: is pynvml installed (pip install 'elastic-run[gpu]') and "
+                "the driver loaded?" if device == "cuda" and "cpu_util_pct" in device_metrics else "")
+        problems.append(f"device metrics missing: {missing} (got {sorted(device_metrics)}){hint}")
     phases = sorted(records[-1]["phases_s"]) if records else []
     if not PHASES <= set(phases):
         problems.append(f"phases {phases}, expected at least {sorted(PHASES)}")
@@ -269,9 +271,8 @@ def check_checkpoint(device: str, nbytes: int, workdir: str, saves: int = 2) -> 
                 port = s.getsockname()[1]
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             dist.init_process_group("gloo", rank=0, world_size=1)
-        options = (StagingOptions() if device == "cuda" else  # defaults need an accelerator
-                   StagingOptions(use_pinned_memory=False, use_shared_memory=False,
-                                  use_async_staging=True, use_non_blocking_copy=False))
+        options = (StagingOptions() if device == "cuda" else  # pinned, non-blocking need a GPU
+                   StagingOptions(use_pinned_memory=False, use_non_blocking_copy=False))
         stager = DefaultStager(options)
         try:
             for i in range(1 + saves):
