@@ -1,7 +1,9 @@
 """Device check of the GPU paths: profiler on CUDA, checkpoints of GPU tensors, NCCL recovery.
 
-    python benchmarks/gpu_check.py [--gpu-size-gb 4] [--cpu-size-mb 64] [--dir /tmp]
+    python benchmarks/gpu_check.py [--quick] [--gpu-size-gb 4] [--cpu-size-mb 64] [--dir /tmp]
                                    [--only profiler,checkpoint,recovery]
+
+(``--quick``, as ``make bench`` runs every benchmark: 1 GiB of GPU state, 16 MiB of CPU state.)
 
 Meant for a machine with a CUDA GPU (it finishes in well under 5 minutes there), and runs on a
 CPU-only machine too: the CUDA parts are then skipped with the reason, and what can run on the
@@ -476,16 +478,25 @@ def skip(reason: str) -> Callable[[], dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gpu-size-gb", type=float, default=4.0, help="GPU state to checkpoint (GiB)")
-    ap.add_argument("--cpu-size-mb", type=int, default=64, help="CPU state to checkpoint without CUDA (MiB)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smaller: 1 GiB of GPU state, 16 MiB of CPU state, 100 profiler steps")
+    ap.add_argument("--gpu-size-gb", type=float, default=None, help="GPU state to checkpoint (GiB, default 4)")
+    ap.add_argument("--cpu-size-mb", type=int, default=None,
+                    help="CPU state to checkpoint without CUDA (MiB, default 64)")
     ap.add_argument("--dir", default=None, help="where checkpoints are written (default: temp dir)")
-    ap.add_argument("--steps", type=int, default=300, help="profiler example steps (CUDA)")
+    ap.add_argument("--steps", type=int, default=None, help="profiler example steps (CUDA, default 300)")
     ap.add_argument("--hidden", type=int, default=4096, help="profiler example width (CUDA)")
     ap.add_argument("--only", default="profiler,checkpoint,recovery")
     ap.add_argument("--no-gloo-fallback", action="store_true",
                     help="without 2 GPUs, do not run the recovery harness over gloo instead")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
+    if args.gpu_size_gb is None:
+        args.gpu_size_gb = 1.0 if args.quick else 4.0
+    if args.cpu_size_mb is None:
+        args.cpu_size_mb = 16 if args.quick else 64
+    if args.steps is None:
+        args.steps = 100 if args.quick else 300
 
     import torch
 
