@@ -88,3 +88,15 @@ def _state(pid):
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_an_exit_that_arrives_with_the_pid_is_not_taken_for_a_kill(server, tmp_path):
+    """A worker that exits at once: its exit status may reach the agent in the same read as
+    its pid; it once read as SIGKILL when the server then closed the connection."""
+    quick = script(tmp_path, "quick.py", "")
+    for _ in range(20):
+        proc = server.take([quick], False, dict(os.environ), str(tmp_path))
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.returncode == 0

@@ -56,19 +56,19 @@ class ForkedProcess:
         self.returncode: Optional[int] = None
 
     def _read(self, timeout: Optional[float]) -> None:
-        self._conn.settimeout(timeout)
-        try:
-            data = self._conn.recv(4096)
-        except (socket.timeout, BlockingIOError):
-            return
-        except OSError:
-            data = b""
-        if not data:  # the server is gone, and its children with it (PDEATHSIG)
-            self.returncode = -signal.SIGKILL
-        else:
+        if b"\n" not in self._buf:  # the exit may have come with the pid already
+            self._conn.settimeout(timeout)
+            try:
+                data = self._conn.recv(4096)
+            except (socket.timeout, BlockingIOError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # the server is gone, and its children with it (PDEATHSIG)
+                self.returncode = -signal.SIGKILL
             self._buf += data
-            if b"\n" in self._buf:
-                self.returncode = int(json.loads(self._buf.split(b"\n", 1)[0])["returncode"])
+        if b"\n" in self._buf:
+            self.returncode = int(json.loads(self._buf.split(b"\n", 1)[0])["returncode"])
         if self.returncode is not None:
             self._conn.close()
 
