@@ -61,7 +61,9 @@ def test_horovod_survivors_recover_in_process_after_a_kill(procs, tmp_path, refe
     assert before["0"] == after["0"] and before["2"] == after["2"]  # same processes
     assert after["1"] != str(victim)
     assert min(int(r["step"]) for r in records if r["pid"] == after["1"]) > 1  # state from its peers
-    assert "Horovod has been shut down" in out_text.split("recovering in process")[0]  # a Horovod error...
+    # the survivors' Horovod collectives failed (the peer closed its connections)...
+    assert re.search(r"rank [02]: .*(Horovod|Connection closed by peer|Connection reset by peer).*; recovering "
+                     r"in process", out_text), out_text[-3000:]
     assert "re-formed in" in out_text and "workers re-formed in place" in out_text  # ...recovered in place
     assert out_text.count("DONE") == 3
     assert all(f"pid={before[r]} resets=[3" in out_text for r in ("0", "2"))  # reset callbacks ran

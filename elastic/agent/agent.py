@@ -28,6 +28,7 @@ from typing import Dict, List, Optional
 from ..faults import looks_like_lost_peer
 from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
                           Round)
+from ..rendezvous.protocol import LOST_PEER_REASON
 from .api import FrameworkAdapter, WorkerExit, WorkerSpec
 from .forkserver import FORK_SAFE_PRELOADS, ForkServer
 from .workers import StandbyPool, WorkerGroup
@@ -176,7 +177,7 @@ class ElasticAgent:
         log.warning("a worker lost a peer (%s); opening the next round", why)
         if not in_place:
             self._stop_workers()
-        opened = self.handler.request_new_round(rnd, f"a worker lost a peer: {why}", count_restart=False)
+        opened = self.handler.request_new_round(rnd, f"{LOST_PEER_REASON}: {why}", count_restart=False)
         nxt = self._next_round(rnd)
         if opened and set(rnd.node_ids) <= set(nxt.node_ids) and not self.handler.failures_of(rnd.generation):
             if failure:

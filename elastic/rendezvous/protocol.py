@@ -73,6 +73,13 @@ def _members(value: bytes) -> Tuple[Tuple[NodeInfo, ...], Dict[str, int]]:
     return nodes, {node.node_id: rank for rank, node in enumerate(nodes)}
 
 
+# How a round opened because a collective lost a peer begins its reason (the agent's words).
+LOST_PEER_REASON = "a worker lost a peer"
+# How long past the last call a re-forming round waits for a previous node that is alive but
+# has not joined yet (stopping its workers: SIGTERM, a final save, SIGKILL after 5 s).
+REJOIN_GRACE_S = 15.0
+
+
 class RendezvousHandler:
     """One node's side of the protocol: join rounds, watch for changes, leave.
 
@@ -297,8 +304,11 @@ class RendezvousHandler:
         joiners costs O(N), not O(N^2) re-reads. Returns once the round is closed or gone.
         A round that re-forms a running job (it has previous nodes) closes as soon as every
         live node (``alive/``) has joined: the last call is for nodes still on their way, and
-        there are none. A node that left or died is not waited for (it would only be taken
-        in by the last call, and a dead one never comes).
+        there are none. It also waits past the last call, up to ``REJOIN_GRACE_S``, for a
+        previous node that is alive (it is stopping its workers, which may take seconds:
+        leaving it out would reorder the ranks and cost another round) until it joins or its
+        lease ends; except in a round opened for a lost peer, where a dead node's lease runs
+        on and the last call decides.
         """
         settings = self.settings
         kvs, rev = self.store.get_prefix(join_prefix)
@@ -320,16 +330,22 @@ class RendezvousHandler:
                 min_reached_at = None
             elif min_reached_at is None:
                 min_reached_at = now
-            everyone = bool(state.get("prev_nodes")) and n >= settings.min_nodes and {
-                k[len(alive_prefix):] for k in alive} <= {k[len(join_prefix):] for k in joins}
-            if n >= settings.max_nodes or everyone or (
-                    min_reached_at is not None and now - min_reached_at >= settings.last_call_s):
+            joined = {k[len(join_prefix):] for k in joins}
+            living = {k[len(alive_prefix):] for k in alive}
+            prev = set(state.get("prev_nodes") or ())
+            everyone = bool(prev) and n >= settings.min_nodes and living <= joined
+            patient = not str(state.get("reason", "")).startswith(LOST_PEER_REASON)
+            last_call_over = min_reached_at is not None and now - min_reached_at >= settings.last_call_s
+            awaited = (patient and bool((prev & living) - joined)
+                       and now - (min_reached_at or now) < settings.last_call_s + REJOIN_GRACE_S)
+            if n >= settings.max_nodes or everyone or (last_call_over and not awaited):
                 self._close(kv, state, sorted(joins.values(), key=lambda j: j.mod_revision))
                 kv = None
                 continue
             timeout = self._poll_s(deadline)
             if min_reached_at is not None:
-                timeout = min(timeout, max(0.0, min_reached_at + settings.last_call_s - now))
+                ends = min_reached_at + settings.last_call_s + (REJOIN_GRACE_S if last_call_over else 0.0)
+                timeout = min(timeout, max(0.0, ends - now))
             try:  # the whole job's prefix: the join keys, and the round if it fails meanwhile
                 events = self.store.wait(self.prefix, rev, timeout_s=timeout)
             except StoreCompactedError:

@@ -15,6 +15,7 @@ server reachable from the network would let anyone rewrite the job's membership.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
@@ -165,11 +166,13 @@ class EmbeddedServer:
                 self._handle, self.host, self.port, ssl=self.ssl, backlog=4096,
                 ssl_handshake_timeout=self.auth_timeout_s if self.ssl else None,
                 reuse_address=True)
+            if not self._server.sockets:  # uvloop, losing a bind race, may return a server with none
+                self._server.close()
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
         except OSError as exc:
             self._start_error = StoreError(
                 f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}")
             self._start_error.__cause__ = exc  # callers check .errno (EADDRINUSE: join it)
-            self._start_error.__cause__ = exc  # callers tell "address in use" apart by errno
             self._ready.set()
             return
         self.port = self._server.sockets[0].getsockname()[1]
