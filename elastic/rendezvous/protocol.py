@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from ..store import KeyValue, LeaseNotFoundError, Store, StoreCompactedError, StoreError
+from ..store import KeyValue, LeaseNotFoundError, Store, StoreCompactedError, StoreError, StoreUnavailableError
 from .api import (NodeInfo, RendezvousClosedError, RendezvousSettings, RendezvousTimeoutError,
                   RestartBudgetExceededError, Round)
 
@@ -69,7 +69,7 @@ def _parse(value: bytes):
 @_memoized
 def _members(value: bytes) -> Tuple[Tuple[NodeInfo, ...], Dict[str, int]]:
     """A closed round's nodes in rank order, and each node id's rank."""
-    nodes = tuple(NodeInfo.from_row(row) for row in json.loads(value)["nodes"])
+    nodes = tuple(NodeInfo.from_row(row) for row in _parse(value)["nodes"])  # parsed once, by _parse
     return nodes, {node.node_id: rank for rank, node in enumerate(nodes)}
 
 
