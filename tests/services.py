@@ -23,13 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log_path: str, timeout_s: float) -> None:
+def _wait_http(url: str, proc: subprocess.Popen, log_path: str, timeout_s: float, context=None) -> None:
+    """Ready when ``url`` answers below 500 (``context``: an ``ssl.SSLContext`` for https)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url}: server exited with {proc.returncode}:\n{_tail(log_path)}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
+            with urllib.request.urlopen(url, timeout=1, context=context) as resp:
                 if resp.status < 500:
                     return
         except urllib.error.HTTPError as exc:
@@ -126,22 +127,7 @@ class EtcdServer(_Server):
         ctx = ssl.create_default_context(cafile=self.tls.ca)
         if self.client_cert_auth:
             ctx.load_cert_chain(self.tls.cert, self.tls.key)
-        url = f"https://{self.host}:{self.port}/health"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{url}: etcd exited with {self.proc.returncode}:\n{_tail(self.log_path)}")
-            try:
-                with urllib.request.urlopen(url, timeout=1, context=ctx) as resp:
-                    if resp.status < 500:
-                        return
-            except urllib.error.HTTPError as exc:
-                if exc.code < 500:
-                    return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{url}: etcd not ready after {timeout_s}s:\n{_tail(self.log_path)}")
+        _wait_http(f"https://{self.host}:{self.port}/health", self.proc, self.log_path, timeout_s, context=ctx)
 
     def client(self):
         import pyetcd
