@@ -1,9 +1,13 @@
-"""The node's lease is never revived by a node that has left (a renewal racing leave() once logged "lease expired" at the end of a successful job
-and put back an alive key that kept the hosting node waiting for a lease to run out)."""
+"""The node's lease is never revived by a node that has left (a renewal racing leave() once
+logged "lease expired" at the end of a successful job and put back an alive key that kept the
+hosting node waiting for a lease to run out), and a join rides out a store that misses a few
+answers."""
 import threading
 
+import pytest
+
 from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
-from elastic.store import MemoryStore
+from elastic.store import MemoryStore, StoreUnavailableError
 
 
 class _HeldRenewals(MemoryStore):
@@ -36,3 +40,37 @@ def test_a_renewal_in_flight_when_the_node_leaves_revives_nothing(caplog):
     assert not h._heartbeat.is_alive()
     assert store.get_prefix("/elastic/job/alive/")[0] == []
     assert "lease expired" not in caplog.text
+
+
+class _Overloaded(MemoryStore):
+    """A real in-memory store that does not answer its first ``misses`` reads."""
+
+    def __init__(self, misses: int) -> None:
+        super().__init__()
+        self.misses = misses
+
+    def get(self, key):
+        if self.misses > 0:
+            self.misses -= 1
+            raise StoreUnavailableError("the store did not answer within 10s")
+        return super().get(key)
+
+
+def test_a_store_that_misses_a_few_answers_does_not_end_the_join():
+    """An overloaded etcd once made every simulated node give up on one unanswered read."""
+    store = _Overloaded(misses=3)
+    h = handler(store, ttl=5.0)
+    try:
+        assert h.next_round().node_ids == ("a",) and store.misses == 0
+    finally:
+        h.leave()
+
+
+def test_a_store_gone_for_longer_than_a_lease_is_an_error():
+    store = _Overloaded(misses=10**6)
+    h = handler(store, ttl=0.4)
+    try:
+        with pytest.raises(StoreUnavailableError):
+            h.next_round()
+    finally:
+        h.leave()

@@ -110,39 +110,51 @@ class RendezvousHandler:
             self.node = node
         deadline = time.monotonic() + self.settings.join_timeout_s
         announced_waiting = False
+        unavailable_since: Optional[float] = None
         try:
             while True:
                 if time.monotonic() >= deadline:
                     raise RendezvousTimeoutError(
                         f"no round formed within {self.settings.join_timeout_s:.0f}s "
                         f"(need {self.settings.min_nodes} node(s) for job {self.settings.run_id!r})")
-                kv = self.store.get(self._round_key)
-                state = _loads(kv)
-                if state is None:
-                    ok, _ = self.store.compare_and_set(self._round_key, None, _dumps(
-                        {"generation": 1, "state": "open", "prev_nodes": []}))
-                    if ok:
-                        self._opened_generation = 1
-                    continue
-                gen = state["generation"]
-                if state["state"] == "failed":
-                    raise RendezvousClosedError(f"job failed: {state.get('reason', 'unknown')}")
-                if state["state"] == "closed":
-                    mine = prev is not None and prev.generation == gen
-                    if mine or len(state["nodes"]) < self.settings.max_nodes:
-                        # We ran in it and need a new one, or it has room: open the next round.
-                        self._open_next(kv, state)
+                try:
+                    kv = self.store.get(self._round_key)
+                    unavailable_since = None
+                    state = _loads(kv)
+                    if state is None:
+                        ok, _ = self.store.compare_and_set(self._round_key, None, _dumps(
+                            {"generation": 1, "state": "open", "prev_nodes": []}))
+                        if ok:
+                            self._opened_generation = 1
                         continue
-                    if not announced_waiting:
-                        log.info("round %d is full (%d nodes); waiting for a place", gen, len(state["nodes"]))
-                        self.store.put(self._key("waiting", self.node.node_id), b"1", lease=self._lease)
-                        announced_waiting = True
-                    if not self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline)):
-                        self._raise_if_failed()
-                    continue
-                result = self._join_open_round(kv, prev, deadline)
-                if result is not None:
-                    return result
+                    gen = state["generation"]
+                    if state["state"] == "failed":
+                        raise RendezvousClosedError(f"job failed: {state.get('reason', 'unknown')}")
+                    if state["state"] == "closed":
+                        mine = prev is not None and prev.generation == gen
+                        if mine or len(state["nodes"]) < self.settings.max_nodes:
+                            # We ran in it and need a new one, or it has room: open the next round.
+                            self._open_next(kv, state)
+                            continue
+                        if not announced_waiting:
+                            log.info("round %d is full (%d nodes); waiting for a place", gen, len(state["nodes"]))
+                            self.store.put(self._key("waiting", self.node.node_id), b"1", lease=self._lease)
+                            announced_waiting = True
+                        if not self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline)):
+                            self._raise_if_failed()
+                        continue
+                    result = self._join_open_round(kv, prev, deadline)
+                    if result is not None:
+                        return result
+                except StoreUnavailableError as exc:
+                    # An overloaded or restarting store: every step above is safe to repeat.
+                    # Past one lease TTL our lease is gone anyway: then it is an error.
+                    now = time.monotonic()
+                    unavailable_since = unavailable_since or now
+                    if now - unavailable_since > self.settings.lease_ttl_s:
+                        raise
+                    log.warning("rendezvous store did not answer (%s); retrying", exc)
+                    time.sleep(min(0.5, self.settings.lease_ttl_s / 4))
         finally:
             if announced_waiting:
                 self.store.delete(self._key("waiting", self.node.node_id))
