@@ -30,8 +30,10 @@ class WorkerLink:
     """This worker's view of its agent; ``None`` from :meth:`from_env` outside ``elastic-run``."""
 
     def __init__(self, store, prefix: str, node_id: str, local_rank: int, generation: int) -> None:
+        from .rendezvous.keys import JobKeys
+
         self.store = store
-        self.prefix = prefix
+        self.keys = JobKeys.from_prefix(prefix)
         self.node_id = node_id
         self.local_rank = local_rank
         self.generation = generation
@@ -52,19 +54,16 @@ class WorkerLink:
         return cls(store, env["ELASTIC_RUN_PREFIX"], env["ELASTIC_NODE_ID"], int(env["LOCAL_RANK"]),
                    int(env.get("ELASTIC_GENERATION", "0")))
 
-    def _key(self, kind: str) -> str:
-        return f"{self.prefix}{kind}/{self.node_id}/{self.local_rank}"
-
     def register(self) -> None:
         """Tell the agent this worker recovers in place (it then never restarts us for a change)."""
-        self.store.put(self._key("inproc"), str(os.getpid()).encode())
+        self.store.put(self.keys.inproc(self.node_id, self.local_rank), str(os.getpid()).encode())
         self._start_watch()
 
     def report_lost_peer(self, reason: str) -> None:
         """Tell the agent at once that a collective lost a peer: it opens the next round
         without waiting for a dead node's lease to expire (a live node simply joins it)."""
         try:
-            self.store.put(self._key("lostpeer"),
+            self.store.put(self.keys.lostpeer(self.node_id, self.local_rank),
                            json.dumps({"generation": self.generation, "reason": reason}).encode())
         except Exception as exc:  # the agent still learns of a dead node from its lease
             log.debug("reporting a lost peer: %s", exc)
@@ -75,7 +74,7 @@ class WorkerLink:
 
     def wait_for_new_place(self, timeout_s: float) -> Dict[str, str]:
         """Block until the agent publishes this worker's place in a newer round; apply it."""
-        key = self._key("assign")
+        key = self.keys.assign(self.node_id, self.local_rank)
         deadline = time.monotonic() + timeout_s
         while True:
             kv = self.store.get(key)
@@ -92,7 +91,7 @@ class WorkerLink:
             self.store.wait(key, kv.mod_revision if kv else self._revision(), timeout_s=min(remaining, 5.0))
 
     def _revision(self) -> int:
-        return self.store.get_prefix(self._key("assign"))[1]
+        return self.store.get_prefix(self.keys.assign(self.node_id, self.local_rank))[1]
 
     def _start_watch(self) -> None:
         self._stop.set()
@@ -104,7 +103,7 @@ class WorkerLink:
 
     def _watch(self, generation: int, stop: threading.Event) -> None:
         """Set the flag once the round moves past ``generation`` (reopened or replaced)."""
-        key = self.prefix + "round"
+        key = self.keys.round()
         while not stop.is_set():
             try:
                 kv = self.store.get(key)
@@ -125,7 +124,7 @@ class WorkerLink:
     def close(self) -> None:
         self._stop.set()
         try:
-            self.store.delete(self._key("inproc"))
+            self.store.delete(self.keys.inproc(self.node_id, self.local_rank))
         except Exception:
             pass
         self.store.close()

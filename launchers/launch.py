@@ -17,6 +17,7 @@ from typing import Dict, Mapping, Optional, Tuple
 from elastic.agent import ElasticAgent, FrameworkAdapter, WorkerSpec
 from elastic.errors import ConfigError
 from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
+from elastic.rendezvous.keys import JobKeys
 from elastic.store import MemoryStore, Store, StoreError, create_store
 from elastic.store.embedded_client import parse_endpoint
 
@@ -86,14 +87,14 @@ def _store_env(backend: str, endpoint: str, conf: dict) -> dict:
             "ELASTIC_RDZV_CONF": json.dumps(conf)}
 
 
-def _wait_for_others(store: Store, prefix: str, timeout_s: float) -> None:
+def _wait_for_others(store: Store, keys: JobKeys, timeout_s: float) -> None:
     """The host keeps the server up until every other node has left (torchrun's exit barrier)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive, rev = store.get_prefix(prefix + "alive/")
+        alive, rev = store.get_prefix(keys.alive())
         if not alive:
             return
-        store.wait(prefix + "alive/", rev, timeout_s=min(1.0, max(0.0, deadline - time.monotonic())))
+        store.wait(keys.alive(), rev, timeout_s=min(1.0, max(0.0, deadline - time.monotonic())))
     log.warning("other nodes still running after %.0fs; shutting the rendezvous server down", timeout_s)
 
 
@@ -227,6 +228,6 @@ def launch(config: LaunchConfig) -> int:
             handler.leave()
         if server is not None:
             if code == 0 and handler is not None:
-                _wait_for_others(server.store, handler.prefix, timeout_s=close_timeout_s)
+                _wait_for_others(server.store, handler.keys, timeout_s=close_timeout_s)
             server.stop()
         store.close()

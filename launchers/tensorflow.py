@@ -31,6 +31,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from elastic._lazy import require
 from elastic.agent import FrameworkAdapter
 from elastic.errors import ConfigError
+from elastic.rendezvous.keys import JobKeys
 from elastic.world import World
 
 __all__ = ["TensorFlowAdapter", "tf_config", "strategy", "TrainingCheckpoint", "ElasticCheckpoint"]
@@ -123,7 +124,7 @@ def _closed_round_fence(generation: int):
                 from elastic.store import create_store
 
                 holder["store"] = create_store(backend, endpoint, **conf)
-            kv = holder["store"].get(prefix + "round")
+            kv = holder["store"].get(JobKeys.from_prefix(prefix).round())
             state = json.loads(kv.value) if kv is not None else None
         except Exception as exc:  # noqa: BLE001 - the store is gone: the agent decides our fate
             log.warning("cannot read the current round (%s); fencing on published checkpoints only", exc)

@@ -209,13 +209,10 @@ class ElasticAgent:
         return looks_like_lost_peer(failure.error + failure.stderr_tail)
 
     def _joining_a_running_job(self) -> bool:
-        kv = self.handler.store.get(self.handler.prefix + "round")
+        kv = self.handler.store.get(self.handler.keys.round())
         return kv is not None and json.loads(kv.value).get("state") == "closed"
 
     # -- in-process recovery (@elastic.run workers) -------------------------------------
-    def _inproc_key(self, local_rank: int, kind: str) -> str:
-        return f"{self.handler.prefix}{kind}/{self.handler.node.node_id}/{local_rank}"
-
     def _workers_recover_in_place(self, exclude: List[int]) -> bool:
         """Whether every other live local worker runs under @elastic.run (it registered)."""
         group = self._group
@@ -231,7 +228,7 @@ class ElasticAgent:
         return bool(live) and all(self._registered(w) for w in live)
 
     def _registered(self, worker) -> bool:
-        kv = self.handler.store.get(self._inproc_key(worker.local_rank, "inproc"))
+        kv = self.handler.store.get(self.handler.keys.inproc(self.handler.node.node_id, worker.local_rank))
         return kv is not None and kv.value.decode() == str(worker.proc.pid)
 
     def _reform_in_place(self, rnd: Round) -> None:
@@ -246,7 +243,7 @@ class ElasticAgent:
                 continue
             env = self.worker_env(rnd, w.local_rank)
             news = {k: v for k, v in env.items() if self._base_env.get(k) != v}
-            self.handler.store.put(self._inproc_key(w.local_rank, "assign"),
+            self.handler.store.put(self.handler.keys.assign(self.handler.node.node_id, w.local_rank),
                                    json.dumps({"generation": rnd.generation, "env": news}).encode())
         if dead:
             group.replace({i: self.worker_env(rnd, i) for i in dead}, self._attempt_dir(rnd))
@@ -344,7 +341,7 @@ class ElasticAgent:
 
     def _watch_lost_peers(self, rnd: Round, stop: threading.Event) -> None:
         """Wake the monitor when an in-place worker of this node reports a lost peer in ``rnd``."""
-        prefix = f"{self.handler.prefix}lostpeer/{self.handler.node.node_id}/"
+        prefix = self.handler.keys.lostpeer(self.handler.node.node_id)
         store = self.handler.store
         while not stop.is_set():
             try:

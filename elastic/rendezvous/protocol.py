@@ -1,16 +1,6 @@
 """The round protocol, written once on top of :class:`elastic.store.Store`.
 
-Keys of a job live under ``/elastic/<run_id>/``:
-
-``round``                 the current round: ``{"generation", "state": "open"|"closed"|"failed", "nodes": [row...]}``
-``join/<gen>/<node>``     a node joining round ``gen`` (leased: a dead joiner disappears)
-``coordinator/<gen>``     the node that closes round ``gen`` (leased: taken over if it dies)
-``alive/<node>``          a node's liveness (leased, kept alive by a heartbeat thread)
-``waiting/<node>``        a node that wants in while a full round runs (leased)
-``done/<gen>/<node>``     a node whose workers all succeeded in round ``gen``
-``restarts``              the job-wide count of restarts after failures
-``failures/<gen>/<rank>`` a worker failure (exit code or signal, traceback) for the summary
-``status``                ``{"failed": reason}`` once the job has failed for good
+The job's keys are laid out in :mod:`elastic.rendezvous.keys` (:class:`JobKeys`).
 
 Joining costs each node O(1) requests with no contention: every joiner puts its own key and
 waits on ``round``. The node that opened the round takes the coordinator key, follows the join
@@ -29,6 +19,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from ..store import KeyValue, LeaseNotFoundError, Store, StoreCompactedError, StoreError, StoreUnavailableError
+from .keys import JobKeys
 from .api import (NodeInfo, RendezvousClosedError, RendezvousSettings, RendezvousTimeoutError,
                   RestartBudgetExceededError, Round)
 
@@ -90,12 +81,13 @@ class RendezvousHandler:
         self.store = store
         self.settings = settings
         self.node = node
-        self.prefix = f"/elastic/{settings.run_id}/"
-        self._round_key = self.prefix + "round"
+        self.keys = JobKeys(settings.run_id)
+        self.prefix = self.keys.prefix
+        self._round_key = self.keys.round()
         self._closed = threading.Event()
         self._opened_generation = 0  # the last round this node opened: it coordinates that one
         self._lease = store.grant_lease(settings.lease_ttl_s)
-        store.put(self._key("alive", node.node_id), _dumps(node.to_json()), lease=self._lease)
+        store.put(self.keys.alive(node.node_id), _dumps(node.to_json()), lease=self._lease)
         self._heartbeat = threading.Thread(target=self._beat, name="rdzv-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -138,7 +130,7 @@ class RendezvousHandler:
                             continue
                         if not announced_waiting:
                             log.info("round %d is full (%d nodes); waiting for a place", gen, len(state["nodes"]))
-                            self.store.put(self._key("waiting", self.node.node_id), b"1", lease=self._lease)
+                            self.store.put(self.keys.waiting(self.node.node_id), b"1", lease=self._lease)
                             announced_waiting = True
                         if not self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline)):
                             self._raise_if_failed()
@@ -157,7 +149,7 @@ class RendezvousHandler:
                     time.sleep(min(0.5, self.settings.lease_ttl_s / 4))
         finally:
             if announced_waiting:
-                self.store.delete(self._key("waiting", self.node.node_id))
+                self.store.delete(self.keys.waiting(self.node.node_id))
 
     def watch(self, rnd: Round, timeout_s: float) -> Optional[str]:
         """Block up to ``timeout_s`` for a change that ends ``rnd``; returns why, or None."""
@@ -206,20 +198,20 @@ class RendezvousHandler:
 
     def mark_done(self, rnd: Round) -> None:
         """Record that this node's workers succeeded, so its leaving is not a scale-down."""
-        self.store.put(self._key("done", str(rnd.generation), self.node.node_id), b"1")
+        self.store.put(self.keys.done(rnd.generation, self.node.node_id), b"1")
 
     def report_failure(self, rnd: Round, record: dict) -> None:
         """Publish a worker failure so any node can name the first failing rank."""
-        self.store.put(self._key("failures", f"{rnd.generation:012d}", str(record["rank"])), _dumps(record))
+        self.store.put(self.keys.failures(rnd.generation, record["rank"]), _dumps(record))
 
     def failures_of(self, generation: int) -> List[dict]:
         """The worker failures reported in round ``generation``."""
-        kvs, _ = self.store.get_prefix(self._key("failures", f"{generation:012d}") + "/")
+        kvs, _ = self.store.get_prefix(self.keys.failures(generation))
         return [json.loads(kv.value) for kv in kvs]
 
     def first_failure(self) -> Optional[dict]:
         """The earliest failure of the latest round that had any (the one that ended the job)."""
-        kvs, _ = self.store.get_prefix(self._key("failures") + "/")
+        kvs, _ = self.store.get_prefix(self.keys.failures())
         if not kvs:
             return None
         last_gen = max(kv.key.split("/")[-2] for kv in kvs)
@@ -228,7 +220,7 @@ class RendezvousHandler:
 
     def fail(self, reason: str) -> None:
         """Fail the job for every node: the status record, then the round every node waits on."""
-        self.store.put(self.prefix + "status", _dumps({"failed": reason}))
+        self.store.put(self.keys.status(), _dumps({"failed": reason}))
         while True:
             kv = self.store.get(self._round_key)
             state = _loads(kv)
@@ -241,11 +233,11 @@ class RendezvousHandler:
                 return
 
     def job_failure(self) -> Optional[str]:
-        status = _loads(self.store.get(self.prefix + "status"))
+        status = _loads(self.store.get(self.keys.status()))
         return status.get("failed") if status else None
 
     def restart_count(self) -> int:
-        kv = self.store.get(self.prefix + "restarts")
+        kv = self.store.get(self.keys.restarts())
         return int(kv.value) if kv else 0
 
     def leave(self) -> None:
@@ -270,8 +262,8 @@ class RendezvousHandler:
         when a wait times out.
         """
         gen = _loads(kv)["generation"]
-        join_prefix = self._key("join", str(gen)) + "/"
-        coordinator_key = self._key("coordinator", str(gen))
+        join_prefix = self.keys.join(gen)
+        coordinator_key = self.keys.coordinator(gen)
         info = _dumps({**self.node.to_json(), "prev_gen": prev.generation if prev else None})
         self.store.put(join_prefix + self.node.node_id, info, lease=self._lease)
         first = True
@@ -325,7 +317,7 @@ class RendezvousHandler:
         settings = self.settings
         kvs, rev = self.store.get_prefix(join_prefix)
         joins: Dict[str, KeyValue] = {kv.key: kv for kv in kvs}
-        alive_prefix = self._key("alive") + "/"
+        alive_prefix = self.keys.alive()
         alive = {kv.key for kv in self.store.get_prefix(alive_prefix)[0]}
         min_reached_at: Optional[float] = None
         kv = None
@@ -431,8 +423,8 @@ class RendezvousHandler:
 
     # -- watching --------------------------------------------------------------------------
     def _relevant(self, key: str) -> bool:
-        rest = key[len(self.prefix):]
-        return (rest in ("round", "status") or rest.startswith("alive/") or rest.startswith("waiting/"))
+        k = self.keys
+        return key in (k.round(), k.status()) or key.startswith((k.alive(), k.waiting()))
 
     def _check(self, rnd: Round) -> Tuple[Optional[str], int]:
         """Why ``rnd`` is over (None while it holds), and the revision that was read."""
@@ -440,28 +432,26 @@ class RendezvousHandler:
         return self._why_over(rnd, kvs), rev
 
     def _why_over(self, rnd: Round, kvs: List[KeyValue]) -> Optional[str]:
-        by_key: Dict[str, KeyValue] = {kv.key[len(self.prefix):]: kv for kv in kvs}
-        status = _loads(by_key.get("status"))
+        k = self.keys
+        by_key: Dict[str, KeyValue] = {kv.key: kv for kv in kvs}
+        status = _loads(by_key.get(k.status()))
         if status and status.get("failed"):
             return f"job failed: {status['failed']}"
-        state = _loads(by_key.get("round"))
+        state = _loads(by_key.get(k.round()))
         if state is None or state["generation"] != rnd.generation:
             return f"round {rnd.generation} ended" + (
                 f" ({state['reason']})" if state and state.get("reason") else "")
         for node_id in rnd.node_ids:
-            if f"alive/{node_id}" not in by_key and f"done/{rnd.generation}/{node_id}" not in by_key:
+            if k.alive(node_id) not in by_key and k.done(rnd.generation, node_id) not in by_key:
                 return f"node {node_id} left or died"
         if rnd.num_nodes < self.settings.max_nodes:
-            waiting = [k for k in by_key if k.startswith("waiting/")
-                       and k[len("waiting/"):] not in rnd.node_ids]
+            waiting = [key[len(k.waiting()):] for key in by_key if key.startswith(k.waiting())]
+            waiting = [node_id for node_id in waiting if node_id not in rnd.node_ids]
             if waiting:
-                return f"node {waiting[0][len('waiting/'):]} is waiting to join"
+                return f"node {waiting[0]} is waiting to join"
         return None
 
     # -- helpers ---------------------------------------------------------------------------
-    def _key(self, *parts: str) -> str:
-        return self.prefix + "/".join(parts)
-
     def _poll_s(self, deadline: float) -> float:
         return max(0.0, min(deadline - time.monotonic(), self.settings.lease_ttl_s / 2))
 
@@ -471,7 +461,7 @@ class RendezvousHandler:
             raise RendezvousClosedError(f"job failed: {reason}")
 
     def _add_restart(self) -> int:
-        key = self.prefix + "restarts"
+        key = self.keys.restarts()
         while True:
             kv = self.store.get(key)
             count = (int(kv.value) if kv else 0) + 1
@@ -496,7 +486,7 @@ class RendezvousHandler:
                 log.warning("rendezvous lease expired; rejoining with a new one")
                 try:
                     self._lease = self.store.grant_lease(self.settings.lease_ttl_s)
-                    self.store.put(self._key("alive", self.node.node_id), _dumps(self.node.to_json()),
+                    self.store.put(self.keys.alive(self.node.node_id), _dumps(self.node.to_json()),
                                    lease=self._lease)
                 except StoreError as exc:
                     log.warning("rendezvous heartbeat could not rejoin: %s", exc)
