@@ -166,16 +166,20 @@ class EmbeddedServer:
                 self._handle, self.host, self.port, ssl=self.ssl, backlog=4096,
                 ssl_handshake_timeout=self.auth_timeout_s if self.ssl else None,
                 reuse_address=True)
-            if not self._server.sockets:  # uvloop, losing a bind race, may return a server with none
+            # uvloop, losing a bind race to another process, can hand back a server whose
+            # listening socket is already gone: that is "address in use" (the caller joins it)
+            socks = [sock for sock in (self._server.sockets or ()) if sock is not None]
+            if not socks:
                 self._server.close()
                 raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+            port = socks[0].getsockname()[1]
         except OSError as exc:
             self._start_error = StoreError(
                 f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}")
             self._start_error.__cause__ = exc  # callers check .errno (EADDRINUSE: join it)
             self._ready.set()
             return
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = port
         self.store.add_listener(self._on_event)
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
