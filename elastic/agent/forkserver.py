@@ -44,8 +44,6 @@ class ForkedProcess:
     """A worker forked by the fork server, with the part of :class:`subprocess.Popen` the
     agent uses (``pid``, ``poll``, ``wait``, ``returncode``, ``stdout``, ``stderr``)."""
 
-    stdin = None
-
     def __init__(self, conn: socket.socket, pid: int, stdout, stderr, argv: List[str]) -> None:
         self._conn = conn
         self._buf = b""
@@ -85,10 +83,6 @@ class ForkedProcess:
                 raise subprocess.TimeoutExpired(self.args, timeout)
             self._read(left)
         return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            os.kill(self.pid, sig)
 
 
 class ForkServer:
