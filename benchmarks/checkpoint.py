@@ -30,14 +30,13 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from elastic.net import free_port  # noqa: E402
 
 
 def make_state(torch, total_bytes: int) -> dict:
@@ -134,10 +133,6 @@ def dd_bytes_per_s(args: list) -> float:
     return int(m.group(1)) / float(m.group(2))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import List, Optional
+
+from elastic.net import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -57,10 +58,6 @@ class Trial:
 _PREFIX = re.compile(r"^\[[^\]]*\](?:<\w+>)?:")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Job:

@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+
+from elastic.net import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "_ddp_steps.py")
@@ -31,10 +32,6 @@ BIN = os.path.dirname(sys.executable)
 KILL_AT_STEP = 300
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(argv, kill_at_step: int = KILL_AT_STEP, timeout_s: float = 120.0) -> float:

@@ -7,7 +7,10 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+from elastic.commands import run_command
 from elastic.errors import UserError
+
+from .errors import CheckpointStorageError
 
 __all__ = ["main"]
 
@@ -96,18 +99,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ins.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                      help="fsspec storage option (dots nest: client_kwargs.endpoint_url=...)")
     args = parser.parse_args(argv)
+    return run_command("elastic-ckpt", lambda: _inspect_storage(args))
+
+
+def _inspect_storage(args) -> int:
     try:
         return _inspect(args)
-    except UserError as exc:
-        print(f"elastic-ckpt: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a storage error: one line, not a traceback
-        from .errors import CheckpointError
-
-        if isinstance(exc, (CheckpointError, OSError)):
-            print(f"elastic-ckpt: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except OSError as exc:  # storage the URL names but we cannot read: one line, exit 1
+        raise CheckpointStorageError(f"{args.url}: {exc}") from exc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
-from elastic.errors import ConfigError, UserError
+from elastic.commands import run_command
+from elastic.errors import ConfigError
 
 from .cache import FillProgress, ShardCache, parse_size
 from .dataset import ShardedDataset
@@ -64,38 +65,38 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        opts = _options(args.storage_options)
-        if args.command == "write":
-            index = write_shards(args.source, args.dest, format=args.format,
-                                 samples_per_shard=args.samples_per_shard,
-                                 shard_size_bytes=parse_size(args.shard_size),
-                                 storage_options=opts, overwrite=args.overwrite)
-            print(f"wrote {index.num_samples} samples in {len(index.shards)} {index.shard_format} "
-                  f"shards ({index.size_bytes} bytes) to {args.dest}")
-        elif args.command == "info":
-            ds = ShardedDataset(args.url, storage_options=opts)
-            idx = ds.index
-            print(f"{args.url}: {idx.num_samples} samples, {len(idx.shards)} {idx.shard_format} "
-                  f"shards, {idx.size_bytes} bytes")
-            for col in idx.columns:
-                shape = f" {tuple(col.shape)}" if col.shape else ""
-                print(f"  {col.name}: {col.kind}{' ' + col.dtype if col.dtype else ''}{shape}")
-        else:
-            progress = FillProgress(_print_stats, interval_s=1.0)
-            cache = ShardCache(args.cache_dir, parse_size(args.cache_size), progress=progress)
-            ds = ShardedDataset(args.url, storage_options=opts, cache=cache)
-            if ds.index.size_bytes > cache.max_bytes:
-                raise ConfigError(f"the dataset ({ds.index.size_bytes} bytes) does not fit in "
-                                  f"the cache ({cache.max_bytes} bytes)")
-            with ThreadPoolExecutor(max(1, args.threads)) as pool:
-                list(pool.map(ds.prefetch, range(len(ds.index.shards))))
-            stats = progress.stats()
-            print(f"cached {len(ds.index.shards)} shards of {args.url} in {args.cache_dir} "
-                  f"({stats.shards_done} filled now, {stats.bytes_done} bytes)")
-    except UserError as exc:
-        print(f"elastic-shards: error: {exc}", file=sys.stderr)
-        return 2
+    return run_command("elastic-shards", lambda: _run(args))
+
+
+def _run(args) -> int:
+    opts = _options(args.storage_options)
+    if args.command == "write":
+        index = write_shards(args.source, args.dest, format=args.format,
+                             samples_per_shard=args.samples_per_shard,
+                             shard_size_bytes=parse_size(args.shard_size),
+                             storage_options=opts, overwrite=args.overwrite)
+        print(f"wrote {index.num_samples} samples in {len(index.shards)} {index.shard_format} "
+              f"shards ({index.size_bytes} bytes) to {args.dest}")
+    elif args.command == "info":
+        ds = ShardedDataset(args.url, storage_options=opts)
+        idx = ds.index
+        print(f"{args.url}: {idx.num_samples} samples, {len(idx.shards)} {idx.shard_format} "
+              f"shards, {idx.size_bytes} bytes")
+        for col in idx.columns:
+            shape = f" {tuple(col.shape)}" if col.shape else ""
+            print(f"  {col.name}: {col.kind}{' ' + col.dtype if col.dtype else ''}{shape}")
+    else:
+        progress = FillProgress(_print_stats, interval_s=1.0)
+        cache = ShardCache(args.cache_dir, parse_size(args.cache_size), progress=progress)
+        ds = ShardedDataset(args.url, storage_options=opts, cache=cache)
+        if ds.index.size_bytes > cache.max_bytes:
+            raise ConfigError(f"the dataset ({ds.index.size_bytes} bytes) does not fit in "
+                              f"the cache ({cache.max_bytes} bytes)")
+        with ThreadPoolExecutor(max(1, args.threads)) as pool:
+            list(pool.map(ds.prefetch, range(len(ds.index.shards))))
+        stats = progress.stats()
+        print(f"cached {len(ds.index.shards)} shards of {args.url} in {args.cache_dir} "
+              f"({stats.shards_done} filled now, {stats.bytes_done} bytes)")
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, List
 
-from ._lazy import require
+from .lazy import require
 
 __all__ = ["Comm", "TorchComm", "HorovodComm", "use", "active", "root_with_state", "broadcast_tree"]
 

@@ -7,7 +7,7 @@ command-line entry points print those as one line and exit non-zero, never a tra
 """
 from __future__ import annotations
 
-__all__ = ["ElasticError", "UserError", "MissingExtraError", "ConfigError"]
+__all__ = ["ElasticError", "UserError", "MissingExtraError", "ConfigError", "one_line"]
 
 
 class ElasticError(Exception):
@@ -33,3 +33,9 @@ class MissingExtraError(UserError, ImportError):
             f"'{module}' is needed{what} but is not installed: "
             f"pip install 'elastic-run[{extra}]'"
         )
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of ``exc``'s message (its type's name when empty), at most ``limit`` chars."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -27,7 +27,7 @@ from datetime import timedelta
 from typing import Any, Callable, Optional
 
 from . import _collectives
-from ._lazy import require
+from .lazy import require
 from ._worker import MembershipChangedError, WorkerLink
 from .faults import looks_like_bug, looks_like_lost_peer
 from .state import State

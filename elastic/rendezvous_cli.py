@@ -15,7 +15,8 @@ import logging
 import sys
 from typing import List, Optional
 
-from .errors import UserError
+from .commands import run_command
+from .errors import ConfigError
 from .store.embedded_server import DEFAULT_PORT, EmbeddedServer
 
 __all__ = ["main", "build_parser"]
@@ -48,24 +49,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_command("elastic-rendezvous", lambda: _serve(args))
+
+
+def _serve(args) -> int:
     if not 0 <= args.port < 65536:
-        print(f"elastic-rendezvous: error: invalid port {args.port}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"invalid port {args.port}")
     conf = {"token": args.token, "token_file": args.token_file, "tls_cert": args.tls_cert,
             "tls_key": args.tls_key, "tls_ca": args.tls_ca, "auth_timeout_s": args.auth_timeout}
-    try:
-        server = EmbeddedServer.from_conf(args.host, args.port, **conf)
-        server.serve_forever(on_ready=_announce)
-    except UserError as exc:
-        print(f"elastic-rendezvous: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a failure to listen is a StoreError with one readable line
-        from .store.api import StoreError
-
-        if isinstance(exc, StoreError):
-            print(f"elastic-rendezvous: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+    server = EmbeddedServer.from_conf(args.host, args.port, **conf)
+    server.serve_forever(on_ready=_announce)  # a failure to listen: a StoreError, exit 1
     return 0
 
 

@@ -14,8 +14,9 @@ import tempfile
 import uuid
 from typing import Dict, List, Optional, Tuple
 
+from elastic.commands import run_command
 from elastic.errors import UserError
-from elastic.store import StoreError
+from elastic.settings import is_true
 
 from .config import (DEFAULT_MASTER_PORT, DEFAULT_SIGNALS, NUMA_MODES, LaunchConfig, parse_nnodes, parse_rdzv_conf,
                      parse_signals)
@@ -42,12 +43,8 @@ def _flag(parser: argparse.ArgumentParser, *names: str, dest: str, default=None,
 
 def _switch(parser: argparse.ArgumentParser, *names: str, dest: str, help: str) -> None:
     """A torchrun ``check_env`` switch: present, or ``PET_<DEST>`` set to a true value."""
-    parser.add_argument(*names, dest=dest, action="store_true", default=_truthy(_env_default(dest, False)),
+    parser.add_argument(*names, dest=dest, action="store_true", default=is_true(_env_default(dest, False)),
                         help=help)
-
-
-def _truthy(value) -> bool:
-    return value is True or str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,15 +301,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=os.environ.get("ELASTIC_LOG_LEVEL", "INFO").upper(),
                         format="[elastic-run %(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
-    try:
-        from .launch import launch
+    from .launch import launch
 
-        return launch(config_from_args(args))
-    except (UserError, StoreError) as exc:  # a store that cannot be served or reached is no bug of ours
-        print(f"elastic-run: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command("elastic-run", lambda: launch(config_from_args(args)))
 
 
 if __name__ == "__main__":

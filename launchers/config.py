@@ -17,7 +17,6 @@ from elastic.errors import ConfigError
 __all__ = ["LaunchConfig", "parse_nnodes", "parse_rdzv_conf", "is_local_host", "is_loopback_host", "store_conf",
            "has_token"]
 
-DEFAULT_RDZV_PORT = 29400
 NUMA_MODES = ("node", "socket", "exclusive", "core-complex")  # torch.numa.binding.AffinityMode
 DEFAULT_MASTER_PORT = 29500
 # --rdzv-conf keys the launcher understands (torchrun's names where torchrun has one). The

@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from elastic._lazy import require
+from elastic.lazy import require
 from elastic.agent import FrameworkAdapter
 from elastic.errors import ConfigError
 

@@ -18,10 +18,11 @@ from elastic.agent import ElasticAgent, FrameworkAdapter, WorkerSpec
 from elastic.errors import ConfigError
 from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
 from elastic.rendezvous.keys import JobKeys
+from elastic.settings import DEFAULT_RDZV_PORT, is_true
 from elastic.store import MemoryStore, Store, StoreError, create_store
 from elastic.store.embedded_client import parse_endpoint
 
-from .config import DEFAULT_RDZV_PORT, LaunchConfig, has_token, is_local_host, is_loopback_host, store_conf
+from .config import LaunchConfig, has_token, is_local_host, is_loopback_host, store_conf
 
 __all__ = ["launch", "guess_preload"]
 
@@ -43,12 +44,6 @@ def guess_preload(config: LaunchConfig) -> Tuple[str, ...]:
     return standby_preload(config.entrypoint[0])
 
 
-def _conf_bool(value: Optional[str]) -> Optional[bool]:
-    if value is None:
-        return None
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
 def _open_store(config: LaunchConfig):
     """Connect to the job's store; host the embedded server here if the endpoint is ours."""
     backend = config.rdzv_backend
@@ -60,7 +55,8 @@ def _open_store(config: LaunchConfig):
         return store, None, None, _store_env("etcd", config.rdzv_endpoint, conf)
     host, port = parse_endpoint(config.rdzv_endpoint, DEFAULT_RDZV_PORT, any_port=True)
     server = None
-    is_host = _conf_bool(config.rdzv_conf.get("is_host"))
+    is_host = config.rdzv_conf.get("is_host")
+    is_host = None if is_host is None else is_true(is_host)
     if is_host is None:
         is_host = port == 0 or is_local_host(host)
     if is_host:

@@ -28,7 +28,7 @@ import threading
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-from elastic._lazy import require
+from elastic.lazy import require
 from elastic.agent import FrameworkAdapter
 from elastic.errors import ConfigError
 from elastic.rendezvous.keys import JobKeys

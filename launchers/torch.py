@@ -9,7 +9,7 @@ import os
 from datetime import timedelta
 from typing import Optional
 
-from elastic._lazy import require
+from elastic.lazy import require
 from elastic.agent import FrameworkAdapter
 from elastic.world import World
 
@@ -37,7 +37,7 @@ def init_process_group(backend: Optional[str] = None, timeout_s: float = 600.0) 
     if dist.is_initialized():
         return world
     if "MASTER_ADDR" not in os.environ:  # not launched: a world of one
-        from elastic.agent import free_port
+        from elastic.net import free_port
 
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port("127.0.0.1")))

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
-from elastic.errors import UserError
+from elastic.commands import run_command
 
 __all__ = ["main"]
 
@@ -54,13 +54,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "report":
-            return _report(args)
-    except UserError as exc:
-        print(f"elastic-prof: error: {exc}", file=sys.stderr)
-        return 2
-    return 1
+    return run_command("elastic-prof", lambda: _report(args))
 
 
 if __name__ == "__main__":

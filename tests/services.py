@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,13 +13,14 @@ import urllib.error
 import urllib.request
 from typing import List, Optional
 
+from elastic import net as _net
+
 __all__ = ["free_port", "EtcdServer", "S3Server"]
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on loopback."""
+    return _net.free_port("127.0.0.1")
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log_path: str, timeout_s: float, context=None) -> None:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -26,6 +25,7 @@ import time
 from typing import Dict, List, Optional
 
 from ..faults import looks_like_lost_peer
+from ..net import free_port, free_port_range
 from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
                           Round)
 from ..rendezvous.protocol import LOST_PEER_REASON
@@ -33,36 +33,9 @@ from .api import FrameworkAdapter, WorkerExit, WorkerSpec
 from .forkserver import FORK_SAFE_PRELOADS, ForkServer
 from .workers import StandbyPool, WorkerGroup
 
-__all__ = ["ElasticAgent", "free_port", "free_port_range"]
+__all__ = ["ElasticAgent"]
 
 log = logging.getLogger("elastic.agent")
-
-
-def free_port(host: str = "") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def free_port_range(count: int, host: str = "", tries: int = 50) -> int:
-    """The first of ``count`` consecutive free ports (one per local worker, e.g. TF_CONFIG)."""
-    for _ in range(tries):
-        base = free_port(host)
-        if base + count > 65535:
-            continue
-        socks = []
-        try:
-            for port in range(base + 1, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise OSError(f"no {count} consecutive free ports found")
 
 
 class _Terminated(Exception):

@@ -228,22 +228,3 @@ def client_ssl_context(ca: Optional[str] = None, cert: Optional[str] = None,
     return ctx
 
 
-def parse_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"{name} must be true or false, not {value!r}")
-
-
-def parse_seconds(value: Any, name: str) -> float:
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from None
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
-    return seconds

@@ -23,13 +23,14 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError
+from ..settings import DEFAULT_RDZV_PORT, parse_bool, parse_seconds
 from . import _wire as wire
 from .api import (Event, KeyValue, LeaseNotFoundError, Store, StoreAuthError, StoreCompactedError,
                   StoreError, StoreUnavailableError)
 
 __all__ = ["EmbeddedStore", "parse_endpoint", "DEFAULT_PORT"]
 
-DEFAULT_PORT = 29400
+DEFAULT_PORT = DEFAULT_RDZV_PORT
 # Ops whose repetition is harmless if we cannot tell whether the first attempt ran.
 _REPEATABLE = frozenset({"ping", "get", "get_prefix", "put", "grant", "keep_alive", "revoke", "wait"})
 _MAX_IDLE = 8
@@ -145,10 +146,10 @@ class EmbeddedStore(Store):
         self._token = wire.resolve_token(conf.get("token"), conf.get("token_file"))
         self._ssl = wire.client_ssl_context(
             ca=conf.get("tls_ca"), cert=conf.get("tls_cert"), key=conf.get("tls_key"),
-            enabled=wire.parse_bool(conf.get("tls", False), "tls"),
-            verify_hostname=wire.parse_bool(conf.get("tls_verify_hostname", True),
+            enabled=parse_bool(conf.get("tls", False), "tls"),
+            verify_hostname=parse_bool(conf.get("tls_verify_hostname", True),
                                             "tls_verify_hostname"))
-        self.timeout_s = wire.parse_seconds(conf.get("timeout_s", 10.0), "timeout_s")
+        self.timeout_s = parse_seconds(conf.get("timeout_s", 10.0), "timeout_s")
         self._lock = threading.Lock()
         self._idle: List[_Connection] = []
         self._instance: Optional[str] = None

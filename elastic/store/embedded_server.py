@@ -28,6 +28,7 @@ import threading
 import uuid
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
+from ..settings import DEFAULT_RDZV_PORT, parse_seconds
 from . import _wire as wire
 from .api import Event, LeaseNotFoundError, StoreCompactedError, StoreError
 from .memory import MemoryStore
@@ -36,7 +37,7 @@ __all__ = ["EmbeddedServer", "DEFAULT_PORT"]
 
 log = logging.getLogger("elastic.store.embedded")
 
-DEFAULT_PORT = 29400  # torchrun's c10d default
+DEFAULT_PORT = DEFAULT_RDZV_PORT
 _MAX_WAITS_PER_CONNECTION = 4096
 _MAX_WAIT_S = 24 * 3600.0
 _MAX_KEY_CHARS = 64 * 1024
@@ -97,7 +98,7 @@ class EmbeddedServer:
         (they belong to the round protocol)."""
         token = wire.resolve_token(conf.get("token"), conf.get("token_file"))
         context = wire.server_ssl_context(conf.get("tls_cert"), conf.get("tls_key"), conf.get("tls_ca"))
-        auth_timeout_s = wire.parse_seconds(conf.get("auth_timeout_s", 5.0), "auth_timeout_s")
+        auth_timeout_s = parse_seconds(conf.get("auth_timeout_s", 5.0), "auth_timeout_s")
         return cls(host, port, token=token, ssl=context, auth_timeout_s=auth_timeout_s)
 
     @property

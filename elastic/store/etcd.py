@@ -17,9 +17,9 @@ import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple
 
-from .._lazy import require
+from ..lazy import require
 from ..errors import ConfigError
-from ._wire import parse_bool, parse_seconds
+from ..settings import parse_bool, parse_seconds
 from .api import (Event, KeyValue, LeaseNotFoundError, Store, StoreAuthError, StoreCompactedError,
                   StoreError, StoreUnavailableError)
 
