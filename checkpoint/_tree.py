@@ -309,7 +309,7 @@ def flatten_target(target: Any) -> Dict[Tuple[Any, ...], Any]:
 def to_framework(raw: np.ndarray, st_dtype: str, fw: str) -> Any:
     """Turn a raw (unsigned-int view) array into the framework's tensor, without a copy if possible."""
     if fw == "torch":
-        from elastic._lazy import require
+        from elastic.lazy import require
 
         torch = require("torch", "loading torch tensors from a checkpoint")
         dtype = getattr(torch, _ST_TO_TORCH[st_dtype])
@@ -324,7 +324,7 @@ def to_framework(raw: np.ndarray, st_dtype: str, fw: str) -> Any:
             return torch.from_numpy(raw.copy()).view(dtype)
     arr = raw.view(numpy_dtype(st_dtype))
     if fw == "tf":
-        from elastic._lazy import require
+        from elastic.lazy import require
 
         tf = require("tensorflow", "loading TensorFlow tensors from a checkpoint")
         return tf.convert_to_tensor(arr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Optional, Tuple
 
-from elastic._lazy import require
+from elastic.lazy import require
 
 from .errors import DatasetIndexError
 

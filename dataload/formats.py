@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from elastic._lazy import require
+from elastic.lazy import require
 
 from .api import Column
 from .errors import ShardFormatError

@@ -12,7 +12,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 
 import numpy as np
 
-from elastic._lazy import require
+from elastic.lazy import require
 from elastic.world import World
 
 from .dataset import ShardedDataset

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from elastic._lazy import require
+from elastic.lazy import require
 from elastic.world import World
 
 from .dataset import ShardedDataset

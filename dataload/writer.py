@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from elastic._lazy import require
+from elastic.lazy import require
 
 from ._fs import join, url_to_fs
 from .api import INDEX_NAME, Column, DatasetIndex, ShardInfo

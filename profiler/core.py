@@ -345,7 +345,7 @@ class StepProfiler:
         if timer == "cuda" or (timer == "auto" and torch is not None and torch.cuda.is_available()
                                and torch.cuda.is_initialized()):
             if torch is None:
-                from elastic._lazy import require
+                from elastic.lazy import require
                 torch = require("torch", "CUDA step timing")
             if not torch.cuda.is_available():
                 raise ProfilerConfigError("timer='cuda' but CUDA is not available")

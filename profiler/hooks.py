@@ -75,7 +75,7 @@ def _grad_hook_adder(torch: Any) -> Callable[[Any, Callable], None]:
 def attach_torch(prof: "StepProfiler", model: Any = None, optimizer: Any = None,
                  comm_hook: Any = None) -> List[Any]:
     """Register the hooks; returns handles whose ``remove()`` detaches them."""
-    from elastic._lazy import require
+    from elastic.lazy import require
 
     torch = require("torch", "PyTorch profiler hooks")
     handles: List[Any] = []
@@ -159,7 +159,7 @@ def _attach_ddp(prof: "StepProfiler", ddp: Any, comm_hook: Any) -> None:
 
 def keras_callback(prof: "StepProfiler", batch_size: Optional[int] = None) -> Any:
     """A Keras callback: each training batch is one step (``samples`` = ``batch_size``)."""
-    from elastic._lazy import require
+    from elastic.lazy import require
 
     keras = require("tensorflow", "the Keras profiler callback").keras
     step_ctx = {}

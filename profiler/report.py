@@ -232,7 +232,7 @@ def format_summary(s: RunSummary) -> str:
 def write_plots(run_dir: str, out_dir: str, warmup_steps: int = 0) -> List[str]:
     """``step_time.png`` (step time per rank over steps) and ``phases.png`` (mean phase
     breakdown per rank). Uses matplotlib's Agg backend: no display needed."""
-    from elastic._lazy import require
+    from elastic.lazy import require
 
     matplotlib = require("matplotlib", "elastic-prof report plots")
     matplotlib.use("Agg")

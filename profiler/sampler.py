@@ -229,7 +229,7 @@ def create_sampler(kind: str = "auto", device_index: int = 0, hz: float = 5.0) -
             return NvmlSampler(device_index, hz)
         except ImportError:
             if kind == "nvml":
-                from elastic._lazy import require
+                from elastic.lazy import require
                 require("pynvml", "NVML device metrics")
             reason = "pynvml is not installed"
         except Exception as exc:  # NVMLError: no driver, no device, bad index

@@ -179,7 +179,7 @@ class PrometheusSink(Sink):
 
     def __init__(self, port: int = 0, addr: str = "127.0.0.1", rank: int = 0,
                  generation: int = 0) -> None:
-        from elastic._lazy import require
+        from elastic.lazy import require
 
         prom = require("prometheus_client", "the Prometheus endpoint")
         self.registry = prom.CollectorRegistry()
@@ -267,7 +267,7 @@ class TensorBoardSink(Sink):
     """TensorBoard scalars every ``every`` steps, through tensorboard's own event writer."""
 
     def __init__(self, logdir: str, every: int = 10, rank: int = 0) -> None:
-        from elastic._lazy import require
+        from elastic.lazy import require
 
         if "tensorflow" not in sys.modules and "tensorboard.compat.notf" not in sys.modules:
             # tensorboard's documented switch to its TF stub: writing scalars must not pull in

@@ -40,7 +40,7 @@ def test_packages_import_without_extras_and_load_nothing_heavy():
 
 def test_missing_extra_names_the_extra():
     res = run_child("""
-        from elastic._lazy import require
+        from elastic.lazy import require
         from elastic.errors import MissingExtraError, ElasticError
         for module, extra in [('torch', 'torch'), ('tensorflow', 'tf'), ('pyetcd', 'etcd'),
                               ('s3fs', 's3'), ('pynvml', 'gpu'), ('horovod.torch', 'horovod')]:
@@ -61,7 +61,7 @@ def test_require_reraises_errors_that_are_not_a_missing_extra(tmp_path):
     (tmp_path / "broken_mod.py").write_text("import no_such_inner_module_xyz\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        from elastic._lazy import require
+        from elastic.lazy import require
         from elastic.errors import MissingExtraError
         with pytest.raises(ModuleNotFoundError) as info:
             require("broken_mod")
