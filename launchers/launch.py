@@ -150,6 +150,10 @@ class _VirtualLocalRank(FrameworkAdapter):
     def name(self) -> str:  # the agent decides framework-specific things by it
         return self.inner.name
 
+    @property
+    def hosts_worker_store(self) -> bool:
+        return self.inner.hosts_worker_store
+
     def on_round(self, *args, **kwargs) -> None:
         self.inner.on_round(*args, **kwargs)
 
@@ -177,14 +181,22 @@ def _handle_signals(agent: ElasticAgent, names: Tuple[str, ...]) -> Dict[int, ob
     return previous
 
 
+def _detected_adapter(config: LaunchConfig) -> FrameworkAdapter:
+    """The API path detects the framework as ``--framework auto`` does."""
+    from .frameworks import create_adapter, detect_framework
+
+    script = None if config.module or config.no_python else config.entrypoint[0]
+    return create_adapter(detect_framework(script))
+
+
 def launch(config: LaunchConfig) -> int:
     """Run this node's agent until the job ends; returns the process exit code."""
     check_token(config)
     settings = rendezvous_settings(config)
     close_timeout_s = config.conf_seconds("close_timeout", settings.join_timeout_s)
-    adapter = config.adapter
+    adapter = config.adapter or _detected_adapter(config)
     if config.virtual_local_rank:
-        adapter = _VirtualLocalRank(adapter or FrameworkAdapter(),
+        adapter = _VirtualLocalRank(adapter,
                                     config.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
                                     config.nproc_per_node)
     from .numa import cpu_affinity

@@ -20,6 +20,7 @@ class TorchAdapter(FrameworkAdapter):
     """torchrun's environment is all DDP needs: ``MASTER_ADDR/PORT``, ``RANK``, ``WORLD_SIZE``."""
 
     name = "torch"
+    hosts_worker_store = True
 
 
 def init_process_group(backend: Optional[str] = None, timeout_s: float = 600.0) -> World:

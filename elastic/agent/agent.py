@@ -277,7 +277,7 @@ class ElasticAgent:
         It is up before any worker connects, so no worker waits out a connect-retry backoff
         (rank 0 of a re-formed group may be a replacement that starts after its peers).
         """
-        return self.adapter.name == "torch" and not self.spec.no_python
+        return self.adapter.hosts_worker_store and not self.spec.no_python
 
     def _host_worker_store(self, rnd: Round) -> None:
         if not self._hosts_worker_store:

@@ -21,11 +21,14 @@ class FrameworkAdapter:
     re-forms) its workers, and merges :meth:`worker_env` into each worker's environment.
     Every node offers ``aux_port`` .. ``aux_port + nproc - 1`` (free when it joined): node
     rank 0's first one suits a per-round service (Horovod's Gloo rendezvous server), one per
-    local worker suits ``TF_CONFIG``. :meth:`close` runs when the agent exits. The default does nothing:
-    PyTorch needs only torchrun's variables.
+    local worker suits ``TF_CONFIG``. :meth:`close` runs when the agent exits. The base is no
+    framework: it adds nothing to torchrun's variables (``launchers.torch.TorchAdapter`` is the
+    PyTorch adapter, registered by name like the others).
     """
 
-    name = "torch"
+    name = "none"
+    #: node rank 0's agent hosts the workers' TCPStore (torch.distributed's env:// store)
+    hosts_worker_store = False
 
     def on_round(self, rnd, fresh_local_ranks: Optional[Sequence[int]] = None) -> None:
         """``fresh_local_ranks``: when the other local workers recover in place, the ones
