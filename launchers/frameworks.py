@@ -25,7 +25,7 @@ __all__ = ["FRAMEWORKS", "ADAPTERS", "register_adapter", "create_adapter", "dete
 
 log = logging.getLogger("elastic.launcher")
 
-ADAPTERS: Registry = Registry("framework")
+ADAPTERS: Registry = Registry("framework", entry_point_group="elastic_run.frameworks")
 ADAPTERS.register("torch", "launchers.torch:TorchAdapter")
 ADAPTERS.register("horovod", "launchers.horovod:HorovodAdapter")
 ADAPTERS.register("tensorflow", "launchers.tensorflow:TensorFlowAdapter")

@@ -11,7 +11,7 @@ from .api import (Event, KeyValue, LeaseNotFoundError, Store, StoreAuthError, St
                   StoreError, StoreUnavailableError)
 from .memory import MemoryStore
 
-backends: "Registry[Store]" = Registry("rendezvous backend")
+backends: "Registry[Store]" = Registry("rendezvous backend", entry_point_group="elastic_run.stores")
 backends.register("memory", lambda endpoint="", **conf: MemoryStore())
 backends.register("embedded", "elastic.store.embedded:create_embedded_store")
 backends.register("etcd", "elastic.store.etcd:create_etcd_store", extra="etcd")
