@@ -24,6 +24,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from elastic.locks import try_lock
+
 DEFAULT_MEMORY_DIR = "/dev/shm/elastic-run"
 _META = "slot.json"
 _DATA = "slot.bin"
@@ -61,7 +63,7 @@ class Slot:
     def reserve(self, nbytes: int) -> memoryview:
         """A writable view of at least ``nbytes``; invalidates any snapshot the slot held."""
         self.invalidate()
-        if self.directory is not None and self._fd is not None and not _lock(self._fd, fcntl.LOCK_EX):
+        if self.directory is not None and self._fd is not None and not try_lock(self._fd):
             self._release_file()  # a reader maps the snapshot in it: it is theirs now
         if nbytes > self.capacity or self._map is None:
             self._unmap()
@@ -83,7 +85,7 @@ class Slot:
         path = os.path.join(self.directory, _DATA)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            if _lock(fd, fcntl.LOCK_EX):
+            if try_lock(fd):
                 return fd
             os.close(fd)
             _unlink(path)
@@ -128,14 +130,6 @@ class Slot:
         self.capacity = 0
 
 
-def _lock(fd: int, how: int) -> bool:
-    try:
-        fcntl.flock(fd, how | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-
-
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -154,7 +148,7 @@ def read_snapshot(directory: str) -> Optional[tuple]:
     except OSError:
         return None
     try:
-        if not _lock(fd, fcntl.LOCK_SH):  # a writer is filling it
+        if not try_lock(fd, shared=True):  # a writer is filling it
             os.close(fd)
             return None
         with open(os.path.join(directory, _META)) as f:

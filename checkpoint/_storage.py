@@ -14,12 +14,15 @@ import os
 import posixpath
 import shutil
 import uuid
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from elastic import fs as _efs
+from elastic.fs import is_local, why
+
+from ._crc import crc32, crc32_combine
 from .errors import (CheckpointCorruptError, CheckpointError, CheckpointStorageError,
                      CheckpointURLError)
 
@@ -29,74 +32,10 @@ _CRC_PART_BYTES = 32 << 20
 _ALIGN = 4096
 
 
-def _pick_crc32() -> Callable[..., int]:
-    """zlib-ng's CRC-32 where installed (extra ``checkpoint``), else zlib's: the same function
-    (the same polynomial and values, so either verifies the other's files), but zlib-ng's is
-    vectorised: several times faster than the system zlib here, which matters because the CRC
-    is the one pass over the bytes that loading adds to reading them."""
-    try:
-        from zlib_ng import zlib_ng
-
-        if zlib_ng.crc32(b"123456789") == 0xCBF43926:
-            return zlib_ng.crc32
-    except ImportError:
-        pass
-    return zlib.crc32
-
-
-_CRC32: Optional[Callable[..., int]] = None
-
-
-def crc32(data: Any, value: int = 0) -> int:
-    """CRC-32 of ``data`` continuing from ``value`` (zlib.crc32's contract), the GIL released."""
-    global _CRC32
-    if _CRC32 is None:
-        _CRC32 = _pick_crc32()
-    return _CRC32(data, value)
-
-
-# Object stores whose URLs must name a bucket (container) before any prefix.
-_BUCKETED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"}
-
-
 def open_url(url: Any, storage_options: Optional[dict]) -> Tuple[Any, str]:
-    """``(filesystem, root path)`` for ``url`` (a string or a path object); a bad URL, a
-    missing extra or a filesystem that cannot be opened becomes one clear line."""
-    if isinstance(url, os.PathLike):
-        url = os.fspath(url)
-    if not isinstance(url, str) or not url.strip():
-        raise CheckpointURLError(f"checkpoint URL must be a non-empty string or path, got {url!r}")
-    from fsspec.core import url_to_fs
-
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    try:
-        fs, root = url_to_fs(url, **(storage_options or {}))
-    except ImportError as exc:
-        if protocol in ("s3", "s3a"):
-            from elastic.errors import MissingExtraError
-
-            raise MissingExtraError("s3fs", "s3", f"checkpoints on {protocol}:// URLs") from exc
-        raise CheckpointURLError(f"{url}: {exc}") from exc
-    except (ValueError, TypeError) as exc:
-        raise CheckpointURLError(f"bad checkpoint URL {url!r}: {exc}") from exc
-    except Exception as exc:  # the filesystem's own failure to start (connect, libraries)
-        raise CheckpointStorageError(f"{url}: cannot open the storage: {why(exc)}") from exc
-    root = root.rstrip("/") or root
-    if protocol in _BUCKETED and not root.strip("/"):
-        raise CheckpointURLError(f"{url}: names no bucket; use {protocol}://BUCKET[/PREFIX]")
-    return fs, root
-
-
-def why(exc: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def is_local(fs: Any) -> bool:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return isinstance(fs, LocalFileSystem)
+    """``(filesystem, root)`` by :func:`elastic.fs.open_url`'s rules, with checkpoint errors."""
+    return _efs.open_url(url, storage_options, what="checkpoint", bad_url=CheckpointURLError,
+                         unavailable=CheckpointStorageError)
 
 
 def _reads(method: Callable) -> Callable:
@@ -414,40 +353,6 @@ def _crc_range(m: mmap.mmap, begin: int, end: int) -> int:
     finally:
         view.release()
     return crc
-
-
-_CRC_POLY = 0xEDB88320  # CRC-32 (zlib's), bit-reflected
-
-
-def _gf2_mulmod(a: int, b: int) -> int:
-    """a * b modulo the CRC-32 polynomial (bit-reflected), as zlib's multmodp."""
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
-            p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _CRC_POLY if b & 1 else b >> 1
-
-
-_X2N = [1 << 30]  # x^(2^k) mod p for k = 0..31
-for _ in range(31):
-    _X2N.append(_gf2_mulmod(_X2N[-1], _X2N[-1]))
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of A+B from those of A (``crc1``) and B (``crc2``, ``len2`` bytes): zlib's
-    crc32_combine, which Python's zlib does not expose."""
-    if len2 <= 0:
-        return crc1
-    p, n, k = 1 << 31, len2, 3  # x^(8 * len2) mod p, by squares
-    while n:
-        if n & 1:
-            p = _gf2_mulmod(_X2N[k & 31], p)
-        n >>= 1
-        k += 1
-    return _gf2_mulmod(p, crc1) ^ crc2
 
 
 def alloc_bytes(nbytes: int) -> np.ndarray:

@@ -1,38 +1,25 @@
-"""fsspec helpers: URL -> (filesystem, path), created lazily and per process (fork-safe)."""
+"""Dataset filesystems: made lazily and per process (fork-safe), by :mod:`elastic.fs`'s rules."""
 from __future__ import annotations
 
 import os
 from typing import Any, Mapping, Optional, Tuple
 
-from elastic.lazy import require
+from elastic import fs as _efs
+from elastic.fs import is_local
 
-from .errors import DatasetIndexError
+from .errors import DataLoadError, DatasetIndexError
 
 __all__ = ["url_to_fs", "join", "is_local"]
 
 
 def url_to_fs(url: str, storage_options: Optional[Mapping[str, Any]] = None) -> Tuple[Any, str]:
-    import fsspec.core
-
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    except ImportError as exc:
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
-        if protocol in ("s3", "s3a"):
-            require("s3fs", f"{protocol}:// URLs")
-        raise DatasetIndexError(f"{url}: no filesystem for {protocol}:// ({exc})") from None
-    except ValueError as exc:
-        raise DatasetIndexError(f"{url}: {exc}") from None
-    return fs, path.rstrip("/")
+    """``(filesystem, root)`` by :func:`elastic.fs.open_url`'s rules, with dataload's errors."""
+    return _efs.open_url(url, storage_options, what="dataset", bad_url=DatasetIndexError,
+                         unavailable=DataLoadError)
 
 
 def join(root: str, name: str) -> str:
-    return f"{root}/{name}" if root else name
-
-
-def is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return f"{root.rstrip('/')}/{name}" if root else name
 
 
 class LazyFS:

@@ -17,8 +17,6 @@ fills again. Space is reserved before a fill, counting fills in progress, so the
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import itertools
 import logging
@@ -30,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Callable, Iterator, List, Optional, Tuple, Union
 
+from elastic import locks
 from elastic.errors import ConfigError
 
 from .api import ShardInfo
@@ -308,16 +307,7 @@ class ShardCache:
         return os.path.join(self.cache_dir, "locks", sha + ".lock")
 
     def _is_free(self, sha: str) -> bool:
-        fd = os.open(self._lock_path(sha), os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise
-        finally:
-            os.close(fd)  # closing drops a lock we took
-        return True
+        return locks.is_unlocked(self._lock_path(sha))
 
     @contextmanager
     def _shard_lock(self, sha: str) -> Iterator[None]:
@@ -325,29 +315,8 @@ class ShardCache:
             yield
 
     @staticmethod
-    @contextmanager
-    def _flock(path: str, timeout_s: Optional[float] = None) -> Iterator[None]:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            if timeout_s is None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            else:
-                deadline = time.monotonic() + timeout_s
-                delay = 0.001
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except OSError as exc:
-                        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                            raise
-                    if time.monotonic() > deadline:
-                        raise CacheError(f"timed out after {timeout_s}s waiting for {path}")
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
-            yield
-        finally:
-            os.close(fd)
+    def _flock(path: str, timeout_s: Optional[float] = None):
+        return locks.exclusive(path, timeout_s, error=CacheError)
 
 
 def _unlink(path: str) -> None:
