@@ -31,7 +31,7 @@ import struct
 from typing import Any, Dict, Optional
 
 from ..errors import ConfigError
-from .api import Event, KeyValue
+from .api import Event, KeyValue, StoreArgumentError, StoreError
 
 __all__ = []
 
@@ -44,7 +44,7 @@ TOKEN_ENV = "ELASTIC_RDZV_TOKEN"
 TOKEN_FILE_ENV = "ELASTIC_RDZV_TOKEN_FILE"
 
 
-class ProtocolError(Exception):
+class ProtocolError(StoreError):
     """The peer broke the protocol (bad framing, bad JSON, bad fields); drop the connection."""
 
 
@@ -60,7 +60,7 @@ def encode_result(request_id: int, result_json: bytes) -> bytes:
 
 def _frame(body: bytes) -> bytes:
     if len(body) > MAX_MESSAGE_BYTES:
-        raise ValueError(f"message of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+        raise StoreArgumentError(f"message of {len(body)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
     return HEADER.pack(len(body)) + body
 
 

@@ -19,6 +19,7 @@ from ..errors import ElasticError, UserError
 __all__ = [
     "KeyValue", "Event", "Store",
     "StoreError", "StoreUnavailableError", "StoreAuthError", "StoreCompactedError", "LeaseNotFoundError",
+    "StoreArgumentError",
 ]
 
 
@@ -40,6 +41,12 @@ class StoreCompactedError(StoreError):
 
 class LeaseNotFoundError(StoreError):
     """The lease expired or was revoked."""
+
+
+class StoreArgumentError(StoreError, ValueError, TypeError):
+    """A call no store can take: a key that is not a str, a TTL that is not positive, a
+    negative revision, a value over the size limit. A bug in the caller, not a UserError;
+    still a ValueError/TypeError, as such calls raised before the store errors were ours."""
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError
 from ..settings import DEFAULT_RDZV_PORT, parse_bool, parse_seconds
+from . import _args as args
 from . import _wire as wire
-from .api import (Event, KeyValue, LeaseNotFoundError, Store, StoreAuthError, StoreCompactedError,
-                  StoreError, StoreUnavailableError)
+from .api import (Event, KeyValue, LeaseNotFoundError, Store, StoreArgumentError, StoreAuthError,
+                  StoreCompactedError, StoreError, StoreUnavailableError)
 
 __all__ = ["EmbeddedStore", "parse_endpoint", "DEFAULT_PORT"]
 
@@ -159,42 +160,39 @@ class EmbeddedStore(Store):
 
     # -- Store ---------------------------------------------------------------------------
     def get(self, key: str) -> Optional[KeyValue]:
-        return wire.kv_from_wire(self._call("get", key=_key(key)))
+        return wire.kv_from_wire(self._call("get", key=args.key(key)))
 
     def get_prefix(self, prefix: str) -> Tuple[List[KeyValue], int]:
-        result = self._call("get_prefix", prefix=_key(prefix))
+        result = self._call("get_prefix", prefix=args.key(prefix))
         return [wire.kv_from_wire(kv) for kv in result["kvs"]], int(result["revision"])
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        return int(self._call("put", key=_key(key), value=wire.value_to_wire(bytes(value)), lease=_lease(lease)))
+        return int(self._call("put", key=args.key(key), value=wire.value_to_wire(args.value(value)), lease=args.count(lease)))
 
     def compare_and_set(self, key: str, expected_revision: Optional[int], value: bytes,
                         lease: int = 0) -> Tuple[bool, Optional[KeyValue]]:
         if expected_revision is not None:
-            expected_revision = _lease(expected_revision)
-        result = self._call("cas", key=_key(key), expected=expected_revision,
-                            value=wire.value_to_wire(bytes(value)), lease=_lease(lease))
+            expected_revision = args.count(expected_revision)
+        result = self._call("cas", key=args.key(key), expected=expected_revision,
+                            value=wire.value_to_wire(args.value(value)), lease=args.count(lease))
         return bool(result["ok"]), wire.kv_from_wire(result["kv"])
 
     def delete(self, key: str) -> bool:
-        return bool(self._call("delete", key=_key(key)))
+        return bool(self._call("delete", key=args.key(key)))
 
     def grant_lease(self, ttl_s: float) -> int:
-        ttl_s = float(ttl_s)
-        if not ttl_s > 0:
-            raise ValueError("lease TTL must be positive")
-        return int(self._call("grant", ttl_s=ttl_s))
+        return int(self._call("grant", ttl_s=args.ttl(ttl_s)))
 
     def keep_alive(self, lease: int) -> None:
-        self._call("keep_alive", lease=_lease(lease))
+        self._call("keep_alive", lease=args.count(lease))
 
     def revoke_lease(self, lease: int) -> None:
-        self._call("revoke", lease=_lease(lease))
+        self._call("revoke", lease=args.count(lease))
 
     def wait(self, prefix: str, after_revision: int, timeout_s: float) -> List[Event]:
-        timeout_s = max(0.0, float(timeout_s))
+        timeout_s = args.timeout(timeout_s)
         result = self._call("wait", reply_timeout_s=timeout_s + self.timeout_s,
-                            prefix=_key(prefix), after=_lease(after_revision), timeout_s=timeout_s)
+                            prefix=args.key(prefix), after=args.count(after_revision), timeout_s=timeout_s)
         return [wire.event_from_wire(e) for e in result]
 
     def ping(self) -> int:
@@ -218,6 +216,9 @@ class EmbeddedStore(Store):
             conn = self._acquire()
             try:
                 reply = conn.request({"op": op, **fields}, timeout_s)
+            except StoreArgumentError:  # refused before sending (over the size limit)
+                self._release(conn)
+                raise
             except _Lost as lost:
                 conn.close()
                 if attempt == 1 and (not lost.sent or op in _REPEATABLE):
@@ -398,20 +399,8 @@ def _unwrap(reply: Dict[str, Any]) -> Any:
     if kind == "compacted":
         raise StoreCompactedError(message)
     if kind == "value":
-        raise ValueError(message)
+        raise StoreArgumentError(message)
     raise StoreError(f"rendezvous server error: {kind}: {message}")
-
-
-def _key(key: Any) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"keys are str, not {type(key).__name__}")
-    return key
-
-
-def _lease(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"expected a non-negative integer, not {value!r}")
-    return value
 
 
 def _reason(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Callable, List, Optional, Tuple
 from ..lazy import require
 from ..errors import ConfigError
 from ..settings import parse_bool, parse_seconds
+from . import _args as args
 from .api import (Event, KeyValue, LeaseNotFoundError, Store, StoreAuthError, StoreCompactedError,
                   StoreError, StoreUnavailableError)
 
@@ -97,30 +98,31 @@ class EtcdStore(Store):
 
     # -- Store ---------------------------------------------------------------------------
     def get(self, key: str) -> Optional[KeyValue]:
-        response = self._call("get", self._client.get_response, _key(key))
+        response = self._call("get", self._client.get_response, args.key(key))
         if not response.kvs:
             return None
         return _kv(response.kvs[0])
 
     def get_prefix(self, prefix: str) -> Tuple[List[KeyValue], int]:
-        start, end = _range(_key(prefix))
+        start, end = _range(args.key(prefix))
         response = self._call("get_prefix", self._client.get_range_response, start, end,
                               sort_order="ascend", sort_target="key")
         return [_kv(kv) for kv in response.kvs], int(response.header.revision)
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        response = self._call("put", self._client.put, _key(key), bytes(value), lease=lease or None)
+        response = self._call("put", self._client.put, args.key(key), args.value(value),
+                              lease=args.count(lease) or None)
         return int(response.header.revision)
 
     def compare_and_set(self, key: str, expected_revision: Optional[int], value: bytes,
                         lease: int = 0) -> Tuple[bool, Optional[KeyValue]]:
         t = self._client.transactions
-        key = _key(key)
+        key, value, lease = args.key(key), args.value(value), args.count(lease)
         compare = [t.version(key) == 0] if expected_revision is None else [
-            t.mod(key) == int(expected_revision)]
+            t.mod(key) == args.count(expected_revision)]
         ok, responses = self._call(
             "cas", self._client.transaction, compare=compare,
-            success=[t.put(key, bytes(value), lease=lease or None), t.get(key)],
+            success=[t.put(key, value, lease=lease or None), t.get(key)],
             failure=[t.get(key)])
         found = responses[-1] if responses else []
         if not found:
@@ -129,29 +131,27 @@ class EtcdStore(Store):
         return bool(ok), KeyValue(key, bytes(value_read), int(meta.mod_revision), int(meta.lease_id))
 
     def delete(self, key: str) -> bool:
-        return bool(self._call("delete", self._client.delete, _key(key)))
+        return bool(self._call("delete", self._client.delete, args.key(key)))
 
     def grant_lease(self, ttl_s: float) -> int:
-        ttl_s = float(ttl_s)
-        if not ttl_s > 0:
-            raise ValueError("lease TTL must be positive")
-        lease = self._call("lease", self._client.lease, max(1, math.ceil(ttl_s)))
+        lease = self._call("lease", self._client.lease, max(1, math.ceil(args.ttl(ttl_s))))
         return int(lease.id)
 
     def keep_alive(self, lease: int) -> None:
-        responses = self._call("keep_alive", lambda: list(self._client.refresh_lease(int(lease))))
+        responses = self._call("keep_alive", lambda: list(self._client.refresh_lease(args.count(lease))))
         if not responses or responses[-1].TTL <= 0:
             raise LeaseNotFoundError(f"lease {lease} expired or was revoked")
 
     def revoke_lease(self, lease: int) -> None:
         try:
-            self._call("revoke", self._client.revoke_lease, int(lease))
+            self._call("revoke", self._client.revoke_lease, args.count(lease))
         except LeaseNotFoundError:
             pass
 
     def wait(self, prefix: str, after_revision: int, timeout_s: float) -> List[Event]:
-        start, end = _range(_key(prefix))
-        deadline = time.monotonic() + max(float(timeout_s), _MIN_HISTORY_WAIT_S)
+        start, end = _range(args.key(prefix))
+        after_revision = args.count(after_revision)
+        deadline = time.monotonic() + max(args.timeout(timeout_s), _MIN_HISTORY_WAIT_S)
         responses: "queue.Queue[Any]" = queue.Queue()
         watch_id = self._call("watch", self._client.add_watch_callback, start, responses.put,
                               range_end=end, start_revision=int(after_revision) + 1)
@@ -275,6 +275,8 @@ class EtcdStore(Store):
                 if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in details:
                     raise StoreCompactedError(f"etcd: {details}") from None
                 raise StoreError(f"etcd {what} failed: {details}") from None
+            except exc_mod.Etcd3Exception as exc:  # any other of pyetcd's: ours, in one line
+                raise StoreError(f"etcd {what} failed: {_describe(exc)}") from None
         raise StoreUnavailableError(
             f"etcd at {self.endpoint} is unavailable: {what} failed ({_describe(last)}; "
             f"timeout {self.timeout_s:g}s)") from None
@@ -302,12 +304,6 @@ def _range(prefix: str) -> Tuple[bytes, bytes]:
             end[i] += 1
             return start, bytes(end[:i + 1])
     return start, b"\0"
-
-
-def _key(key: Any) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"keys are str, not {type(key).__name__}")
-    return key
 
 
 def _is_auth_error(grpc: Any, code: Any, details: str) -> bool:

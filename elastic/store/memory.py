@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
+from . import _args as args
 from .api import Event, KeyValue, LeaseNotFoundError, Store, StoreCompactedError
 
 __all__ = ["MemoryStore"]
@@ -68,13 +69,15 @@ class MemoryStore(Store):
 
     # -- writes --------------------------------------------------------------------------
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        args.key(key)  # a non-str key would corrupt the sorted key list
         with self._cond:
             self._expire_locked()
-            self._put_locked(key, bytes(value), lease)
+            self._put_locked(key, args.value(value), lease)
             return self._revision
 
     def compare_and_set(self, key: str, expected_revision: Optional[int], value: bytes,
                         lease: int = 0) -> Tuple[bool, Optional[KeyValue]]:
+        args.key(key)
         with self._cond:
             self._expire_locked()
             current = self._data.get(key)
@@ -82,7 +85,7 @@ class MemoryStore(Store):
                 current is not None and current.mod_revision == expected_revision)
             if not matches:
                 return False, current
-            self._put_locked(key, bytes(value), lease)
+            self._put_locked(key, args.value(value), lease)
             return True, self._data[key]
 
     def delete(self, key: str) -> bool:
@@ -92,8 +95,7 @@ class MemoryStore(Store):
 
     # -- leases --------------------------------------------------------------------------
     def grant_lease(self, ttl_s: float) -> int:
-        if ttl_s <= 0:
-            raise ValueError("lease TTL must be positive")
+        ttl_s = args.ttl(ttl_s)
         with self._cond:
             self._expire_locked()
             lease_id = next(self._lease_ids)
