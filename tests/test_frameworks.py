@@ -364,9 +364,9 @@ def test_training_checkpoint_saves_on_sigterm_and_restores_at_another_world_size
 
 
 def test_closed_round_fence_reads_the_jobs_store():
+    from checkpoint.keras import _closed_round_fence
     from elastic.store import create_store
     from elastic.store.embedded_server import EmbeddedServer
-    from launchers.tensorflow import _closed_round_fence
 
     server = EmbeddedServer("127.0.0.1", 0, token="tok").start()
     store = create_store("embedded", f"127.0.0.1:{server.port}", token="tok")
@@ -389,6 +389,61 @@ def test_closed_round_fence_reads_the_jobs_store():
         server.stop()
 
 
+# -- where the checkpoint helpers live: checkpoint.keras, and launchers.tensorflow as before -------
+IMPORT_PATHS = textwrap.dedent("""
+    import sys
+    class NoKeras:  # as in an install without the tf extra
+        def find_spec(self, name, path=None, target=None):
+            if name.split('.')[0] in ('tensorflow', 'keras'):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name.split('.')[0])
+    sys.meta_path.insert(0, NoKeras())
+    import checkpoint.keras, launchers.tensorflow
+    from elastic.errors import MissingExtraError
+    from launchers.tensorflow import TrainingCheckpoint
+    assert TrainingCheckpoint is checkpoint.keras.TrainingCheckpoint
+    assert TrainingCheckpoint.__module__ == "checkpoint.keras"
+    for mod in (checkpoint.keras, launchers.tensorflow):
+        assert "ElasticCheckpoint" in dir(mod) and "ElasticCheckpoint" in mod.__all__
+        try:
+            mod.ElasticCheckpoint
+        except MissingExtraError as exc:
+            print("NEEDS", exc.__class__.__name__, "keras" in str(exc))
+    try:
+        launchers.tensorflow.NoSuchThing
+    except AttributeError as exc:
+        print("NONE", exc)
+    print("HEAVY", sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))
+""")
+
+
+def test_checkpoint_helpers_import_from_checkpoint_keras_and_the_old_path_without_keras():
+    res = subprocess.run([sys.executable, "-c", IMPORT_PATHS], capture_output=True, text=True, timeout=120,
+                         cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "NEEDS MissingExtraError True", "NEEDS MissingExtraError True",
+        "NONE module 'launchers.tensorflow' has no attribute 'NoSuchThing'", "HEAVY []"]
+
+
+def test_elastic_checkpoint_is_one_keras_callback_class_on_both_paths():
+    keras = require("keras")
+    import checkpoint.keras as ck
+    import launchers.tensorflow as ltf
+    from launchers.tensorflow import ElasticCheckpoint
+
+    assert ElasticCheckpoint is ck.ElasticCheckpoint is ltf.ElasticCheckpoint
+    assert issubclass(ElasticCheckpoint, keras.callbacks.Callback)
+    assert (ElasticCheckpoint.__module__, ElasticCheckpoint.__name__) == ("checkpoint.keras", "ElasticCheckpoint")
+    assert "BackupAndRestore" in ElasticCheckpoint.__doc__
+    cb = ElasticCheckpoint("/nowhere", every_steps=5)
+    assert (cb.every_epochs, cb._opts["every_steps"], cb.step, cb.ck) == (None, 5, 0, None)
+    assert ElasticCheckpoint("/nowhere").every_epochs == 1  # the default: every epoch
+    from elastic.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="every_epochs must be >= 1"):
+        ElasticCheckpoint("/nowhere", every_epochs=0)
+
+
 # -- ElasticCheckpoint(every_s=, every_epochs=): which steps a real Keras fit() saves ----------
 KERAS_FIT = textwrap.dedent("""
     import json, os, sys
@@ -396,7 +451,7 @@ KERAS_FIT = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
     from checkpoint import Checkpointer
-    from launchers.tensorflow import ElasticCheckpoint
+    from checkpoint.keras import ElasticCheckpoint
 
     for i, opts in enumerate(json.loads(sys.argv[2])):  # one TensorFlow start, a fit per config
         url = os.path.join(sys.argv[1], str(i))
