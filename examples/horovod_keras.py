@@ -7,7 +7,7 @@
 ``elastic-run`` sees ``import horovod`` and gives each worker ``horovodrun``'s environment for
 the round. Each worker trains on its shard of the data; gradients are averaged by Horovod's
 DistributedOptimizer over Gloo. After a membership change the workers restart and
-``launchers.tensorflow.ElasticCheckpoint`` resumes them from the newest checkpoint (rank 0
+``checkpoint.keras.ElasticCheckpoint`` resumes them from the newest checkpoint (rank 0
 writes it every ``--save-steps`` steps, at each epoch's end and on SIGTERM; every rank loads).
 """
 import argparse
@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from launchers.tensorflow import ElasticCheckpoint
+from checkpoint.keras import ElasticCheckpoint
 
 
 def data():

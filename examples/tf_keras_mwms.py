@@ -25,6 +25,8 @@ strategy = ltf.strategy()  # MultiWorkerMirroredStrategy for 2+ workers; first, 
 
 import keras  # noqa: E402  (after the strategy, as MultiWorkerMirroredStrategy requires)
 
+from checkpoint.keras import ElasticCheckpoint  # noqa: E402
+
 
 def data():
     x, y = load_digits(return_X_y=True)
@@ -87,7 +89,7 @@ def main():
     url = args.ckpt_dir or os.path.join(tempfile.gettempdir(), "tf_keras_digits",
                                         os.environ.get("TORCHELASTIC_RUN_ID", "local"))
     model.fit(xtr, ytr, batch_size=args.batch_size, epochs=args.epochs, shuffle=True, verbose=0,
-              callbacks=[ltf.ElasticCheckpoint(url, every_steps=args.save_steps),
+              callbacks=[ElasticCheckpoint(url, every_steps=args.save_steps),
                          Report(xte, yte, args.epochs), StepDelay(args.step_delay)])
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"final test accuracy {accuracy(model, xte, yte):.4f} world size {world}", flush=True)

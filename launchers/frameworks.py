@@ -9,19 +9,22 @@ Detection reads the script's import statements with :mod:`ast` (no import, no ex
 imports inside functions and ``if`` blocks count, docstrings and comments do not): Horovod wins
 over TensorFlow, which wins over PyTorch; anything else, or anything that cannot be read or
 parsed (``-m``, ``--no-python``, a syntax error), gets PyTorch's environment, which is
-harmless for the others.
+harmless for the others. The same reading, through the same table, says what the warm
+standbys import ahead of time (:func:`script_frameworks` gives both).
 """
 from __future__ import annotations
 
 import ast
 import logging
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 from elastic.errors import ConfigError
 from elastic.registry import Registry
 
 __all__ = ["FRAMEWORKS", "ADAPTERS", "register_adapter", "create_adapter", "detect_framework",
-           "resolve_framework", "framework_imports", "standby_preload"]
+           "resolve_framework", "framework_imports", "standby_preload", "ScriptFrameworks",
+           "script_frameworks", "frameworks_of"]
 
 log = logging.getLogger("elastic.launcher")
 
@@ -86,36 +89,64 @@ def _script_tree(script: Optional[str], warn: bool) -> Optional[ast.AST]:
         return None
 
 
+@dataclass(frozen=True)
+class ScriptFrameworks:
+    """What a script's imports say: the adapter it needs, and what its warm standbys import
+    ahead of time (the agent's fork server takes only the fork-safe ones)."""
+
+    framework: str = "torch"
+    preload: Tuple[str, ...] = ()
+
+
+# The one table both answers come from, most specific first: an import of the module or of
+# anything below it means (framework, preload; None: nothing to preload for it). Horovod's
+# framework halves are preloaded as such; our helpers mean their framework.
+_IMPORT_RULES: Tuple[Tuple[str, str, Optional[str]], ...] = (
+    ("horovod.torch", "horovod", "horovod.torch"),
+    ("horovod.tensorflow", "horovod", "horovod.tensorflow"),
+    ("horovod", "horovod", None),
+    ("launchers.horovod", "horovod", None),
+    ("tensorflow", "tensorflow", "tensorflow"),
+    ("keras", "tensorflow", "tensorflow"),
+    ("launchers.tensorflow", "tensorflow", "tensorflow"),
+    ("checkpoint.keras", "tensorflow", "tensorflow"),
+    ("torch", "torch", "torch"),
+)
+_PRECEDENCE = ("horovod", "tensorflow", "torch")  # Horovod runs on the other two
+
+
+def _rule(name: str) -> Optional[Tuple[str, Optional[str]]]:
+    for module, framework, preload in _IMPORT_RULES:
+        if name == module or name.startswith(module + "."):
+            return framework, preload
+    return None
+
+
+def frameworks_of(names: Sequence[str]) -> ScriptFrameworks:
+    """:class:`ScriptFrameworks` for dotted module names imported (as :func:`framework_imports`
+    gives them); anything unknown is PyTorch's, with nothing to preload."""
+    found = [r for r in (_rule(n) for n in names) if r is not None]
+    frameworks = {framework for framework, _ in found}
+    framework = next((f for f in _PRECEDENCE if f in frameworks), "torch")
+    return ScriptFrameworks(framework, tuple(dict.fromkeys(p for _, p in found if p)))
+
+
+def script_frameworks(script: Optional[str], *, warn: bool = True) -> ScriptFrameworks:
+    """What ``script``'s import statements say (``--framework auto`` and the standby preload):
+    one reading of the file, one table. Unreadable or unparsable (``warn``: say so): PyTorch's,
+    nothing to preload."""
+    return frameworks_of(_imports(_script_tree(script, warn)))
+
+
 def standby_preload(script: Optional[str]) -> Tuple[str, ...]:
     """What warm standbys should import ahead of time for ``script``: its frameworks, with
     Horovod's framework module and TensorFlow also when imported through Keras or our helpers."""
-    names = _imports(_script_tree(script, warn=False))
-    out = []
-    for name in names:
-        top = name.split(".")[0]
-        if top == "torch":
-            out.append("torch")
-        elif top in ("tensorflow", "keras") or name.startswith("launchers.tensorflow"):
-            out.append("tensorflow")
-        elif name.startswith(("horovod.torch", "horovod.tensorflow")):
-            out.append(".".join(name.split(".")[:2]))
-    return tuple(dict.fromkeys(out))
+    return script_frameworks(script, warn=False).preload
 
 
 def detect_framework(script: Optional[str]) -> str:
     """``horovod``, ``tensorflow`` or ``torch`` from what ``script`` imports (default torch)."""
-    tree = _script_tree(script, warn=True)
-    tops = set()
-    for name in _imports(tree):
-        parts = name.split(".")
-        tops.add(parts[0])
-        if parts[0] == "launchers" and len(parts) > 1:
-            tops.add(parts[1])  # launchers.horovod / launchers.tensorflow helpers
-    if "horovod" in tops:
-        return "horovod"
-    if "tensorflow" in tops or "keras" in tops:
-        return "tensorflow"
-    return "torch"
+    return script_frameworks(script).framework
 
 
 def resolve_framework(value: Optional[str], script: Optional[str]) -> str:

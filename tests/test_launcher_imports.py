@@ -37,3 +37,34 @@ def test_a_script_that_does_not_parse_falls_back_to_torch_with_a_warning(tmp_pat
         assert detect_framework(path) == "torch"
     assert "cannot parse" in caplog.text and "assumes torch" in caplog.text
     assert standby_preload(path) == ()
+
+
+@pytest.mark.parametrize("source, framework, preload", [
+    ("from checkpoint.keras import ElasticCheckpoint\n", "tensorflow", ("tensorflow",)),  # the callbacks' home
+    ("import launchers.tensorflow as ltf\nfrom checkpoint.keras import TrainingCheckpoint\n", "tensorflow",
+     ("tensorflow",)),
+    ("from launchers.horovod import init\nimport torch\n", "horovod", ("torch",)),
+    ("import horovod.tensorflow.keras as hvd\nimport keras\nimport numpy\n", "horovod",
+     ("horovod.tensorflow", "tensorflow")),
+    ("from horovod import torch as hvd\n", "horovod", ("horovod.torch",)),
+    ("import horovod\n", "horovod", ()),
+    ("import checkpoint\nimport launchers.cli\n", "torch", ()),  # our other packages say nothing
+    ("import torchvision\nimport kerasx\n", "torch", ()),  # a name's prefix is not its package
+])
+def test_detection_and_preload_come_from_one_reading(tmp_path, source, framework, preload):
+    from launchers.frameworks import ScriptFrameworks, frameworks_of, script_frameworks
+
+    path = script(tmp_path, source)
+    assert script_frameworks(path) == ScriptFrameworks(framework, preload)
+    assert (detect_framework(path), standby_preload(path)) == (framework, preload)
+    assert frameworks_of(framework_imports(source)) == ScriptFrameworks(framework, preload)
+
+
+def test_every_rule_names_a_known_framework_and_a_preload_the_agent_knows():
+    from elastic.agent.forkserver import FORK_SAFE_PRELOADS
+    from launchers.frameworks import _IMPORT_RULES, FRAMEWORKS
+
+    preloads = {p for _, _, p in _IMPORT_RULES if p}
+    assert {f for _, f, _ in _IMPORT_RULES} == set(FRAMEWORKS)
+    assert preloads == {"torch", "tensorflow", "horovod.torch", "horovod.tensorflow"}
+    assert FORK_SAFE_PRELOADS <= preloads  # the fork server's choice is made among these names
