@@ -12,7 +12,7 @@ rendezvous with the C10d backend over a TCPStore, as torchrun's ``--rdzv-backend
 Like with like: both sides get the same liveness setting (``--liveness-s``, default 15 s:
 our lease TTL, renewed every third of it; c10d's keep-alive every ``liveness/3`` s with
 ``keep_alive_max_attempt`` 3, its defaults). Our protocol parses each round value once per
-process (a memo in elastic/rendezvous/protocol.py shared by the threads of a process); a real
+process (a memo in elastic/rendezvous/state.py shared by the threads of a process); a real
 node is a process of its own, so each simulated node gets a memo of its own instead
 (``embedded_s_<N>``, ``etcd_s_<N>``: no node profits from another's parse), and the embedded
 side is also timed with the shared one (``embedded_shared_cache_s_<N>``, how this benchmark
@@ -54,13 +54,13 @@ _NODES_PER_PROCESS = 32
 # -- one simulation process ----------------------------------------------------------------
 def _no_shared_parse_cache() -> None:
     """Each simulated node keeps its own memo of parsed round values, as a node that is a
-    process of its own does, instead of the one memo that elastic/rendezvous/protocol.py keeps
-    per process (``_parse``/``_members`` are ``functools.wraps`` wrappers whose
-    ``__wrapped__`` is the plain function): a node still parses a value once, but no node
-    profits from another's parse."""
+    process of its own does, instead of the one memo that elastic/rendezvous/state.py keeps
+    per process (``_parse_round`` is a ``functools.wraps`` wrapper whose ``__wrapped__`` is
+    the plain function): a node still parses a value once, but no node profits from
+    another's parse."""
     import functools
 
-    from elastic.rendezvous import protocol
+    from elastic.rendezvous import state
 
     local = threading.local()
 
@@ -73,8 +73,7 @@ def _no_shared_parse_cache() -> None:
             return cached(value)
         return wrapper
 
-    for name in ("_parse", "_members"):
-        setattr(protocol, name, per_node(name, getattr(protocol, name).__wrapped__))
+    state._parse_round = per_node("_parse_round", state._parse_round.__wrapped__)
 
 
 def _join_ours(backend: str, endpoint: str, run_id: str, total: int, token: str, liveness_s: float):

@@ -16,14 +16,19 @@ import time
 from typing import Callable, Dict, Optional
 
 from .errors import ElasticError
+from .rendezvous.state import RoundState
 
-__all__ = ["WorkerLink", "MembershipChangedError"]
+__all__ = ["WorkerLink", "MembershipChangedError", "NoNewRoundError"]
 
 log = logging.getLogger("elastic.worker")
 
 
 class MembershipChangedError(ElasticError):
     """The job's membership changed: the workers must re-form (raised at ``commit()``)."""
+
+
+class NoNewRoundError(ElasticError, TimeoutError):
+    """The agent published no place for this worker in a newer round in time."""
 
 
 class WorkerLink:
@@ -87,7 +92,7 @@ class WorkerLink:
                     return news["env"]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"no new round for this worker within {timeout_s:.0f}s")
+                raise NoNewRoundError(f"no new round for this worker within {timeout_s:.0f}s")
             self.store.wait(key, kv.mod_revision if kv else self._revision(), timeout_s=min(remaining, 5.0))
 
     def _revision(self) -> int:
@@ -107,8 +112,8 @@ class WorkerLink:
         while not stop.is_set():
             try:
                 kv = self.store.get(key)
-                state = json.loads(kv.value) if kv else None
-                if state is None or state["generation"] != generation or state["state"] != "closed":
+                state = RoundState.from_json(kv.value) if kv else None
+                if state is None or state.generation != generation or not state.is_closed:
                     if stop.is_set():  # replaced by a newer round's watcher: its news, not ours
                         return
                     self._changed.set()

@@ -9,6 +9,7 @@ import pytest
 
 from elastic.rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RendezvousSettings,
                                 RendezvousTimeoutError, RestartBudgetExceededError)
+from elastic.rendezvous.state import ChangeReason
 from elastic.store import MemoryStore
 
 
@@ -86,7 +87,7 @@ def test_a_re_formation_closes_once_every_live_node_joined():
     second = join_all(hs[:2], first[:2])
     assert [r.num_nodes for r in second] == [2, 2] and second[0].generation == first[0].generation + 1
     # a node that is alive but has not joined yet is still waited for (up to the last call)
-    hs[1].request_new_round(second[1], "test", count_restart=False)
+    hs[1].request_new_round(second[1], "test", ChangeReason.REQUESTED)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(hs[0].next_round, second[0])
         with pytest.raises(TimeoutError):
@@ -111,7 +112,7 @@ def test_survivors_keep_their_order_and_newcomers_are_appended():
     hs[leaver].leave()  # clean leave: revokes the lease at once
     survivors = [n for n in order if n != leaver]
     reason = hs[survivors[0]].watch(first[survivors[0]], timeout_s=10)
-    assert reason and leaver in reason
+    assert (reason.reason, reason.node_id) == (ChangeReason.NODE_LEFT, leaver)
     second = dict(zip(survivors, join_all([hs[n] for n in survivors], [first[n] for n in survivors])))
     assert all(r.generation > first["a"].generation for r in second.values())
     assert list(second[survivors[0]].node_ids) == survivors  # same relative order
@@ -131,7 +132,8 @@ def test_a_node_that_stops_renewing_its_lease_is_dead():
     rounds = join_all(hs)
     hs[1]._closed.set()  # stop the heartbeat without leaving: a frozen or dead process
     reason = hs[0].watch(rounds[0], timeout_s=15)
-    assert reason == f"node {hs[1].node.node_id} left or died"
+    assert (reason.reason, reason.node_id, str(reason)) == (
+        ChangeReason.NODE_LEFT, hs[1].node.node_id, f"node {hs[1].node.node_id} left or died")
 
 
 def test_a_node_that_finished_is_not_a_scale_down():
@@ -164,14 +166,15 @@ def test_restart_budget_is_job_wide():
     store = MemoryStore()
     hs = [make(store, n, min_nodes=2, max_nodes=2, max_restarts=1) for n in "ab"]
     rounds = join_all(hs)
-    hs[0].request_new_round(rounds[0], "worker crashed", count_restart=True)
+    hs[0].request_new_round(rounds[0], "worker crashed", ChangeReason.WORKER_FAILED)
     assert hs[1].watch(rounds[1], timeout_s=5)
     rounds = join_all(hs, rounds)
     assert rounds[0].restart_count == 1 and rounds[0].generation == 2
     # the second failure, on the other node, exhausts the shared budget of 1
     with pytest.raises(RestartBudgetExceededError, match="restart budget exhausted"):
-        hs[1].request_new_round(rounds[1], "worker crashed again", count_restart=True)
-    assert "job failed" in hs[0].watch(rounds[0], timeout_s=5)
+        hs[1].request_new_round(rounds[1], "worker crashed again", ChangeReason.WORKER_FAILED)
+    change = hs[0].watch(rounds[0], timeout_s=5)
+    assert change.reason is ChangeReason.JOB_FAILED and "restart budget exhausted" in str(change)
     with pytest.raises(RendezvousClosedError):
         hs[0].next_round(rounds[0])
 
@@ -219,4 +222,4 @@ def test_a_failed_job_wakes_waiting_joiners_at_once():
     late = make(store, "c")
     with pytest.raises(RendezvousClosedError, match="worker 3 ran out of memory"):
         late.next_round()
-    assert late.job_failure() == "worker 3 ran out of memory"
+    assert late.ledger.job_failure() == "worker 3 ran out of memory"

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
 from elastic.rendezvous.protocol import LOST_PEER_REASON
+from elastic.rendezvous.state import ChangeReason
 from elastic.store import MemoryStore
 
 
@@ -40,7 +41,7 @@ def test_a_lost_peer_round_does_not_wait_for_a_silent_previous_node():
     a, b = make(store, "a", 0.2), make(store, "b", 0.2)
     with ThreadPoolExecutor(2) as pool:
         first = [f.result(30) for f in [pool.submit(a.next_round), pool.submit(b.next_round)]]
-    a.request_new_round(first[0], f"{LOST_PEER_REASON}: connection closed by peer", count_restart=False)
+    a.request_new_round(first[0], f"{LOST_PEER_REASON}: connection closed by peer", ChangeReason.LOST_PEER)
     second = a.next_round(first[0])  # b is alive (its lease runs) but never joins: dead, as far as we know
     assert second.node_ids == ("a",)
     for h in (a, b):

@@ -29,7 +29,8 @@ from ..net import free_port, free_port_range
 from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
                           Round)
 from ..rendezvous.protocol import LOST_PEER_REASON
-from .api import FrameworkAdapter, WorkerExit, WorkerSpec
+from ..rendezvous.state import ChangeReason, RoundChange, RoundState
+from .api import FrameworkAdapter, RunOutcome, RunResult, WorkerExit, WorkerSpec
 from .forkserver import FORK_SAFE_PRELOADS, ForkServer
 from .workers import StandbyPool, WorkerGroup
 
@@ -63,7 +64,7 @@ class ElasticAgent:
         self._group: Optional[WorkerGroup] = None
         self._standbys = None  # a ForkServer, or a StandbyPool where the framework is not fork-safe
         self._change = threading.Event()
-        self._change_reason = ""
+        self._change_seen: Optional[RoundChange] = None
         self._lost_peer_reason = ""  # an in-place worker's report that a collective lost a peer
         self._watch_stop = threading.Event()
         self._base_env = self._make_base_env()
@@ -106,17 +107,17 @@ class ElasticAgent:
         rnd = self._next_round(None)
         self._start_workers(rnd)
         while True:
-            outcome, detail = self._monitor(rnd)
-            if outcome == "succeeded":
+            result = self._monitor(rnd)
+            if result.outcome is RunOutcome.SUCCEEDED:
                 log.info("all %d local workers succeeded", self.spec.nproc_per_node)
                 self.handler.mark_done(rnd)
                 self._stop_workers()
                 self.handler.leave()
                 return 0
-            failure: Optional[WorkerExit] = detail if outcome == "failed" else None
+            failure = result.failure
             in_place = self._workers_recover_in_place(exclude=[failure.local_rank] if failure else [])
-            if outcome == "lost_peer" or (failure and self._lost_a_peer(rnd, failure)):
-                code = self._on_lost_peer(rnd, failure.describe() if failure else detail, failure, in_place)
+            if result.outcome is RunOutcome.LOST_PEER or (failure and self._lost_a_peer(rnd, failure)):
+                code = self._on_lost_peer(rnd, result.describe(), failure, in_place)
                 if code is not None:
                     return code
                 continue
@@ -126,14 +127,13 @@ class ElasticAgent:
                 if not in_place:
                     self._stop_workers()
                 try:
-                    self.handler.request_new_round(rnd, failure.describe(), count_restart=True)
+                    self.handler.request_new_round(rnd, failure.describe(), ChangeReason.WORKER_FAILED)
                 except RestartBudgetExceededError as exc:
                     return self._fail(str(exc))
             else:  # the round changed
-                reason: str = detail
-                if reason.startswith("job failed"):
-                    return self._fail(reason)
-                log.warning("membership changed: %s", reason)
+                if result.change.reason is ChangeReason.JOB_FAILED:
+                    return self._fail(str(result.change))
+                log.warning("membership changed: %s", result.change)
                 if not in_place:
                     self._stop_workers()
             rnd = self._next_round(rnd)
@@ -150,9 +150,9 @@ class ElasticAgent:
         log.warning("a worker lost a peer (%s); opening the next round", why)
         if not in_place:
             self._stop_workers()
-        opened = self.handler.request_new_round(rnd, f"{LOST_PEER_REASON}: {why}", count_restart=False)
+        opened = self.handler.request_new_round(rnd, f"{LOST_PEER_REASON}: {why}", ChangeReason.LOST_PEER)
         nxt = self._next_round(rnd)
-        if opened and set(rnd.node_ids) <= set(nxt.node_ids) and not self.handler.failures_of(rnd.generation):
+        if opened and set(rnd.node_ids) <= set(nxt.node_ids) and not self.handler.ledger.failures_of(rnd.generation):
             if failure:
                 self._report_failure(rnd, failure)
             try:
@@ -183,7 +183,7 @@ class ElasticAgent:
 
     def _joining_a_running_job(self) -> bool:
         kv = self.handler.store.get(self.handler.keys.round())
-        return kv is not None and json.loads(kv.value).get("state") == "closed"
+        return kv is not None and RoundState.from_json(kv.value).is_closed
 
     # -- in-process recovery (@elastic.run workers) -------------------------------------
     def _workers_recover_in_place(self, exclude: List[int]) -> bool:
@@ -304,7 +304,7 @@ class ElasticAgent:
     def _restart_watch(self, rnd: Round) -> None:
         self._watch_stop.set()
         self._change.clear()
-        self._change_reason = ""
+        self._change_seen = None
         self._lost_peer_reason = ""
         self._watch_stop = threading.Event()
         threading.Thread(target=self._watch, args=(rnd, self._watch_stop), name="rdzv-watch",
@@ -345,31 +345,31 @@ class ElasticAgent:
     def _watch(self, rnd: Round, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                reason = self.handler.watch(rnd, timeout_s=1.0)
+                change = self.handler.watch(rnd, timeout_s=1.0)
             except Exception as exc:  # a store hiccup: keep watching, the lease decides liveness
                 if stop.is_set():
                     return
                 log.warning("watching the round failed: %s", exc)
                 stop.wait(0.5)
                 continue
-            if reason and not stop.is_set():
-                self._change_reason = reason
+            if change and not stop.is_set():
+                self._change_seen = change
                 self._change.set()
                 return
 
-    def _monitor(self, rnd: Round):
+    def _monitor(self, rnd: Round) -> RunResult:
         group = self._group
         while True:
             group.kill_stopped()  # a SIGSTOPped worker hangs its peers: treat it as dead
             exits = group.poll()
             failed = [e for e in exits if e.returncode != 0]
             if failed:
-                return "failed", failed[0]
+                return RunResult(RunOutcome.FAILED, failure=failed[0])
             if exits and len(exits) == len(group.workers) and all(e.returncode == 0 for e in exits):
-                return "succeeded", None
+                return RunResult(RunOutcome.SUCCEEDED)
             if self._change.wait(self.monitor_interval_s):
-                if self._change_reason or not self._lost_peer_reason:
-                    return "changed", self._change_reason
+                if self._change_seen is not None or not self._lost_peer_reason:
+                    return RunResult(RunOutcome.ROUND_CHANGED, change=self._change_seen)
                 # A local worker's death also breaks its peers' connections: a failure seen
                 # within a monitor interval is that (charged), not another node's loss.
                 deadline = time.monotonic() + self.monitor_interval_s
@@ -377,12 +377,12 @@ class ElasticAgent:
                     time.sleep(self.monitor_interval_s / 4)
                 failed = [e for e in group.poll() if e.returncode != 0]
                 if failed:
-                    return "failed", failed[0]
-                return "lost_peer", self._lost_peer_reason
+                    return RunResult(RunOutcome.FAILED, failure=failed[0])
+                return RunResult(RunOutcome.LOST_PEER, lost_peer=self._lost_peer_reason)
 
     # -- failures --------------------------------------------------------------------------
     def _report_failure(self, rnd: Round, failure: WorkerExit) -> None:
-        self.handler.report_failure(rnd, {
+        self.handler.ledger.report_failure(rnd.generation, {
             "rank": failure.rank, "local_rank": failure.local_rank, "pid": failure.pid,
             "returncode": failure.returncode, "host": rnd.node.host, "node_rank": rnd.node_rank,
             "time": time.time(), "describe": failure.describe(),
@@ -390,7 +390,7 @@ class ElasticAgent:
         })
 
     def _print_failure_summary(self, reason: str) -> None:
-        first = self.handler.first_failure()
+        first = self.handler.ledger.first_failure()
         lines = ["", "=" * 72, f"elastic-run: job {self.settings.run_id!r} failed: {reason}"]
         if first:
             lines.append(f"first failure: {first['describe']} on node {first['node_rank']} "

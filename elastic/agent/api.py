@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import signal as _signal
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Mapping, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, ElasticError
+from ..rendezvous.state import RoundChange
 
-__all__ = ["WorkerSpec", "WorkerExit", "AgentError", "FrameworkAdapter"]
+__all__ = ["WorkerSpec", "WorkerExit", "AgentError", "FrameworkAdapter", "RunOutcome", "RunResult"]
 
 
 class AgentError(ElasticError):
@@ -93,3 +95,27 @@ class WorkerExit:
         else:
             how = f"exited with code {self.returncode}"
         return f"rank {self.rank} (local rank {self.local_rank}, pid {self.pid}) {how}"
+
+
+class RunOutcome(str, Enum):
+    """How a round ended for this node's workers, as the agent's monitor saw it."""
+
+    SUCCEEDED = "succeeded"  # every local worker exited 0
+    FAILED = "failed"  # a local worker failed (a restart is charged unless a peer was lost)
+    ROUND_CHANGED = "round_changed"  # the membership changed (a node joined, left or died)
+    LOST_PEER = "lost_peer"  # an in-place worker reported that a collective lost a peer
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What :meth:`ElasticAgent._monitor` returns (torch's ``RunResult``, with the cause)."""
+
+    outcome: RunOutcome
+    failure: Optional[WorkerExit] = None  # FAILED
+    change: Optional[RoundChange] = None  # ROUND_CHANGED
+    lost_peer: str = ""  # LOST_PEER: the worker's report
+
+    def describe(self) -> str:
+        if self.failure is not None:
+            return self.failure.describe()
+        return str(self.change) if self.change is not None else self.lost_peer

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, ElasticError, UserError
 
 __all__ = [
-    "RendezvousSettings", "NodeInfo", "Round",
+    "RendezvousSettings", "NodeInfo", "NodeTable", "Round",
     "RendezvousError", "RendezvousTimeoutError", "RendezvousClosedError", "RestartBudgetExceededError",
 ]
 
@@ -92,16 +92,89 @@ class NodeInfo:
                    aux_port=int(data.get("aux_port", 0)))
 
 
+class NodeTable(Sequence[NodeInfo]):
+    """A closed round's nodes in rank order, built from its rows only as far as they are read.
+
+    Every node of an N-node job reads the round when it closes; each needs its own rank and
+    the world size, not N :class:`NodeInfo` records (N^2 records across a 1024-node job).
+    """
+
+    __slots__ = ("_rows", "_nodes", "_ranks")
+
+    def __init__(self, rows: Sequence[Sequence[Any]]) -> None:
+        self._rows = tuple(tuple(r) for r in rows)
+        self._nodes: Dict[int, NodeInfo] = {}
+        self._ranks: Optional[Dict[str, int]] = None
+
+    @classmethod
+    def of(cls, nodes: Sequence[NodeInfo]) -> "NodeTable":
+        if isinstance(nodes, NodeTable):
+            return nodes
+        table = cls([n.to_row() for n in nodes])
+        table._nodes = dict(enumerate(nodes))
+        return table
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return tuple(self[i] for i in range(*index.indices(len(self._rows))))
+        if index < 0:
+            index += len(self._rows)
+        node = self._nodes.get(index)
+        if node is None:
+            node = self._nodes[index] = NodeInfo.from_row(list(self._rows[index]))
+        return node
+
+    def __iter__(self) -> Iterator[NodeInfo]:
+        return (self[i] for i in range(len(self._rows)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, NodeTable):
+            return self._rows == other._rows
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._rows)
+
+    def __repr__(self) -> str:
+        return f"NodeTable({list(self)!r})"
+
+    @property
+    def rows(self) -> Tuple[Tuple[Any, ...], ...]:
+        return self._rows
+
+    def ids(self) -> Tuple[str, ...]:
+        return tuple(str(r[0]) for r in self._rows)
+
+    def rank_of(self, node_id: str) -> Optional[int]:
+        if self._ranks is None:
+            self._ranks = {str(r[0]): i for i, r in enumerate(self._rows)}
+        return self._ranks.get(node_id)
+
+    def nproc_before(self, rank: int) -> int:
+        return sum(int(r[2]) for r in self._rows[:rank])
+
+    def nproc_total(self) -> int:
+        return self.nproc_before(len(self._rows))
+
+
 @dataclass(frozen=True)
 class Round:
     """A closed round: its generation (fencing token), its nodes in rank order, and us."""
 
     generation: int
-    nodes: Tuple[NodeInfo, ...]
+    nodes: "NodeTable"  # a tuple of NodeInfo is accepted and wrapped
     node_rank: int
     restart_count: int = 0
     revision: int = 0  # store revision at which the round closed; changes are watched after it
     max_nodes: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nodes", NodeTable.of(self.nodes))
 
     @property
     def node(self) -> NodeInfo:
@@ -113,12 +186,12 @@ class Round:
 
     @property
     def world_size(self) -> int:
-        return sum(n.nproc for n in self.nodes)
+        return self.nodes.nproc_total()
 
     @property
     def rank_offset(self) -> int:
         """Global rank of this node's local rank 0."""
-        return sum(n.nproc for n in self.nodes[: self.node_rank])
+        return self.nodes.nproc_before(self.node_rank)
 
     @property
     def master_addr(self) -> str:
@@ -130,4 +203,4 @@ class Round:
 
     @property
     def node_ids(self) -> Tuple[str, ...]:
-        return tuple(n.node_id for n in self.nodes)
+        return self.nodes.ids()

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from ..errors import ConfigError
+
 __all__ = ["JobKeys"]
 
 
@@ -35,7 +37,7 @@ class JobKeys:
         """The keys of the job whose prefix is ``prefix`` (``ELASTIC_RUN_PREFIX`` of a worker)."""
         head, _, rest = prefix.strip("/").partition("/")
         if head != "elastic" or not rest:
-            raise ValueError(f"not a job's key prefix: {prefix!r}")
+            raise ConfigError(f"not a job's key prefix: {prefix!r}")
         return cls(rest)
 
     @property

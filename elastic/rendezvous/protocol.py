@@ -11,7 +11,6 @@ learns at once without polling ``status``.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
@@ -19,52 +18,23 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from ..store import KeyValue, LeaseNotFoundError, Store, StoreCompactedError, StoreError, StoreUnavailableError
-from .keys import JobKeys
-from .api import (NodeInfo, RendezvousClosedError, RendezvousSettings, RendezvousTimeoutError,
+from .api import (NodeInfo, NodeTable, RendezvousClosedError, RendezvousSettings, RendezvousTimeoutError,
                   RestartBudgetExceededError, Round)
+from .keys import JobKeys
+from .ledger import JobLedger
+from .state import ChangeReason, RoundChange, RoundState, RoundStatus, dumps
 
 __all__ = ["RendezvousHandler"]
 
 log = logging.getLogger("elastic.rendezvous")
 
 
-def _dumps(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+def _state(kv: Optional[KeyValue]) -> Optional[RoundState]:
+    """The round ``kv`` holds (parsed once per value in a process; immutable)."""
+    return None if kv is None else RoundState.from_json(kv.value)
 
 
-def _loads(kv: Optional[KeyValue]):
-    """The parsed value of ``kv``; shared between callers, so treat it as read-only."""
-    return None if kv is None else _parse(kv.value)
-
-
-def _memoized(func):
-    """``lru_cache`` that computes each value once even when many threads ask at one moment
-    (as every joiner does when the round closes); ``lru_cache`` alone lets them all miss."""
-    cached = functools.lru_cache(maxsize=8)(func)
-    lock = threading.Lock()
-
-    @functools.wraps(func)
-    def wrapper(value: bytes):
-        with lock:
-            return cached(value)
-    return wrapper
-
-
-@_memoized
-def _parse(value: bytes):
-    # Every node of a job reads the same round values; agents sharing a host (and the
-    # simulated nodes of the benchmark) parse each one once.
-    return json.loads(value)
-
-
-@_memoized
-def _members(value: bytes) -> Tuple[Tuple[NodeInfo, ...], Dict[str, int]]:
-    """A closed round's nodes in rank order, and each node id's rank."""
-    nodes = tuple(NodeInfo.from_row(row) for row in _parse(value)["nodes"])  # parsed once, by _parse
-    return nodes, {node.node_id: rank for rank, node in enumerate(nodes)}
-
-
-# How a round opened because a collective lost a peer begins its reason (the agent's words).
+# How the reason of a round opened because a collective lost a peer begins (the agent's words).
 LOST_PEER_REASON = "a worker lost a peer"
 # How long past the last call a re-forming round waits for a previous node that is alive but
 # has not joined yet (stopping its workers: SIGTERM, a final save, SIGKILL after 5 s).
@@ -82,12 +52,13 @@ class RendezvousHandler:
         self.settings = settings
         self.node = node
         self.keys = JobKeys(settings.run_id)
+        self.ledger = JobLedger(store, self.keys)
         self.prefix = self.keys.prefix
         self._round_key = self.keys.round()
         self._closed = threading.Event()
         self._opened_generation = 0  # the last round this node opened: it coordinates that one
         self._lease = store.grant_lease(settings.lease_ttl_s)
-        store.put(self.keys.alive(node.node_id), _dumps(node.to_json()), lease=self._lease)
+        store.put(self.keys.alive(node.node_id), dumps(node.to_json()), lease=self._lease)
         self._heartbeat = threading.Thread(target=self._beat, name="rdzv-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -112,24 +83,23 @@ class RendezvousHandler:
                 try:
                     kv = self.store.get(self._round_key)
                     unavailable_since = None
-                    state = _loads(kv)
+                    state = _state(kv)
                     if state is None:
-                        ok, _ = self.store.compare_and_set(self._round_key, None, _dumps(
-                            {"generation": 1, "state": "open", "prev_nodes": []}))
-                        if ok:
+                        first = RoundState(1, RoundStatus.OPEN)
+                        if self.store.compare_and_set(self._round_key, None, first.to_json())[0]:
                             self._opened_generation = 1
                         continue
-                    gen = state["generation"]
-                    if state["state"] == "failed":
-                        raise RendezvousClosedError(f"job failed: {state.get('reason', 'unknown')}")
-                    if state["state"] == "closed":
+                    gen = state.generation
+                    if state.is_failed:
+                        raise RendezvousClosedError(f"job failed: {state.reason or 'unknown'}")
+                    if state.is_closed:
                         mine = prev is not None and prev.generation == gen
-                        if mine or len(state["nodes"]) < self.settings.max_nodes:
+                        if mine or len(state.nodes) < self.settings.max_nodes:
                             # We ran in it and need a new one, or it has room: open the next round.
                             self._open_next(kv, state)
                             continue
                         if not announced_waiting:
-                            log.info("round %d is full (%d nodes); waiting for a place", gen, len(state["nodes"]))
+                            log.info("round %d is full (%d nodes); waiting for a place", gen, len(state.nodes))
                             self.store.put(self.keys.waiting(self.node.node_id), b"1", lease=self._lease)
                             announced_waiting = True
                         if not self.store.wait(self._round_key, kv.mod_revision, timeout_s=self._poll_s(deadline)):
@@ -151,7 +121,7 @@ class RendezvousHandler:
             if announced_waiting:
                 self.store.delete(self.keys.waiting(self.node.node_id))
 
-    def watch(self, rnd: Round, timeout_s: float) -> Optional[str]:
+    def watch(self, rnd: Round, timeout_s: float) -> Optional[RoundChange]:
         """Block up to ``timeout_s`` for a change that ends ``rnd``; returns why, or None."""
         reason, rev = self._check(rnd)
         if reason:
@@ -174,22 +144,23 @@ class RendezvousHandler:
                     return reason
         return None
 
-    def request_new_round(self, rnd: Round, reason: str, count_restart: bool) -> bool:
-        """End ``rnd`` so that every node re-rendezvouses; a failure spends the restart budget.
+    def request_new_round(self, rnd: Round, reason: str, cause: ChangeReason) -> bool:
+        """End ``rnd`` so that every node re-rendezvouses; a worker's failure
+        (:attr:`ChangeReason.WORKER_FAILED`) spends the restart budget, nothing else does.
 
         Returns whether this call opened the next round (another node may have been first).
         """
-        if count_restart:
+        if cause is ChangeReason.WORKER_FAILED:
             self.charge_restart(reason)
         kv = self.store.get(self._round_key)
-        state = _loads(kv)
-        if state and state["generation"] == rnd.generation and state["state"] == "closed":
-            return self._open_next(kv, state, reason)
+        state = _state(kv)
+        if state and state.generation == rnd.generation and state.is_closed:
+            return self._open_next(kv, state, reason, cause)
         return False
 
     def charge_restart(self, reason: str) -> None:
         """Spend one restart of the job-wide budget; past it, fail the job and raise."""
-        count = self._add_restart()
+        count = self.ledger.add_restart()
         if count > self.settings.max_restarts:
             msg = f"restart budget exhausted ({self.settings.max_restarts} restarts) after: {reason}"
             self.fail(msg)
@@ -200,45 +171,18 @@ class RendezvousHandler:
         """Record that this node's workers succeeded, so its leaving is not a scale-down."""
         self.store.put(self.keys.done(rnd.generation, self.node.node_id), b"1")
 
-    def report_failure(self, rnd: Round, record: dict) -> None:
-        """Publish a worker failure so any node can name the first failing rank."""
-        self.store.put(self.keys.failures(rnd.generation, record["rank"]), _dumps(record))
-
-    def failures_of(self, generation: int) -> List[dict]:
-        """The worker failures reported in round ``generation``."""
-        kvs, _ = self.store.get_prefix(self.keys.failures(generation))
-        return [json.loads(kv.value) for kv in kvs]
-
-    def first_failure(self) -> Optional[dict]:
-        """The earliest failure of the latest round that had any (the one that ended the job)."""
-        kvs, _ = self.store.get_prefix(self.keys.failures())
-        if not kvs:
-            return None
-        last_gen = max(kv.key.split("/")[-2] for kv in kvs)
-        records = [json.loads(kv.value) for kv in kvs if kv.key.split("/")[-2] == last_gen]
-        return min(records, key=lambda r: r["time"])
-
     def fail(self, reason: str) -> None:
         """Fail the job for every node: the status record, then the round every node waits on."""
-        self.store.put(self.keys.status(), _dumps({"failed": reason}))
+        self.ledger.mark_failed(reason)
         while True:
             kv = self.store.get(self._round_key)
-            state = _loads(kv)
-            if state is not None and state["state"] == "failed":
+            state = _state(kv)
+            if state is not None and state.is_failed:
                 return
-            failed = {"generation": state["generation"] + 1 if state else 1, "state": "failed",
-                      "reason": reason}
+            failed = RoundState(state.generation + 1 if state else 1, RoundStatus.FAILED, reason=reason)
             if self.store.compare_and_set(self._round_key, kv.mod_revision if kv else None,
-                                          _dumps(failed))[0]:
+                                          failed.to_json())[0]:
                 return
-
-    def job_failure(self) -> Optional[str]:
-        status = _loads(self.store.get(self.keys.status()))
-        return status.get("failed") if status else None
-
-    def restart_count(self) -> int:
-        kv = self.store.get(self.keys.restarts())
-        return int(kv.value) if kv else 0
 
     def leave(self) -> None:
         """Leave cleanly: revoking the lease deletes our keys, so peers rescale at once."""
@@ -261,10 +205,10 @@ class RendezvousHandler:
         try for the coordinator key (and re-check the job status and their join key) only
         when a wait times out.
         """
-        gen = _loads(kv)["generation"]
+        gen = _state(kv).generation
         join_prefix = self.keys.join(gen)
         coordinator_key = self.keys.coordinator(gen)
-        info = _dumps({**self.node.to_json(), "prev_gen": prev.generation if prev else None})
+        info = dumps({**self.node.to_json(), "prev_gen": prev.generation if prev else None})
         self.store.put(join_prefix + self.node.node_id, info, lease=self._lease)
         first = True
         while True:
@@ -272,11 +216,12 @@ class RendezvousHandler:
             if kv is None:  # after a timeout or a coordinator's pass: look again
                 self._raise_if_failed()
                 kv = self.store.get(self._round_key)
-            state = _loads(kv)
-            if state is None or state["generation"] != gen or state["state"] != "open":
-                if state and state["generation"] == gen and state["state"] == "closed":
-                    if self.node.node_id in _members(kv.value)[1]:
-                        return self._round_from(state, kv)
+            state = _state(kv)
+            if state is None or state.generation != gen or not state.is_open:
+                if state and state.generation == gen and state.is_closed:
+                    rank = state.nodes.rank_of(self.node.node_id)
+                    if rank is not None:
+                        return self._round_from(state, rank, kv)
                 return None  # superseded, or closed without us: start over
             if not first and self.store.get(join_prefix + self.node.node_id) is None:
                 # Our join key vanished (lease lost while paused): join again.
@@ -325,8 +270,8 @@ class RendezvousHandler:
             self._check_deadline(gen, deadline)
             if kv is None:  # re-read only after a timeout or a lost close: one round trip per
                 kv = self.store.get(self._round_key)  # event batch keeps a 1024-node join fast
-                state = _loads(kv)
-                if state is None or state["generation"] != gen or state["state"] != "open":
+                state = _state(kv)
+                if state is None or state.generation != gen or not state.is_open:
                     return
             now = time.monotonic()
             n = len(joins)
@@ -336,9 +281,9 @@ class RendezvousHandler:
                 min_reached_at = now
             joined = {k[len(join_prefix):] for k in joins}
             living = {k[len(alive_prefix):] for k in alive}
-            prev = set(state.get("prev_nodes") or ())
+            prev = set(state.prev_nodes)
             everyone = bool(prev) and n >= settings.min_nodes and living <= joined
-            patient = not str(state.get("reason", "")).startswith(LOST_PEER_REASON)
+            patient = state.cause is not ChangeReason.LOST_PEER
             last_call_over = min_reached_at is not None and now - min_reached_at >= settings.last_call_s
             awaited = (patient and bool((prev & living) - joined)
                        and now - (min_reached_at or now) < settings.last_call_s + REJOIN_GRACE_S)
@@ -379,8 +324,8 @@ class RendezvousHandler:
                 f"round {gen} did not close within {self.settings.join_timeout_s:.0f}s "
                 f"(need {self.settings.min_nodes} node(s) for job {self.settings.run_id!r})")
 
-    def _close(self, kv: KeyValue, state: dict, joins: List[KeyValue]) -> None:
-        prev_order = {node_id: i for i, node_id in enumerate(state.get("prev_nodes", []))}
+    def _close(self, kv: KeyValue, state: RoundState, joins: List[KeyValue]) -> None:
+        prev_order = {node_id: i for i, node_id in enumerate(state.prev_nodes)}
         infos = [json.loads(j.value) for j in joins]  # already in join order
 
         def order(item: Tuple[int, dict]):
@@ -393,32 +338,25 @@ class RendezvousHandler:
 
         ranked = [info for _, info in sorted(enumerate(infos), key=order)]
         chosen = ranked[: self.settings.max_nodes]
-        closed = {
-            "generation": state["generation"],
-            "state": "closed",
-            "nodes": [NodeInfo.from_json(i).to_row() for i in chosen],
-            "restart_count": self.restart_count(),
-        }
-        ok, _ = self.store.compare_and_set(self._round_key, kv.mod_revision, _dumps(closed))
+        closed = RoundState(state.generation, RoundStatus.CLOSED,
+                            nodes=NodeTable.of([NodeInfo.from_json(i) for i in chosen]),
+                            restart_count=self.ledger.restart_count())
+        ok, _ = self.store.compare_and_set(self._round_key, kv.mod_revision, closed.to_json())
         if ok:
-            log.info("round %d closed with %d node(s)", state["generation"], len(chosen))
+            log.info("round %d closed with %d node(s)", state.generation, len(chosen))
 
-    def _open_next(self, kv: KeyValue, state: dict, reason: str = "") -> bool:
-        nodes = [row[0] for row in state.get("nodes", [])] if state["state"] == "closed" else []
-        nxt = {"generation": state["generation"] + 1, "state": "open", "prev_nodes": nodes}
-        if reason:
-            nxt["reason"] = reason
-        ok, _ = self.store.compare_and_set(self._round_key, kv.mod_revision, _dumps(nxt))
+    def _open_next(self, kv: KeyValue, state: RoundState, reason: str = "",
+                   cause: Optional[ChangeReason] = None) -> bool:
+        nxt = state.opened_next(reason, cause)
+        ok, _ = self.store.compare_and_set(self._round_key, kv.mod_revision, nxt.to_json())
         if ok:
-            self._opened_generation = nxt["generation"]
-            log.info("opened round %d%s", nxt["generation"], f" ({reason})" if reason else "")
+            self._opened_generation = nxt.generation
+            log.info("opened round %d%s", nxt.generation, f" ({reason})" if reason else "")
         return ok
 
-    def _round_from(self, state: dict, kv: KeyValue) -> Round:
-        nodes, ranks = _members(kv.value)
-        rank = ranks[self.node.node_id]
-        return Round(generation=state["generation"], nodes=nodes, node_rank=rank,
-                     restart_count=int(state.get("restart_count", 0)), revision=kv.mod_revision,
+    def _round_from(self, state: RoundState, rank: int, kv: KeyValue) -> Round:
+        return Round(generation=state.generation, nodes=state.nodes, node_rank=rank,
+                     restart_count=state.restart_count, revision=kv.mod_revision,
                      max_nodes=self.settings.max_nodes)
 
     # -- watching --------------------------------------------------------------------------
@@ -426,29 +364,32 @@ class RendezvousHandler:
         k = self.keys
         return key in (k.round(), k.status()) or key.startswith((k.alive(), k.waiting()))
 
-    def _check(self, rnd: Round) -> Tuple[Optional[str], int]:
+    def _check(self, rnd: Round) -> Tuple[Optional[RoundChange], int]:
         """Why ``rnd`` is over (None while it holds), and the revision that was read."""
         kvs, rev = self.store.get_prefix(self.prefix)
         return self._why_over(rnd, kvs), rev
 
-    def _why_over(self, rnd: Round, kvs: List[KeyValue]) -> Optional[str]:
+    def _why_over(self, rnd: Round, kvs: List[KeyValue]) -> Optional[RoundChange]:
         k = self.keys
         by_key: Dict[str, KeyValue] = {kv.key: kv for kv in kvs}
-        status = _loads(by_key.get(k.status()))
+        status_kv = by_key.get(k.status())
+        status = json.loads(status_kv.value) if status_kv is not None else None
         if status and status.get("failed"):
-            return f"job failed: {status['failed']}"
-        state = _loads(by_key.get(k.round()))
-        if state is None or state["generation"] != rnd.generation:
-            return f"round {rnd.generation} ended" + (
-                f" ({state['reason']})" if state and state.get("reason") else "")
+            return RoundChange(ChangeReason.JOB_FAILED, f"job failed: {status['failed']}")
+        state = _state(by_key.get(k.round()))
+        if state is None or state.generation != rnd.generation:
+            if state is not None and state.is_failed:
+                return RoundChange(ChangeReason.JOB_FAILED, f"job failed: {state.reason or 'unknown'}")
+            return RoundChange(ChangeReason.ROUND_ENDED, f"round {rnd.generation} ended" + (
+                f" ({state.reason})" if state and state.reason else ""), cause=state and state.cause)
         for node_id in rnd.node_ids:
             if k.alive(node_id) not in by_key and k.done(rnd.generation, node_id) not in by_key:
-                return f"node {node_id} left or died"
+                return RoundChange(ChangeReason.NODE_LEFT, f"node {node_id} left or died", node_id)
         if rnd.num_nodes < self.settings.max_nodes:
             waiting = [key[len(k.waiting()):] for key in by_key if key.startswith(k.waiting())]
             waiting = [node_id for node_id in waiting if node_id not in rnd.node_ids]
             if waiting:
-                return f"node {waiting[0]} is waiting to join"
+                return RoundChange(ChangeReason.NODE_WAITING, f"node {waiting[0]} is waiting to join", waiting[0])
         return None
 
     # -- helpers ---------------------------------------------------------------------------
@@ -456,18 +397,9 @@ class RendezvousHandler:
         return max(0.0, min(deadline - time.monotonic(), self.settings.lease_ttl_s / 2))
 
     def _raise_if_failed(self) -> None:
-        reason = self.job_failure()
+        reason = self.ledger.job_failure()
         if reason:
             raise RendezvousClosedError(f"job failed: {reason}")
-
-    def _add_restart(self) -> int:
-        key = self.keys.restarts()
-        while True:
-            kv = self.store.get(key)
-            count = (int(kv.value) if kv else 0) + 1
-            ok, _ = self.store.compare_and_set(key, kv.mod_revision if kv else None, str(count).encode())
-            if ok:
-                return count
 
     def _beat(self) -> None:
         """Renew the lease every third of its TTL; after a failed renewal try again soon, not a
@@ -486,7 +418,7 @@ class RendezvousHandler:
                 log.warning("rendezvous lease expired; rejoining with a new one")
                 try:
                     self._lease = self.store.grant_lease(self.settings.lease_ttl_s)
-                    self.store.put(self.keys.alive(self.node.node_id), _dumps(self.node.to_json()),
+                    self.store.put(self.keys.alive(self.node.node_id), dumps(self.node.to_json()),
                                    lease=self._lease)
                 except StoreError as exc:
                     log.warning("rendezvous heartbeat could not rejoin: %s", exc)
