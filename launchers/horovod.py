@@ -34,6 +34,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from elastic.lazy import require
 from elastic.agent import FrameworkAdapter
 from elastic.errors import ConfigError
+from elastic.world import World
 
 from .errors import LauncherError
 
@@ -304,6 +305,14 @@ def _pick_module(framework: Optional[str]) -> str:
     return "horovod.torch"
 
 
+def _launched_without_horovod(env: Mapping[str, str]) -> bool:
+    """torchrun's variables (``elastic-run`` without the Horovod adapter) place this worker in a
+    world of several, and Horovod's are absent: ``hvd.init()`` would make it a world of one."""
+    if "HOROVOD_RANK" in env or "RANK" not in env or "WORLD_SIZE" not in env:
+        return False
+    return World.detect(env).world_size > 1
+
+
 def init(framework: Optional[str] = None, **kwargs):
     """``hvd.init()`` for this round; returns the Horovod module (``hvd``).
 
@@ -313,8 +322,7 @@ def init(framework: Optional[str] = None, **kwargs):
     by ``elastic-run`` without the Horovod adapter (``RANK`` set, ``HOROVOD_RANK`` not) is an
     error: every rank would believe it is alone.
     """
-    env = os.environ
-    if "RANK" in env and "HOROVOD_RANK" not in env and env.get("WORLD_SIZE", "1") != "1":
+    if _launched_without_horovod(os.environ):
         raise HorovodError("this worker was launched without Horovod's environment: run it with "
                            "`elastic-run --framework horovod` (or let --framework auto see `import horovod`)")
     hvd = require(_pick_module(framework), "launchers.horovod.init")

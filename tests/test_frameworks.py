@@ -225,6 +225,24 @@ def test_a_fresh_local_rank_zero_swaps_horovod_ranks_with_the_lowest_survivor():
         adapter.close()
 
 
+@pytest.mark.parametrize("env, refused", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, True),  # elastic-run without the Horovod adapter
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}, True),
+    ({"RANK": "0", "WORLD_SIZE": "1"}, False),  # alone anyway
+    ({"RANK": "1", "WORLD_SIZE": "2", "HOROVOD_RANK": "1", "HOROVOD_SIZE": "2"}, False),  # the adapter's
+    ({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2"}, False),  # horovodrun
+    ({"RANK": "0"}, False),  # no world size: a world of one
+    ({}, False),  # a plain python script.py
+])
+def test_horovod_init_reads_the_world_to_tell_a_worker_launched_without_horovod(env, refused):
+    from elastic.errors import ConfigError
+    from launchers.horovod import _launched_without_horovod
+
+    assert _launched_without_horovod(env) is refused
+    with pytest.raises(ConfigError, match="WORLD_SIZE must be an integer"):
+        _launched_without_horovod({"RANK": "1", "WORLD_SIZE": "two"})  # World's one reading of it
+
+
 @pytest_horovod
 def test_horovod_init_refuses_a_worker_without_horovods_environment(tmp_path):
     code = textwrap.dedent("""
