@@ -27,8 +27,14 @@ EXTRAS = {
         "cryptography>=41",
     ],
 }
-# Console scripts are added by the issues that build them.
-CONSOLE_SCRIPTS: list = ["elastic-rendezvous=elastic.rendezvous_cli:main", "elastic-run=launchers.cli:main", "elastic-prof=profiler.cli:main", "elastic-shards=dataload.cli:main", "elastic-ckpt=checkpoint.cli:main"]
+# One console script per tool; each maps errors to exit codes through elastic.commands.
+CONSOLE_SCRIPTS = [
+    "elastic-run=launchers.cli:main",  # the launcher, a drop-in for torchrun
+    "elastic-rendezvous=elastic.rendezvous_cli:main",  # the embedded rendezvous server alone
+    "elastic-ckpt=checkpoint.cli:main",  # inspect and verify checkpoints
+    "elastic-shards=dataload.cli:main",  # write, describe and pre-cache data shards
+    "elastic-prof=profiler.cli:main",  # reports and plots from profiler records
+]
 
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "test" for dep in deps})
 
