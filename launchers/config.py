@@ -19,33 +19,28 @@ __all__ = ["LaunchConfig", "parse_nnodes", "parse_rdzv_conf", "is_local_host", "
 
 NUMA_MODES = ("node", "socket", "exclusive", "core-complex")  # torch.numa.binding.AffinityMode
 DEFAULT_MASTER_PORT = 29500
-# --rdzv-conf keys the launcher understands (torchrun's names where torchrun has one). The
-# round protocol's, with torchrun's c10d meaning: join_timeout (``timeout``, the etcd backend's
-# name, is its alias) bounds the wait for a round; last_call_timeout; close_timeout bounds how
-# long the hosting node keeps the store up for the others to leave; read_timeout is the store's
-# per-request timeout; keep_alive_interval x keep_alive_max_attempt is how long a silent node
-# lives (torchrun's dead-node rule; our ``lease_ttl``); heartbeat_timeout is accepted (the
-# keep-alive call is bounded by read_timeout); is_host; store_type (tcp only).
+# --rdzv-conf keys the launcher itself understands (torchrun's names where torchrun has one); a
+# store backend declares its own (elastic.store.BackendSpec) and gets only those. The round
+# protocol's, with torchrun's c10d meaning: join_timeout (``timeout``, the etcd backend's name,
+# is its alias) bounds the wait for a round; last_call_timeout; close_timeout bounds how long the
+# hosting node keeps the store up for the others to leave; read_timeout is the store's
+# per-request timeout (its ``timeout_s``); keep_alive_interval x keep_alive_max_attempt is how
+# long a silent node lives (torchrun's dead-node rule; our ``lease_ttl``); heartbeat_timeout is
+# accepted (the keep-alive call is bounded by read_timeout); is_host; store_type (tcp only).
 PROTOCOL_KEYS = {"join_timeout", "timeout", "last_call_timeout", "close_timeout", "read_timeout", "lease_ttl",
                  "keep_alive_interval", "keep_alive_max_attempt", "heartbeat_timeout", "is_host", "store_type"}
-EMBEDDED_KEYS = {"token", "token_file", "tls", "tls_cert", "tls_key", "tls_ca", "tls_verify_hostname",
-                 "timeout_s", "auth_timeout_s"}
-# etcd.py's own names, torchrun's etcd spellings (protocol, ssl) and its etcd-v2 ones (ssl_cert, ...).
-ETCD_KEYS = {"cacert", "cert", "key", "tls", "user", "password", "protocol", "ssl", "timeout_s",
-             "ca_cert", "ssl_cert", "ssl_cert_key"}
-_ETCD_ALIASES = {"ca_cert": "cacert", "ssl_cert": "cert", "ssl_cert_key": "key"}
 
 
 def store_conf(rdzv_conf: Dict[str, str], backend: str) -> Dict[str, str]:
-    """The settings the store itself takes: protocol keys dropped, torchrun's names mapped."""
+    """The settings the store backend takes: protocol keys dropped, torchrun's names mapped,
+    only the keys the backend declares; an unknown key is one ConfigError line."""
+    from elastic.store import backend_spec
+
+    spec = backend_spec(backend)
     conf = {k: v for k, v in rdzv_conf.items() if k not in PROTOCOL_KEYS}
-    if "read_timeout" in rdzv_conf:
+    if "read_timeout" in rdzv_conf and "timeout_s" in spec.keys:
         conf.setdefault("timeout_s", rdzv_conf["read_timeout"])
-    if backend == "etcd":
-        for alias, name in _ETCD_ALIASES.items():
-            if alias in conf:
-                conf.setdefault(name, conf.pop(alias))
-    return conf
+    return spec.settings(backend, conf, where="--rdzv-conf", known_elsewhere=PROTOCOL_KEYS)
 
 
 def has_token(rdzv_conf: Dict[str, str], environ: Optional[Dict[str, str]] = None) -> bool:
@@ -230,12 +225,7 @@ class LaunchConfig:
         if self.rdzv_conf.get("store_type", "tcp").strip().lower() != "tcp":
             raise ConfigError(f"--rdzv-conf store_type={self.rdzv_conf['store_type']!r}: only tcp is "
                               "supported (the embedded server is a TCP store)")
-        allowed = PROTOCOL_KEYS | (EMBEDDED_KEYS if self.rdzv_backend == "embedded" else set()) | (
-            ETCD_KEYS if self.rdzv_backend == "etcd" else set())
-        unknown = sorted(set(self.rdzv_conf) - allowed)
-        if unknown and self.rdzv_backend != "memory":
-            raise ConfigError(f"--rdzv-conf: unknown key(s) for backend {self.rdzv_backend!r}: "
-                              f"{', '.join(unknown)} (known: {', '.join(sorted(allowed))})")
+        store_conf(self.rdzv_conf, self.rdzv_backend)  # an unknown key: one ConfigError line
 
     def conf_seconds(self, key: str, default: float, *aliases: str) -> float:
         """``--rdzv-conf key=SECONDS`` (or the first alias given), else ``default``."""

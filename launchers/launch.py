@@ -19,7 +19,7 @@ from elastic.errors import ConfigError
 from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
 from elastic.rendezvous.keys import JobKeys
 from elastic.settings import DEFAULT_RDZV_PORT, is_true
-from elastic.store import MemoryStore, Store, StoreError, create_store
+from elastic.store import BackendSpec, Store, StoreError, backend_spec, backends
 from elastic.store.embedded_client import parse_endpoint
 
 from .config import LaunchConfig, has_token, is_local_host, is_loopback_host, store_conf
@@ -45,14 +45,32 @@ def guess_preload(config: LaunchConfig) -> Tuple[str, ...]:
 
 
 def _open_store(config: LaunchConfig):
-    """Connect to the job's store; host the embedded server here if the endpoint is ours."""
+    """Connect to the job's store, picked through the registry and given only the settings
+    its backend declares; host the backend's server here if it has one and the endpoint is ours.
+
+    Returns the store, the server this node hosts (or None), the address this node is known
+    by when the store says so (or None) and the environment that leads workers to the store.
+    """
     backend = config.rdzv_backend
+    factory, spec = backends.get(backend), backend_spec(backend)
     conf = store_conf(config.rdzv_conf, backend)
-    if backend == "memory":
-        return MemoryStore(), None, "127.0.0.1", {}
-    if backend == "etcd":
-        store = create_store("etcd", config.rdzv_endpoint, **conf)
-        return store, None, None, _store_env("etcd", config.rdzv_endpoint, conf)
+    endpoint, server, local = config.rdzv_endpoint, None, None
+    if spec.serve is not None:
+        endpoint, server, local = _serve_here(config, spec, conf)
+    try:
+        store = factory(endpoint, **conf)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
+    if spec.in_process:  # nobody else can reach it: this node is on loopback, workers get nothing
+        return store, server, "127.0.0.1", {}
+    return store, server, local, _store_env(backend, endpoint, conf)
+
+
+def _serve_here(config: LaunchConfig, spec: BackendSpec, conf: dict):
+    """Start the backend's server when this node hosts it (``is_host``, else: the endpoint's
+    host is this machine or its port is 0); a server already listening there is joined."""
     host, port = parse_endpoint(config.rdzv_endpoint, DEFAULT_RDZV_PORT, any_port=True)
     server = None
     is_host = config.rdzv_conf.get("is_host")
@@ -60,19 +78,16 @@ def _open_store(config: LaunchConfig):
     if is_host is None:
         is_host = port == 0 or is_local_host(host)
     if is_host:
-        from elastic.store.embedded_server import EmbeddedServer
-
         bind = host if host in ("localhost",) or host.startswith("127.") else "0.0.0.0"
         try:
-            server = EmbeddedServer.from_conf(bind, port, **conf).start()
+            server = spec.serve(bind, port, **conf)
             port = server.port
         except StoreError as exc:
             if getattr(exc.__cause__, "errno", None) != errno.EADDRINUSE:
                 raise
             log.info("rendezvous server already running at %s:%d; joining it", host, port)
-    store = create_store("embedded", f"{host}:{port}", **conf)
     local = "127.0.0.1" if host.startswith("127.") or host == "localhost" else None
-    return store, server, local, _store_env("embedded", f"{host}:{port}", conf)
+    return f"{host}:{port}", server, local
 
 
 def _store_env(backend: str, endpoint: str, conf: dict) -> dict:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Tuple
 
-from ..errors import ElasticError, UserError
+from ..errors import ConfigError, ElasticError, UserError
 
 __all__ = [
-    "KeyValue", "Event", "Store",
+    "KeyValue", "Event", "Store", "BackendSpec",
     "StoreError", "StoreUnavailableError", "StoreAuthError", "StoreCompactedError", "LeaseNotFoundError",
     "StoreArgumentError",
 ]
@@ -119,3 +119,46 @@ class Store(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What a backend's factory declares (as its ``spec`` attribute), so that a launcher
+    drives any backend, ours or a third party's, by its traits and never by its name.
+
+    ``keys``: the settings (``--rdzv-conf`` keys) it understands; ``aliases``: other
+    spellings of them (torchrun's), as ``(alias, key)`` pairs; ``ignores_unknown``: it has
+    nothing to configure, so unknown keys are dropped instead of refused (``memory``);
+    ``in_process``: the store lives in this process, so no worker can reach it;
+    ``serve(host, port, **settings)``: start the backend's own server on this node and return
+    it (with ``port``, ``store`` and ``stop()``); the launcher calls it on the node whose
+    endpoint is local (``embedded``). A factory without a ``spec`` takes no settings.
+    """
+
+    keys: FrozenSet[str] = frozenset()
+    aliases: Tuple[Tuple[str, str], ...] = ()
+    ignores_unknown: bool = False
+    in_process: bool = False
+    serve: Optional[Callable[..., Any]] = None
+
+    @property
+    def known(self) -> FrozenSet[str]:
+        """Every key it accepts: its own and their aliases."""
+        return self.keys | {alias for alias, _ in self.aliases}
+
+    def settings(self, backend: str, conf: Mapping[str, Any], *, where: str = "settings",
+                 known_elsewhere: Iterable[str] = ()) -> Dict[str, Any]:
+        """``conf`` as the backend takes it: aliases mapped onto their key (the key itself
+        wins when both are given), nothing it did not declare. An unknown key is one
+        :class:`ConfigError` line naming the backend and what it knows (with
+        ``known_elsewhere``, the caller's own keys, which are not passed on)."""
+        unknown = sorted(set(conf) - self.known)
+        if unknown and not self.ignores_unknown:
+            known = ", ".join(sorted(self.known | set(known_elsewhere))) or "none"
+            raise ConfigError(f"{where}: unknown key(s) for backend {backend!r}: "
+                              f"{', '.join(unknown)} (known: {known})")
+        out = {k: v for k, v in conf.items() if k in self.keys}
+        for alias, key in self.aliases:
+            if alias in conf:
+                out.setdefault(key, conf[alias])
+        return out

@@ -21,10 +21,10 @@ from ..lazy import require
 from ..errors import ConfigError
 from ..settings import parse_bool, parse_seconds
 from . import _args as args
-from .api import (Event, KeyValue, LeaseNotFoundError, Store, StoreAuthError, StoreCompactedError,
+from .api import (BackendSpec, Event, KeyValue, LeaseNotFoundError, Store, StoreAuthError, StoreCompactedError,
                   StoreError, StoreUnavailableError)
 
-__all__ = ["EtcdStore", "create_etcd_store", "parse_endpoints", "DEFAULT_PORT"]
+__all__ = ["EtcdStore", "create_etcd_store", "parse_endpoints", "DEFAULT_PORT", "SETTINGS"]
 
 DEFAULT_PORT = 2379
 # Ops whose repetition is harmless when a timeout leaves their outcome unknown.
@@ -285,6 +285,15 @@ class EtcdStore(Store):
 def create_etcd_store(endpoint: str = "", **conf: Any) -> EtcdStore:
     """Backend factory: connect to etcd at ``endpoint`` (``host:port[,host:port...]``)."""
     return EtcdStore(endpoint, **conf)
+
+
+# Our names, torchrun's etcd spellings (protocol=https, ssl) and, as aliases, its etcd-v2
+# ones and its per-request ``timeout``.
+SETTINGS = frozenset({"cacert", "cert", "key", "tls", "user", "password", "protocol", "ssl",
+                      "timeout_s"})
+create_etcd_store.spec = BackendSpec(  # type: ignore[attr-defined]
+    keys=SETTINGS, aliases=(("ca_cert", "cacert"), ("ssl_cert", "cert"), ("ssl_cert_key", "key"),
+                            ("timeout", "timeout_s")))
 
 
 # -- helpers -------------------------------------------------------------------------------

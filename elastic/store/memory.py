@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from . import _args as args
-from .api import Event, KeyValue, LeaseNotFoundError, Store, StoreCompactedError
+from .api import BackendSpec, Event, KeyValue, LeaseNotFoundError, Store, StoreCompactedError
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "create_memory_store"]
 
 _NEVER = float("inf")
 
@@ -223,3 +223,12 @@ class MemoryStore(Store):
         for lease in [i for i, l in self._leases.items() if l.deadline <= now]:
             self._drop_lease_locked(lease)
         self._next_deadline = min((l.deadline for l in self._leases.values()), default=_NEVER)
+
+
+
+def create_memory_store(endpoint: str = "", **conf: object) -> MemoryStore:
+    """Backend factory: a fresh in-process store (no endpoint, nothing to configure)."""
+    return MemoryStore()
+
+
+create_memory_store.spec = BackendSpec(ignores_unknown=True, in_process=True)  # type: ignore[attr-defined]
