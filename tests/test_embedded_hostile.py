@@ -15,7 +15,7 @@ import pytest
 from elastic.store import create_store
 from elastic.store import _wire as wire
 from elastic.store.embedded import EmbeddedServer
-from store_contract import wait_until
+from elastic.store.testing import wait_until
 from needs import require
 
 TOKEN = "hostile-test-token"

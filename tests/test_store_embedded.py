@@ -13,7 +13,7 @@ from elastic.store import (LeaseNotFoundError, StoreAuthError, StoreError, Store
                            create_store)
 from elastic.store.embedded import EmbeddedServer, EmbeddedStore, parse_endpoint
 from elastic.errors import ConfigError, UserError
-from store_contract import StoreContract, prefix, wait_until  # noqa: F401
+from elastic.store.testing import StoreContract, prefix, wait_until  # noqa: F401
 from needs import require
 
 TOKEN = "contract-token"

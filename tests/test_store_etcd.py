@@ -15,7 +15,7 @@ from elastic.store import (StoreAuthError, StoreCompactedError, StoreUnavailable
                            create_store)
 from elastic.store.etcd import parse_endpoints  # noqa: E402
 from services import EtcdServer, free_port  # noqa: E402
-from store_contract import StoreContract, prefix  # noqa: E402,F401
+from elastic.store.testing import StoreContract, prefix  # noqa: E402,F401
 
 
 class TestEtcdStore(StoreContract):

@@ -1,7 +1,7 @@
 import pytest
 
 from elastic.store import MemoryStore, StoreCompactedError, create_store
-from store_contract import StoreContract, prefix  # noqa: F401
+from elastic.store.testing import StoreContract, prefix  # noqa: F401
 
 
 class TestMemoryStore(StoreContract):

@@ -1,23 +1,50 @@
-"""The contract every rendezvous store backend passes (fsspec-style shared suite).
+"""The contract every rendezvous store backend passes, shipped in the package so that a
+third-party backend runs it too (as fsspec ships ``fsspec.tests.abstract``).
 
-A backend's test module subclasses :class:`StoreContract` and provides a ``store`` fixture;
-every test keeps to the ``prefix`` it is given, so backends may share one server.
+In the backend's test module, subclass :class:`StoreContract` and give it a ``store`` fixture
+(a connected store; pytest collects the inherited tests)::
+
+    import pytest
+    from elastic.store import create_store
+    from elastic.store.testing import StoreContract
+
+    class TestRedisStore(StoreContract):
+        @pytest.fixture
+        def store(self, redis_server):
+            store = create_store("redis", redis_server.endpoint)
+            yield store
+            store.close()
+
+Each test keeps to a fresh key ``prefix``, so the tests of one backend may share one server.
+A lease test waits up to 15 s for a 1 s lease to end (etcd rounds TTLs up to whole seconds
+and expires leases late). Only tests import this module: it needs pytest.
 """
+from __future__ import annotations
+
 import threading
 import time
 import uuid
+from typing import Callable
 
 import pytest
 
-from elastic.store import LeaseNotFoundError
+from .api import LeaseNotFoundError, StoreArgumentError, StoreError
+
+__all__ = ["StoreContract", "prefix", "wait_until"]
 
 
-@pytest.fixture
-def prefix():
+def _new_prefix() -> str:
     return f"/contract-{uuid.uuid4().hex[:10]}/"
 
 
-def wait_until(predicate, timeout_s=15.0, interval_s=0.05):
+@pytest.fixture
+def prefix() -> str:
+    """A fresh key prefix (for a module's own tests beside the contract)."""
+    return _new_prefix()
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float = 15.0, interval_s: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout_s`` passes (False)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -27,6 +54,12 @@ def wait_until(predicate, timeout_s=15.0, interval_s=0.05):
 
 
 class StoreContract:
+    """The tests; a subclass provides the ``store`` fixture (a connected :class:`Store`)."""
+
+    @pytest.fixture
+    def prefix(self) -> str:
+        return _new_prefix()
+
     def test_put_get(self, store, prefix):
         assert store.get(prefix + "missing") is None
         rev = store.put(prefix + "k", b"v1")
@@ -143,3 +176,12 @@ class StoreContract:
         while not events and time.monotonic() < deadline:
             events = store.wait(prefix, rev, timeout_s=1)
         assert [(e.kind, e.key) for e in events] == [("delete", prefix + "node")]
+
+    def test_bad_arguments_are_store_errors(self, store, prefix):
+        for call in (lambda: store.grant_lease(0), lambda: store.grant_lease(-1),
+                     lambda: store.grant_lease("soon"), lambda: store.put(prefix + "k", "text"),
+                     lambda: store.put(7, b"v"), lambda: store.compare_and_set(7, None, b"v")):
+            with pytest.raises(StoreArgumentError) as info:
+                call()
+            assert isinstance(info.value, StoreError) and "\n" not in str(info.value)
+        assert store.get_prefix(prefix)[0] == []
