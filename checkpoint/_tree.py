@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -173,137 +173,131 @@ def _json_scalar(x: Any) -> bool:
 def encode(state: Any, rank: int) -> Tuple[Any, List[TensorLeaf]]:
     """Encode ``state`` as a JSON-able tree and collect its tensors (in tree order)."""
     leaves: List[TensorLeaf] = []
-    used: Dict[str, int] = {}
-
-    def unique(key: str) -> str:
-        n = used.get(key, 0)
-        used[key] = n + 1
-        return key if n == 0 else f"{key}~{n}"
-
-    def enc(x: Any, path: Tuple[Any, ...], per_rank: bool) -> Any:
-        if isinstance(x, PerRank):
-            return {"t": "per_rank", "v": enc(x.value, path, True)}
-        if isinstance(x, Shard):
-            if per_rank:
-                raise CheckpointStateError(f"{_path_str(path)}: a Shard inside PerRank makes no sense")
-            if not is_tensor(x.tensor):
-                raise CheckpointStateError(f"{_path_str(path)}: Shard of a non-tensor")
-            leaf = _leaf_of(x.tensor, unique(_path_str(path)), "sharded", x.offsets, x.global_shape)
-            leaves.append(leaf)
-            return {"t": "tensor", "key": leaf.key, "fw": leaf.fw, "shard": True}
-        if is_tensor(x):
-            key = f"rank{rank}/{_path_str(path)}" if per_rank else _path_str(path)
-            leaf = _leaf_of(x, unique(key), "per_rank" if per_rank else "replicated")
-            leaves.append(leaf)
-            return {"t": "tensor", "key": leaf.key, "fw": leaf.fw}
-        if isinstance(x, dict):
-            items = []
-            for k, v in x.items():
-                if isinstance(k, bool) or not isinstance(k, (str, int)):
-                    raise CheckpointStateError(
-                        f"{_path_str(path)}: dict key {k!r} of type {type(k).__name__}; only str "
-                        f"and int keys can be stored")
-                items.append([k, enc(v, path + (k,), per_rank)])
-            return {"t": "dict", "items": items}
-        if isinstance(x, (list, tuple)):
-            t = "list" if isinstance(x, list) else "tuple"
-            return {"t": t, "items": [enc(v, path + (i,), per_rank) for i, v in enumerate(x)]}
-        if isinstance(x, np.generic):
-            return {"t": "np", "dtype": x.dtype.str, "v": x.item()}
-        if _json_scalar(x):
-            return x if not isinstance(x, float) or math.isfinite(x) else {"t": "float", "v": repr(x)}
-        if isinstance(x, (bytes, bytearray)):
-            return {"t": "bytes", "hex": bytes(x).hex()}
-        raise CheckpointStateError(
-            f"cannot checkpoint {_path_str(path)!r}: a {type(x).__module__}.{type(x).__qualname__} "
-            f"is neither a tensor, an array nor plain data (dict, list, tuple, str, int, float, "
-            f"bool, None, bytes); convert it (e.g. to its state_dict()) first")
-
-    try:
-        tree = enc(state, (), False)
-    finally:
-        del enc  # a recursive closure is a cycle: break it so no tensor waits for the GC
+    tree = _encode(state, (), False, rank, leaves, {})
     return tree, leaves
+
+
+# The recursions below are module functions, not closures: a recursive closure refers to
+# itself through its cell, a cycle that would keep every tensor it saw (and, on load, every
+# file map) alive until the cyclic GC runs.
+def _encode(x: Any, path: Tuple[Any, ...], per_rank: bool, rank: int, leaves: List[TensorLeaf],
+            used: Dict[str, int]) -> Any:
+    if isinstance(x, PerRank):
+        return {"t": "per_rank", "v": _encode(x.value, path, True, rank, leaves, used)}
+    if isinstance(x, Shard):
+        if per_rank:
+            raise CheckpointStateError(f"{_path_str(path)}: a Shard inside PerRank makes no sense")
+        if not is_tensor(x.tensor):
+            raise CheckpointStateError(f"{_path_str(path)}: Shard of a non-tensor")
+        leaf = _leaf_of(x.tensor, _unique(used, _path_str(path)), "sharded", x.offsets, x.global_shape)
+        leaves.append(leaf)
+        return {"t": "tensor", "key": leaf.key, "fw": leaf.fw, "shard": True}
+    if is_tensor(x):
+        key = f"rank{rank}/{_path_str(path)}" if per_rank else _path_str(path)
+        leaf = _leaf_of(x, _unique(used, key), "per_rank" if per_rank else "replicated")
+        leaves.append(leaf)
+        return {"t": "tensor", "key": leaf.key, "fw": leaf.fw}
+    if isinstance(x, dict):
+        items = []
+        for k, v in x.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise CheckpointStateError(
+                    f"{_path_str(path)}: dict key {k!r} of type {type(k).__name__}; only str "
+                    f"and int keys can be stored")
+            items.append([k, _encode(v, path + (k,), per_rank, rank, leaves, used)])
+        return {"t": "dict", "items": items}
+    if isinstance(x, (list, tuple)):
+        t = "list" if isinstance(x, list) else "tuple"
+        return {"t": t, "items": [_encode(v, path + (i,), per_rank, rank, leaves, used)
+                                  for i, v in enumerate(x)]}
+    if isinstance(x, np.generic):
+        return {"t": "np", "dtype": x.dtype.str, "v": x.item()}
+    if _json_scalar(x):
+        return x if not isinstance(x, float) or math.isfinite(x) else {"t": "float", "v": repr(x)}
+    if isinstance(x, (bytes, bytearray)):
+        return {"t": "bytes", "hex": bytes(x).hex()}
+    raise CheckpointStateError(
+        f"cannot checkpoint {_path_str(path)!r}: a {type(x).__module__}.{type(x).__qualname__} "
+        f"is neither a tensor, an array nor plain data (dict, list, tuple, str, int, float, "
+        f"bool, None, bytes); convert it (e.g. to its state_dict()) first")
+
+
+def _unique(used: Dict[str, int], key: str) -> str:
+    """``key``, or ``key~N`` for its N-th repeat (two paths that print alike)."""
+    n = used.get(key, 0)
+    used[key] = n + 1
+    return key if n == 0 else f"{key}~{n}"
 
 
 def tensor_keys(tree: Any) -> List[Tuple[Tuple[Any, ...], dict]]:
     """``(path, tensor node)`` for every tensor reference in an encoded tree."""
     out: List[Tuple[Tuple[Any, ...], dict]] = []
-
-    def walk(node: Any, path: Tuple[Any, ...]) -> None:
-        if not isinstance(node, dict):
-            return
-        t = node.get("t")
-        if t == "tensor":
-            out.append((path, node))
-        elif t == "per_rank":
-            walk(node["v"], path)
-        elif t == "dict":
-            for k, v in node["items"]:
-                walk(v, path + (k,))
-        elif t in ("list", "tuple"):
-            for i, v in enumerate(node["items"]):
-                walk(v, path + (i,))
-
-    try:
-        walk(tree, ())
-    finally:
-        del walk
+    _tensor_refs(tree, (), out)
     return out
+
+
+def _tensor_refs(node: Any, path: Tuple[Any, ...], out: List[Tuple[Tuple[Any, ...], dict]]) -> None:
+    if not isinstance(node, dict):
+        return
+    t = node.get("t")
+    if t == "tensor":
+        out.append((path, node))
+    elif t == "per_rank":
+        _tensor_refs(node["v"], path, out)
+    elif t == "dict":
+        for k, v in node["items"]:
+            _tensor_refs(v, path + (k,), out)
+    elif t in ("list", "tuple"):
+        for i, v in enumerate(node["items"]):
+            _tensor_refs(v, path + (i,), out)
 
 
 def decode(tree: Any, tensor: Callable[[Tuple[Any, ...], dict], Any]) -> Any:
     """Rebuild the state; ``tensor(path, node)`` returns the object for a tensor reference."""
+    return _decode(tree, (), tensor)
 
-    def dec(node: Any, path: Tuple[Any, ...]) -> Any:
-        if not isinstance(node, dict):
-            return node
-        t = node["t"]
-        if t == "tensor":
-            return tensor(path, node)
-        if t == "per_rank":
-            return dec(node["v"], path)
-        if t == "dict":
-            return {k: dec(v, path + (k,)) for k, v in node["items"]}
-        if t == "list":
-            return [dec(v, path + (i,)) for i, v in enumerate(node["items"])]
-        if t == "tuple":
-            return tuple(dec(v, path + (i,)) for i, v in enumerate(node["items"]))
-        if t == "np":
-            return np.dtype(node["dtype"]).type(node["v"])
-        if t == "float":
-            return float(node["v"])
-        if t == "bytes":
-            return bytes.fromhex(node["hex"])
-        raise CheckpointStateError(f"unknown node type {t!r} in a checkpoint tree")
 
-    try:
-        return dec(tree, ())
-    finally:
-        del dec  # else the cycle dec -> dec keeps every loaded tensor (and file map) alive
+def _decode(node: Any, path: Tuple[Any, ...], tensor: Callable[[Tuple[Any, ...], dict], Any]) -> Any:
+    if not isinstance(node, dict):
+        return node
+    t = node["t"]
+    if t == "tensor":
+        return tensor(path, node)
+    if t == "per_rank":
+        return _decode(node["v"], path, tensor)
+    if t == "dict":
+        return {k: _decode(v, path + (k,), tensor) for k, v in node["items"]}
+    if t == "list":
+        return [_decode(v, path + (i,), tensor) for i, v in enumerate(node["items"])]
+    if t == "tuple":
+        return tuple(_decode(v, path + (i,), tensor) for i, v in enumerate(node["items"]))
+    if t == "np":
+        return np.dtype(node["dtype"]).type(node["v"])
+    if t == "float":
+        return float(node["v"])
+    if t == "bytes":
+        return bytes.fromhex(node["hex"])
+    raise CheckpointStateError(f"unknown node type {t!r} in a checkpoint tree")
 
 
 def flatten_target(target: Any) -> Dict[Tuple[Any, ...], Any]:
     """Leaves of a ``load(target=...)`` tree by path: tensors, arrays, variables, Shards."""
     out: Dict[Tuple[Any, ...], Any] = {}
-
-    def walk(x: Any, path: Tuple[Any, ...]) -> None:
-        if isinstance(x, PerRank):
-            walk(x.value, path)
-        elif isinstance(x, Shard) or is_tensor(x):
-            out[path] = x
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                walk(v, path + (k,))
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(v, path + (i,))
-
-    try:
-        walk(target, ())
-    finally:
-        del walk
+    _target_leaves(target, (), out)
     return out
+
+
+def _target_leaves(x: Any, path: Tuple[Any, ...], out: Dict[Tuple[Any, ...], Any]) -> None:
+    if isinstance(x, PerRank):
+        _target_leaves(x.value, path, out)
+    elif isinstance(x, Shard) or is_tensor(x):
+        out[path] = x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _target_leaves(v, path + (k,), out)
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            _target_leaves(v, path + (i,), out)
 
 
 def to_framework(raw: np.ndarray, st_dtype: str, fw: str) -> Any:

@@ -81,14 +81,14 @@ elif mode == "loop":
         step = ck.load()["step"]
     except CheckpointNotFoundError:
         step = 0
-    print("START", step, flush=True)
+    print(f"START {step}", flush=True)  # one write: the test may kill right after "START"
     n = int(sys.argv[3])
     while True:
         step += 1
         ck.save(step, {"step": step, "a": np.full(n, step, np.float32),
                        "b": np.full((n // 4, 4), -step, np.int64), "meta": {"s": str(step)}})
         ck.wait()
-        print("C", step, flush=True)
+        print(f"C {step}", flush=True)
 elif mode == "dloop":
     # One rank of a 2-D parallel job: resume from the newest checkpoint (checking it is whole),
     # then save a distributed checkpoint every step until killed. Every value encodes its step
@@ -102,12 +102,12 @@ elif mode == "dloop":
     else:
         step = got["step"]
         check_dstate(got, step, rank, n)
-    print("START", step, ck.last_load.source if step else "-", flush=True)
+    print(f"START {step} {ck.last_load.source if step else '-'}", flush=True)
     while True:
         step += 1
         ck.save(step, dstate(step, rank, world, n))
         ck.wait()
-        print("C", step, flush=True)
+        print(f"C {step}", flush=True)
 '''
 
 # Shared by the dloop worker and the test: a replicated vector (its writing split between the
