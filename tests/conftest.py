@@ -49,6 +49,44 @@ def etcd_server_fn():
         yield server
 
 
+RDZV_BACKENDS = ("memory", "embedded", "etcd")
+EMBEDDED_TOKEN = "conftest-token"
+
+
+@pytest.fixture(scope="module")
+def embedded_server():
+    """One embedded rendezvous server per test module; tests keep to their own keys."""
+    from elastic.store.embedded import EmbeddedServer
+
+    with EmbeddedServer("127.0.0.1", 0, token=EMBEDDED_TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(params=RDZV_BACKENDS)
+def any_store(request):
+    """A fresh client of each store backend in turn (memory, embedded, etcd). The servers are
+    shared, so a test keeps to its own keys (a ``run_id`` of its own). etcd is skipped
+    locally and fails under CI when it is not installed (tests/needs.py)."""
+    from elastic.store import MemoryStore, create_store
+
+    if request.param == "memory":
+        store = MemoryStore()
+    elif request.param == "embedded":
+        store = create_store("embedded", request.getfixturevalue("embedded_server").endpoint,
+                             token=EMBEDDED_TOKEN)
+    else:
+        check(["pyetcd"], why="the etcd extra")
+        store = create_store("etcd", request.getfixturevalue("etcd_server").endpoint)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def run_id() -> str:
+    """A job id of this test's own, so tests can share one store server."""
+    return f"job-{uuid.uuid4().hex[:10]}"
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     check(["boto3"], tools=["moto_server"], why="moto[server], the test extra")

@@ -1,7 +1,8 @@
-"""The round protocol over the in-process store; nodes are threads with their own handlers.
+"""The round protocol on every store backend (memory, embedded, etcd: the ``any_store``
+fixture); nodes are threads with their own handlers, each test a job (``run_id``) of its own.
 
-The same protocol runs over the embedded and etcd backends in test_launcher*.py with real
-agents; here every edge of the protocol is exercised quickly.
+Real agents run the same protocol in test_launcher*.py; here every edge of the protocol is
+exercised quickly.
 """
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,12 +11,25 @@ import pytest
 from elastic.rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RendezvousSettings,
                                 RendezvousTimeoutError, RestartBudgetExceededError)
 from elastic.rendezvous.state import ChangeReason
-from elastic.store import MemoryStore
 
 
-def make(store, name, nproc=2, **settings):
-    s = RendezvousSettings(run_id="job", **{"lease_ttl_s": 1.0, "join_timeout_s": 30, **settings})
-    return RendezvousHandler(store, s, NodeInfo(node_id=name, host="127.0.0.1", nproc=nproc, master_port=1000 + len(name)))
+_made = []
+
+
+@pytest.fixture
+def store(any_store):
+    """Each backend's store; the nodes a test made leave it (their heartbeats end) afterwards."""
+    yield any_store
+    while _made:
+        _made.pop().leave()
+
+
+def make(store, run_id, name, nproc=2, **settings):
+    s = RendezvousSettings(run_id=run_id, **{"lease_ttl_s": 1.0, "join_timeout_s": 30, **settings})
+    handler = RendezvousHandler(store, s, NodeInfo(node_id=name, host="127.0.0.1", nproc=nproc,
+                                                   master_port=1000 + len(name)))
+    _made.append(handler)
+    return handler
 
 
 def join_all(handlers, prevs=None):
@@ -25,9 +39,8 @@ def join_all(handlers, prevs=None):
         return [f.result(timeout=60) for f in futures]
 
 
-def test_round_closes_at_max_without_waiting_for_last_call():
-    store = MemoryStore()
-    hs = [make(store, n, min_nodes=2, max_nodes=3, last_call_s=600) for n in "abc"]
+def test_round_closes_at_max_without_waiting_for_last_call(store, run_id):
+    hs = [make(store, run_id, n, min_nodes=2, max_nodes=3, last_call_s=600) for n in "abc"]
     rounds = join_all(hs)
     assert {r.generation for r in rounds} == {1}
     assert sorted(r.node_rank for r in rounds) == [0, 1, 2]
@@ -49,24 +62,22 @@ def wait_for_join_key(store, node_id, generation=1, run_id="job"):
     raise AssertionError(f"{node_id} never joined round {generation}")
 
 
-def test_round_closes_at_min_after_last_call():
-    store = MemoryStore()
-    hs = [make(store, n, min_nodes=2, max_nodes=4, last_call_s=0.3) for n in "ab"]
+def test_round_closes_at_min_after_last_call(store, run_id):
+    hs = [make(store, run_id, n, min_nodes=2, max_nodes=4, last_call_s=0.3) for n in "ab"]
     rounds = join_all(hs)
     assert [r.num_nodes for r in rounds] == [2, 2]
 
 
-def test_last_call_keeps_a_round_at_min_open_for_a_later_node():
+def test_last_call_keeps_a_round_at_min_open_for_a_later_node(store, run_id):
     """Reaching MIN does not close the round: it stays open through the last call, so a node
     that joins after MIN was reached is admitted. (The round then closes at MAX, so nothing
     here waits for the 600 s window or depends on how long anything takes.)"""
-    store = MemoryStore()
-    hs = [make(store, n, min_nodes=1, max_nodes=3, last_call_s=600) for n in "abc"]
+    hs = [make(store, run_id, n, min_nodes=1, max_nodes=3, last_call_s=600) for n in "abc"]
     with ThreadPoolExecutor(3) as pool:
         first = pool.submit(hs[0].next_round)
-        wait_for_join_key(store, "a")  # MIN (1) reached: only the last call keeps it open
+        wait_for_join_key(store, "a", run_id=run_id)  # MIN (1) reached: only the last call keeps it open
         second = pool.submit(hs[1].next_round)
-        wait_for_join_key(store, "b")
+        wait_for_join_key(store, "b", run_id=run_id)
         assert not first.done() and not second.done()  # still open at MIN and above
         third = pool.submit(hs[2].next_round)
         rounds = [f.result(timeout=60) for f in (first, second, third)]
@@ -75,11 +86,10 @@ def test_last_call_keeps_a_round_at_min_open_for_a_later_node():
     assert [r.node_rank for r in rounds] == [0, 1, 2]  # in joining order
 
 
-def test_a_re_formation_closes_once_every_live_node_joined():
+def test_a_re_formation_closes_once_every_live_node_joined(store, run_id):
     """After a node leaves, the survivors' next round closes as soon as both joined: no last
     call (600 s here) to wait out. A first round still waits for it (nodes may be starting)."""
-    store = MemoryStore()
-    hs = [make(store, n, min_nodes=1, max_nodes=4, last_call_s=0.3) for n in "abc"]
+    hs = [make(store, run_id, n, min_nodes=1, max_nodes=4, last_call_s=0.3) for n in "abc"]
     first = join_all(hs)
     for h in hs:
         h.settings = RendezvousSettings(**{**h.settings.__dict__, "last_call_s": 600})
@@ -96,16 +106,14 @@ def test_a_re_formation_closes_once_every_live_node_joined():
         assert third.num_nodes == 2 and pending.result(timeout=30).generation == third.generation
 
 
-def test_too_few_nodes_time_out_with_a_clear_error():
-    store = MemoryStore()
-    h = make(store, "lonely", min_nodes=2, max_nodes=2, join_timeout_s=0.5)
+def test_too_few_nodes_time_out_with_a_clear_error(store, run_id):
+    h = make(store, run_id, "lonely", min_nodes=2, max_nodes=2, join_timeout_s=0.5)
     with pytest.raises(RendezvousTimeoutError, match="need 2 node"):
         h.next_round()
 
 
-def test_survivors_keep_their_order_and_newcomers_are_appended():
-    store = MemoryStore()
-    hs = {n: make(store, n, min_nodes=1, max_nodes=4, last_call_s=0.3) for n in "abc"}
+def test_survivors_keep_their_order_and_newcomers_are_appended(store, run_id):
+    hs = {n: make(store, run_id, n, min_nodes=1, max_nodes=4, last_call_s=0.3) for n in "abc"}
     first = dict(zip("abc", join_all(list(hs.values()))))
     order = list(first["a"].node_ids)
     leaver = order[1]
@@ -117,7 +125,7 @@ def test_survivors_keep_their_order_and_newcomers_are_appended():
     assert all(r.generation > first["a"].generation for r in second.values())
     assert list(second[survivors[0]].node_ids) == survivors  # same relative order
     # scale-up: a newcomer opens a new round (the old one is below MAX) and is appended
-    hs["d"] = make(store, "d", min_nodes=1, max_nodes=4, last_call_s=0.3)
+    hs["d"] = make(store, run_id, "d", min_nodes=1, max_nodes=4, last_call_s=0.3)
     with ThreadPoolExecutor(1) as pool:
         newcomer = pool.submit(hs["d"].next_round, None)
         assert hs[survivors[0]].watch(second[survivors[0]], timeout_s=10)
@@ -126,9 +134,8 @@ def test_survivors_keep_their_order_and_newcomers_are_appended():
     assert third[0].node_ids == tuple(survivors) + ("d",)
 
 
-def test_a_node_that_stops_renewing_its_lease_is_dead():
-    store = MemoryStore()
-    hs = [make(store, n, min_nodes=2, max_nodes=2) for n in "ab"]
+def test_a_node_that_stops_renewing_its_lease_is_dead(store, run_id):
+    hs = [make(store, run_id, n, min_nodes=2, max_nodes=2) for n in "ab"]
     rounds = join_all(hs)
     hs[1]._closed.set()  # stop the heartbeat without leaving: a frozen or dead process
     reason = hs[0].watch(rounds[0], timeout_s=15)
@@ -136,20 +143,18 @@ def test_a_node_that_stops_renewing_its_lease_is_dead():
         ChangeReason.NODE_LEFT, hs[1].node.node_id, f"node {hs[1].node.node_id} left or died")
 
 
-def test_a_node_that_finished_is_not_a_scale_down():
-    store = MemoryStore()
-    hs = [make(store, n, min_nodes=2, max_nodes=2) for n in "ab"]
+def test_a_node_that_finished_is_not_a_scale_down(store, run_id):
+    hs = [make(store, run_id, n, min_nodes=2, max_nodes=2) for n in "ab"]
     rounds = join_all(hs)
     hs[1].mark_done(rounds[1])
     hs[1].leave()
     assert hs[0].watch(rounds[0], timeout_s=0.5) is None
 
 
-def test_a_full_round_keeps_a_newcomer_waiting_until_a_place_frees():
-    store = MemoryStore()
-    hs = [make(store, n, min_nodes=2, max_nodes=2) for n in "ab"]
+def test_a_full_round_keeps_a_newcomer_waiting_until_a_place_frees(store, run_id):
+    hs = [make(store, run_id, n, min_nodes=2, max_nodes=2) for n in "ab"]
     rounds = join_all(hs)
-    late = make(store, "late", min_nodes=2, max_nodes=2)
+    late = make(store, run_id, "late", min_nodes=2, max_nodes=2)
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(late.next_round, None)
         # the full round is not disturbed by the waiting node
@@ -162,9 +167,8 @@ def test_a_full_round_keeps_a_newcomer_waiting_until_a_place_frees():
     assert again.node_ids == (hs[0].node.node_id, "late")
 
 
-def test_restart_budget_is_job_wide():
-    store = MemoryStore()
-    hs = [make(store, n, min_nodes=2, max_nodes=2, max_restarts=1) for n in "ab"]
+def test_restart_budget_is_job_wide(store, run_id):
+    hs = [make(store, run_id, n, min_nodes=2, max_nodes=2, max_restarts=1) for n in "ab"]
     rounds = join_all(hs)
     hs[0].request_new_round(rounds[0], "worker crashed", ChangeReason.WORKER_FAILED)
     assert hs[1].watch(rounds[1], timeout_s=5)
@@ -179,9 +183,8 @@ def test_restart_budget_is_job_wide():
         hs[0].next_round(rounds[0])
 
 
-def test_generations_only_grow():
-    store = MemoryStore()
-    h = make(store, "solo", min_nodes=1, max_nodes=1)
+def test_generations_only_grow(store, run_id):
+    h = make(store, run_id, "solo", min_nodes=1, max_nodes=1)
     gens = []
     rnd = None
     for _ in range(5):
@@ -198,28 +201,25 @@ def test_bad_settings_are_rejected():
         RendezvousSettings(run_id="a/b")
 
 
-def test_a_round_nobody_coordinates_is_taken_over_after_a_wait():
+def test_a_round_nobody_coordinates_is_taken_over_after_a_wait(store, run_id):
     # The node that opens a round coordinates it; here the round was opened by a node that
     # never joined (it died), so a joiner whose wait times out takes the coordinator key.
-    store = MemoryStore()
-    store.compare_and_set("/elastic/job/round", None, b'{"generation":1,"state":"open","prev_nodes":[]}')
-    rounds = join_all([make(store, n, min_nodes=2, max_nodes=2) for n in "ab"])
+    store.compare_and_set(f"/elastic/{run_id}/round", None, b'{"generation":1,"state":"open","prev_nodes":[]}')
+    rounds = join_all([make(store, run_id, n, min_nodes=2, max_nodes=2) for n in "ab"])
     assert [r.num_nodes for r in rounds] == [2, 2] and {r.generation for r in rounds} == {1}
 
 
-def test_a_failed_job_wakes_waiting_joiners_at_once():
+def test_a_failed_job_wakes_waiting_joiners_at_once(store, run_id):
     # A long lease means a long poll: only the round key's "failed" mark can end this wait
     # before the join timeout, which would raise RendezvousTimeoutError instead.
-    store = MemoryStore()
-    waiting = make(store, "a", min_nodes=2, max_nodes=2, lease_ttl_s=120, join_timeout_s=20)
+    waiting = make(store, run_id, "a", min_nodes=2, max_nodes=2, lease_ttl_s=120, join_timeout_s=20)
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(waiting.next_round)
-        while store.get("/elastic/job/join/1/a") is None:
-            store.wait("/elastic/job/join/", 0, timeout_s=1)
-        make(store, "b").fail("worker 3 ran out of memory")
+        wait_for_join_key(store, "a", run_id=run_id)
+        make(store, run_id, "b").fail("worker 3 ran out of memory")
         with pytest.raises(RendezvousClosedError, match="worker 3 ran out of memory"):
             future.result(timeout=15)
-    late = make(store, "c")
+    late = make(store, run_id, "c")
     with pytest.raises(RendezvousClosedError, match="worker 3 ran out of memory"):
         late.next_round()
     assert late.ledger.job_failure() == "worker 3 ran out of memory"

@@ -179,3 +179,16 @@ def test_tls_client_certificates(tmp_path, prefix):
             assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="needs both cert and key"):
         create_store("etcd", "127.0.0.1:1", cacert=tls.ca, cert=tls.cert)
+
+
+def test_a_closed_client_says_so(etcd_server, prefix):
+    """Not grpc's ValueError ("Channel closed!"): a heartbeat thread outliving its store
+    catches StoreError, as every error of a store is one."""
+    from elastic.store import StoreError
+
+    store = create_store("etcd", etcd_server.endpoint)
+    store.put(prefix + "k", b"v")
+    store.close()
+    for call in (lambda: store.get(prefix + "k"), lambda: store.keep_alive(1)):
+        with pytest.raises(StoreError, match="closed"):
+            call()

@@ -88,6 +88,7 @@ class EtcdStore(Store):
             endpoints=self._eps, timeout=self.timeout_s, failover=True)
         self._client._current_endpoint_label = self._eps[0].netloc  # try them in order
         self._auth_lock = threading.Lock()
+        self._closed = False
         try:
             if user is not None:
                 self._authenticate()
@@ -176,6 +177,7 @@ class EtcdStore(Store):
                 pass
 
     def close(self) -> None:
+        self._closed = True
         client = getattr(self, "_client", None)
         if client is not None:
             try:
@@ -249,6 +251,8 @@ class EtcdStore(Store):
         attempts = len(self._eps) + 1
         last: Optional[BaseException] = None
         for _ in range(attempts):
+            if self._closed:
+                raise StoreError(f"the etcd client for {self.endpoint} is closed")
             try:
                 return fn(*args, **kwargs)
             except exc_mod.NoServerAvailableError as exc:
@@ -276,6 +280,10 @@ class EtcdStore(Store):
                     raise StoreCompactedError(f"etcd: {details}") from None
                 raise StoreError(f"etcd {what} failed: {details}") from None
             except exc_mod.Etcd3Exception as exc:  # any other of pyetcd's: ours, in one line
+                raise StoreError(f"etcd {what} failed: {_describe(exc)}") from None
+            except ValueError as exc:  # grpc: "Cannot invoke RPC: Channel closed!"
+                if self._closed:
+                    raise StoreError(f"the etcd client for {self.endpoint} is closed") from None
                 raise StoreError(f"etcd {what} failed: {_describe(exc)}") from None
         raise StoreUnavailableError(
             f"etcd at {self.endpoint} is unavailable: {what} failed ({_describe(last)}; "
