@@ -21,6 +21,20 @@ def test_every_key_family():
     assert k.assign("n1", 0) == "/elastic/job7/assign/n1/0"
     assert (k.lostpeer("n1"), k.lostpeer("n1", 0)) == ("/elastic/job7/lostpeer/n1/", "/elastic/job7/lostpeer/n1/0")
     assert k.relative(k.alive("n1")) == "alive/n1"
+    assert (k.control(), k.desired(), k.node_range(), k.stop()) == (
+        "/elastic/job7/ctl/", "/elastic/job7/ctl/desired", "/elastic/job7/ctl/range", "/elastic/job7/ctl/stop")
+    assert (k.drain(), k.drain("n1")) == ("/elastic/job7/ctl/drain/", "/elastic/job7/ctl/drain/n1")
+
+
+def test_reports_live_outside_the_watched_prefix():
+    k = JobKeys("job7")
+    reports = [k.settings(), k.node_status(), k.node_status("n1"), k.progress(), k.progress("n1"),
+               k.progress("n1", 0), k.events(), k.events("000000000001-n1"), k.straggler()]
+    assert reports == ["/elastic-report/job7/settings", "/elastic-report/job7/node/", "/elastic-report/job7/node/n1",
+                       "/elastic-report/job7/progress/", "/elastic-report/job7/progress/n1/",
+                       "/elastic-report/job7/progress/n1/0", "/elastic-report/job7/events/",
+                       "/elastic-report/job7/events/000000000001-n1", "/elastic-report/job7/straggler"]
+    assert not any(r.startswith(k.prefix) for r in reports)
 
 
 def test_from_a_workers_prefix():

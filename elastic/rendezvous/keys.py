@@ -14,6 +14,19 @@ Keys of a job live under ``/elastic/<run_id>/``:
 ``inproc/<node>/<local_rank>``   a worker that recovers in place (its pid), so its agent keeps it
 ``assign/<node>/<local_rank>``   that worker's place in the next round (``{"generation", "env"}``)
 ``lostpeer/<node>/<local_rank>`` that worker's report that a collective lost a peer (``{"generation", "reason"}``)
+``ctl/desired``                  a scheduler's desired number of nodes (``{"nodes"}``)
+``ctl/range``                    a scheduler's node range for the running job (``{"min_nodes", "max_nodes"}``)
+``ctl/drain/<node>``             a request that a node leave at a safe point (``{"reason", "deadline", "at"}``)
+``ctl/stop``                     a request that the whole job end with a final save (``{"graceful", "at"}``)
+
+What agents and workers report for schedulers lives apart, under ``/elastic-report/<run_id>/``,
+so that its steady writes never wake the agents that watch the job's prefix:
+
+``settings``                     the job's settings as launched (every agent writes the same)
+``node/<node>``                  an agent's status (leased: it disappears with the agent)
+``progress/<node>/<local_rank>`` a worker's last committed step and last checkpointed step
+``events/<seq>``                 the bounded ring of the job's events (``seq``: time-ordered)
+``straggler``                    the profiler's latest straggler verdict
 """
 from __future__ import annotations
 
@@ -92,3 +105,41 @@ class JobKeys:
 
     def lostpeer(self, node_id: str, local_rank: Optional[int] = None) -> str:
         return self._key("lostpeer", node_id, local_rank)
+
+    # -- what schedulers ask for (the control plane) ----------------------------------------
+    def control(self) -> str:
+        return self.prefix + "ctl/"
+
+    def desired(self) -> str:
+        return self.prefix + "ctl/desired"
+
+    def node_range(self) -> str:
+        return self.prefix + "ctl/range"
+
+    def drain(self, node_id: Optional[str] = None) -> str:
+        return self._key("ctl", "drain", node_id)
+
+    def stop(self) -> str:
+        return self.prefix + "ctl/stop"
+
+    # -- what agents and workers report -------------------------------------------------------
+    @property
+    def report_prefix(self) -> str:
+        return f"/elastic-report/{self.run_id}/"
+
+    def settings(self) -> str:
+        return self.report_prefix + "settings"
+
+    def node_status(self, node_id: Optional[str] = None) -> str:
+        return self.report_prefix + ("node/" if node_id is None else f"node/{node_id}")
+
+    def progress(self, node_id: Optional[str] = None, local_rank: Optional[int] = None) -> str:
+        if node_id is None:
+            return self.report_prefix + "progress/"
+        return self.report_prefix + f"progress/{node_id}/" + ("" if local_rank is None else str(local_rank))
+
+    def events(self, seq: Optional[str] = None) -> str:
+        return self.report_prefix + "events/" + (seq or "")
+
+    def straggler(self) -> str:
+        return self.report_prefix + "straggler"

@@ -22,7 +22,8 @@ from .api import (NodeInfo, NodeTable, RendezvousClosedError, RendezvousSettings
                   RestartBudgetExceededError, Round)
 from .keys import JobKeys
 from .ledger import JobLedger
-from .state import ChangeReason, RoundChange, RoundState, RoundStatus, dumps
+from .changes import why_over
+from .state import ChangeReason, NodeLimits, RoundChange, RoundState, RoundStatus, dumps
 
 __all__ = ["RendezvousHandler"]
 
@@ -85,7 +86,7 @@ class RendezvousHandler:
                     unavailable_since = None
                     state = _state(kv)
                     if state is None:
-                        first = RoundState(1, RoundStatus.OPEN)
+                        first = RoundState(1, RoundStatus.OPEN, opener=self.node.node_id)
                         if self.store.compare_and_set(self._round_key, None, first.to_json())[0]:
                             self._opened_generation = 1
                         continue
@@ -94,7 +95,7 @@ class RendezvousHandler:
                         raise RendezvousClosedError(f"job failed: {state.reason or 'unknown'}")
                     if state.is_closed:
                         mine = prev is not None and prev.generation == gen
-                        if mine or len(state.nodes) < self.settings.max_nodes:
+                        if mine or len(state.nodes) < self.limits().target:
                             # We ran in it and need a new one, or it has room: open the next round.
                             self._open_next(kv, state)
                             continue
@@ -144,9 +145,11 @@ class RendezvousHandler:
                     return reason
         return None
 
-    def request_new_round(self, rnd: Round, reason: str, cause: ChangeReason) -> bool:
+    def request_new_round(self, rnd: Round, reason: str, cause: ChangeReason, *, joining: bool = True) -> bool:
         """End ``rnd`` so that every node re-rendezvouses; a worker's failure
         (:attr:`ChangeReason.WORKER_FAILED`) spends the restart budget, nothing else does.
+        ``joining=False``: this node will not join the next round (it drains), so the first
+        node that joins coordinates it.
 
         Returns whether this call opened the next round (another node may have been first).
         """
@@ -155,8 +158,17 @@ class RendezvousHandler:
         kv = self.store.get(self._round_key)
         state = _state(kv)
         if state and state.generation == rnd.generation and state.is_closed:
-            return self._open_next(kv, state, reason, cause)
+            return self._open_next(kv, state, reason, cause, joining=joining)
         return False
+
+    def limits(self) -> NodeLimits:
+        """The node range and desired size in force now (a scheduler may have changed them)."""
+        return NodeLimits.of(self.settings.min_nodes, self.settings.max_nodes, self._value(self.keys.node_range()),
+                             self._value(self.keys.desired()))
+
+    def _value(self, key: str) -> Optional[bytes]:
+        kv = self.store.get(key)
+        return None if kv is None else kv.value
 
     def charge_restart(self, reason: str) -> None:
         """Spend one restart of the job-wide budget; past it, fail the job and raise."""
@@ -229,7 +241,7 @@ class RendezvousHandler:
             # One node coordinates: whoever holds the (leased) coordinator key. A dead
             # coordinator's key expires with its lease and the next node to look takes over.
             won = False
-            if not first or self._opened_generation == gen:
+            if not first or self._opened_generation == gen or not state.opener:
                 me = self.node.node_id.encode()
                 won, holder = self.store.compare_and_set(coordinator_key, None, me, lease=self._lease)
                 won = won or (holder is not None and holder.value == me)
@@ -257,13 +269,16 @@ class RendezvousHandler:
         previous node that is alive (it is stopping its workers, which may take seconds:
         leaving it out would reorder the ranks and cost another round) until it joins or its
         lease ends; except in a round opened for a lost peer, where a dead node's lease runs
-        on and the last call decides.
+        on and the last call decides. A node asked to drain is not waited for; a scheduler's
+        desired size closes the round at once when reached.
         """
         settings = self.settings
         kvs, rev = self.store.get_prefix(join_prefix)
         joins: Dict[str, KeyValue] = {kv.key: kv for kv in kvs}
-        alive_prefix = self.keys.alive()
-        alive = {kv.key for kv in self.store.get_prefix(alive_prefix)[0]}
+        alive_prefix, drain_prefix = self.keys.alive(), self.keys.drain()
+        alive = {kv.key[len(alive_prefix):] for kv in self.store.get_prefix(alive_prefix)[0]}
+        draining = {kv.key[len(drain_prefix):] for kv in self.store.get_prefix(drain_prefix)[0]}
+        limits = self.limits()
         min_reached_at: Optional[float] = None
         kv = None
         while True:
@@ -275,19 +290,19 @@ class RendezvousHandler:
                     return
             now = time.monotonic()
             n = len(joins)
-            if n < settings.min_nodes:
+            if n < limits.min_nodes:
                 min_reached_at = None
             elif min_reached_at is None:
                 min_reached_at = now
             joined = {k[len(join_prefix):] for k in joins}
-            living = {k[len(alive_prefix):] for k in alive}
+            living = alive - draining
             prev = set(state.prev_nodes)
-            everyone = bool(prev) and n >= settings.min_nodes and living <= joined
+            everyone = bool(prev) and n >= limits.min_nodes and living <= joined
             patient = state.cause is not ChangeReason.LOST_PEER
             last_call_over = min_reached_at is not None and now - min_reached_at >= settings.last_call_s
             awaited = (patient and bool((prev & living) - joined)
                        and now - (min_reached_at or now) < settings.last_call_s + REJOIN_GRACE_S)
-            if n >= settings.max_nodes or everyone or (last_call_over and not awaited):
+            if n >= limits.target or everyone or (last_call_over and not awaited):
                 self._close(kv, state, sorted(joins.values(), key=lambda j: j.mod_revision))
                 kv = None
                 continue
@@ -300,7 +315,8 @@ class RendezvousHandler:
             except StoreCompactedError:
                 kvs, rev = self.store.get_prefix(join_prefix)
                 joins = {j.key: j for j in kvs}
-                alive = {a.key for a in self.store.get_prefix(alive_prefix)[0]}
+                alive = {a.key[len(alive_prefix):] for a in self.store.get_prefix(alive_prefix)[0]}
+                draining = {d.key[len(drain_prefix):] for d in self.store.get_prefix(drain_prefix)[0]}
                 kv = None
                 continue
             if not events:
@@ -313,7 +329,11 @@ class RendezvousHandler:
                     else:
                         joins.pop(event.key, None)
                 elif event.key.startswith(alive_prefix):
-                    (alive.add if event.kind == "put" else alive.discard)(event.key)
+                    (alive.add if event.kind == "put" else alive.discard)(event.key[len(alive_prefix):])
+                elif event.key.startswith(drain_prefix):
+                    (draining.add if event.kind == "put" else draining.discard)(event.key[len(drain_prefix):])
+                elif event.key.startswith(self.keys.control()):
+                    limits = self.limits()
                 elif event.key == self._round_key:
                     kv = None
                 rev = event.revision
@@ -337,7 +357,7 @@ class RendezvousHandler:
             return (2, join_idx, 0)  # newcomers are appended in join order
 
         ranked = [info for _, info in sorted(enumerate(infos), key=order)]
-        chosen = ranked[: self.settings.max_nodes]
+        chosen = ranked[: self.limits().max_nodes]
         closed = RoundState(state.generation, RoundStatus.CLOSED,
                             nodes=NodeTable.of([NodeInfo.from_json(i) for i in chosen]),
                             restart_count=self.ledger.restart_count())
@@ -346,8 +366,8 @@ class RendezvousHandler:
             log.info("round %d closed with %d node(s)", state.generation, len(chosen))
 
     def _open_next(self, kv: KeyValue, state: RoundState, reason: str = "",
-                   cause: Optional[ChangeReason] = None) -> bool:
-        nxt = state.opened_next(reason, cause)
+                   cause: Optional[ChangeReason] = None, joining: bool = True) -> bool:
+        nxt = state.opened_next(reason, cause, opener=self.node.node_id if joining else "")
         ok, _ = self.store.compare_and_set(self._round_key, kv.mod_revision, nxt.to_json())
         if ok:
             self._opened_generation = nxt.generation
@@ -362,35 +382,12 @@ class RendezvousHandler:
     # -- watching --------------------------------------------------------------------------
     def _relevant(self, key: str) -> bool:
         k = self.keys
-        return key in (k.round(), k.status()) or key.startswith((k.alive(), k.waiting()))
+        return key in (k.round(), k.status()) or key.startswith((k.alive(), k.waiting(), k.control()))
 
     def _check(self, rnd: Round) -> Tuple[Optional[RoundChange], int]:
         """Why ``rnd`` is over (None while it holds), and the revision that was read."""
         kvs, rev = self.store.get_prefix(self.prefix)
-        return self._why_over(rnd, kvs), rev
-
-    def _why_over(self, rnd: Round, kvs: List[KeyValue]) -> Optional[RoundChange]:
-        k = self.keys
-        by_key: Dict[str, KeyValue] = {kv.key: kv for kv in kvs}
-        status_kv = by_key.get(k.status())
-        status = json.loads(status_kv.value) if status_kv is not None else None
-        if status and status.get("failed"):
-            return RoundChange(ChangeReason.JOB_FAILED, f"job failed: {status['failed']}")
-        state = _state(by_key.get(k.round()))
-        if state is None or state.generation != rnd.generation:
-            if state is not None and state.is_failed:
-                return RoundChange(ChangeReason.JOB_FAILED, f"job failed: {state.reason or 'unknown'}")
-            return RoundChange(ChangeReason.ROUND_ENDED, f"round {rnd.generation} ended" + (
-                f" ({state.reason})" if state and state.reason else ""), cause=state and state.cause)
-        for node_id in rnd.node_ids:
-            if k.alive(node_id) not in by_key and k.done(rnd.generation, node_id) not in by_key:
-                return RoundChange(ChangeReason.NODE_LEFT, f"node {node_id} left or died", node_id)
-        if rnd.num_nodes < self.settings.max_nodes:
-            waiting = [key[len(k.waiting()):] for key in by_key if key.startswith(k.waiting())]
-            waiting = [node_id for node_id in waiting if node_id not in rnd.node_ids]
-            if waiting:
-                return RoundChange(ChangeReason.NODE_WAITING, f"node {waiting[0]} is waiting to join", waiting[0])
-        return None
+        return why_over(self.keys, self.settings, self.node.node_id, rnd, kvs), rev
 
     # -- helpers ---------------------------------------------------------------------------
     def _poll_s(self, deadline: float) -> float:
