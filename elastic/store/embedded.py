@@ -5,8 +5,9 @@ Run the server with ``elastic-rendezvous serve --port P`` or in-process::
     server = EmbeddedServer.from_conf("0.0.0.0", 29400, token="s3cret").start()
     store = create_store("embedded", "host:29400", token="s3cret")
 
-See :mod:`elastic.store._wire` for the protocol, :mod:`.embedded_server` and
-:mod:`.embedded_client` for the two halves.
+See :mod:`elastic.store._wire` for the protocol, :mod:`.embedded_client` for the client,
+:mod:`.embedded_server` (life cycle, listening, TLS) and :mod:`.embedded_connections` (each
+client connection) for the server.
 """
 from __future__ import annotations
 
