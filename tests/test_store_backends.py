@@ -104,3 +104,24 @@ def test_the_memory_backend_stays_in_process(tmp_path):
     config = LaunchConfig(entrypoint=(str(script),), rdzv_backend="memory", rdzv_conf={"anything": "1"})
     store, server, local, env = _open_store(config)
     assert isinstance(store, MemoryStore) and server is None and local == "127.0.0.1" and env == {}
+
+
+def test_a_hosted_server_is_stopped_when_connecting_to_it_fails(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    served = []
+
+    def factory(endpoint="", **conf):
+        raise ConfigError("cannot connect")
+
+    def serve(host, port, **conf):
+        served.append(_FakeServer(host, port, conf))
+        return served[-1]
+
+    factory.spec = BackendSpec(serve=serve)
+    name = f"broken-{uuid.uuid4().hex[:6]}"
+    backends.register(name, factory)
+    config = LaunchConfig(entrypoint=(str(script),), rdzv_backend=name, rdzv_endpoint="127.0.0.1:0")
+    with pytest.raises(ConfigError, match="cannot connect"):
+        _open_store(config)
+    assert [s.stopped for s in served] == [True]
