@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from typing import Dict, List, Optional
 
@@ -29,9 +28,10 @@ from ..net import free_port, free_port_range
 from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
                           Round)
 from ..rendezvous.protocol import LOST_PEER_REASON
-from ..rendezvous.state import ChangeReason, RoundChange, RoundState
+from ..rendezvous.state import ChangeReason, RoundState
 from .api import FrameworkAdapter, RunOutcome, RunResult, WorkerExit, WorkerSpec
 from .forkserver import FORK_SAFE_PRELOADS, ForkServer
+from .watch import RoundWatcher
 from .workers import StandbyPool, WorkerGroup
 
 __all__ = ["ElasticAgent"]
@@ -63,10 +63,7 @@ class ElasticAgent:
         self.round: Optional[Round] = None
         self._group: Optional[WorkerGroup] = None
         self._standbys = None  # a ForkServer, or a StandbyPool where the framework is not fork-safe
-        self._change = threading.Event()
-        self._change_seen: Optional[RoundChange] = None
-        self._lost_peer_reason = ""  # an in-place worker's report that a collective lost a peer
-        self._watch_stop = threading.Event()
+        self._watcher: Optional[RoundWatcher] = None
         self._base_env = self._make_base_env()
 
     # -- main loop -------------------------------------------------------------------------
@@ -91,7 +88,8 @@ class ElasticAgent:
             self.handler.leave()
             return 1
         finally:
-            self._watch_stop.set()
+            if self._watcher is not None:
+                self._watcher.stop()
             for s, h in previous.items():
                 signal.signal(s, h)
             if self._standbys:
@@ -302,34 +300,9 @@ class ElasticAgent:
         self._restart_watch(rnd)
 
     def _restart_watch(self, rnd: Round) -> None:
-        self._watch_stop.set()
-        self._change.clear()
-        self._change_seen = None
-        self._lost_peer_reason = ""
-        self._watch_stop = threading.Event()
-        threading.Thread(target=self._watch, args=(rnd, self._watch_stop), name="rdzv-watch",
-                         daemon=True).start()
-        threading.Thread(target=self._watch_lost_peers, args=(rnd, self._watch_stop), name="lost-peer-watch",
-                         daemon=True).start()
-
-    def _watch_lost_peers(self, rnd: Round, stop: threading.Event) -> None:
-        """Wake the monitor when an in-place worker of this node reports a lost peer in ``rnd``."""
-        prefix = self.handler.keys.lostpeer(self.handler.node.node_id)
-        store = self.handler.store
-        while not stop.is_set():
-            try:
-                kvs, rev = store.get_prefix(prefix)
-                for kv in kvs:
-                    record = json.loads(kv.value)
-                    if record.get("generation") == rnd.generation and not stop.is_set():
-                        self._lost_peer_reason = str(record.get("reason") or "connection lost")
-                        self._change.set()
-                        return
-                store.wait(prefix, rev, timeout_s=1.0)
-            except Exception as exc:  # a store hiccup: the leases still decide liveness
-                if stop.wait(0.5):
-                    return
-                log.debug("watching for lost peers: %s", exc)
+        if self._watcher is not None:
+            self._watcher.stop()
+        self._watcher = RoundWatcher(self.handler, rnd)
 
     def _scratch_dir(self) -> str:
         path = os.path.join(tempfile.gettempdir(), f"elastic-run-{os.getuid()}")
@@ -337,25 +310,11 @@ class ElasticAgent:
         return path
 
     def _stop_workers(self) -> None:
-        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.stop()
         if self._group is not None:
             self._group.stop()
             self._group = None
-
-    def _watch(self, rnd: Round, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                change = self.handler.watch(rnd, timeout_s=1.0)
-            except Exception as exc:  # a store hiccup: keep watching, the lease decides liveness
-                if stop.is_set():
-                    return
-                log.warning("watching the round failed: %s", exc)
-                stop.wait(0.5)
-                continue
-            if change and not stop.is_set():
-                self._change_seen = change
-                self._change.set()
-                return
 
     def _monitor(self, rnd: Round) -> RunResult:
         group = self._group
@@ -367,9 +326,10 @@ class ElasticAgent:
                 return RunResult(RunOutcome.FAILED, failure=failed[0])
             if exits and len(exits) == len(group.workers) and all(e.returncode == 0 for e in exits):
                 return RunResult(RunOutcome.SUCCEEDED)
-            if self._change.wait(self.monitor_interval_s):
-                if self._change_seen is not None or not self._lost_peer_reason:
-                    return RunResult(RunOutcome.ROUND_CHANGED, change=self._change_seen)
+            watcher = self._watcher
+            if watcher.event.wait(self.monitor_interval_s):
+                if watcher.change is not None or not watcher.lost_peer:
+                    return RunResult(RunOutcome.ROUND_CHANGED, change=watcher.change)
                 # A local worker's death also breaks its peers' connections: a failure seen
                 # within a monitor interval is that (charged), not another node's loss.
                 deadline = time.monotonic() + self.monitor_interval_s
@@ -378,7 +338,7 @@ class ElasticAgent:
                 failed = [e for e in group.poll() if e.returncode != 0]
                 if failed:
                     return RunResult(RunOutcome.FAILED, failure=failed[0])
-                return RunResult(RunOutcome.LOST_PEER, lost_peer=self._lost_peer_reason)
+                return RunResult(RunOutcome.LOST_PEER, lost_peer=watcher.lost_peer)
 
     # -- failures --------------------------------------------------------------------------
     def _report_failure(self, rnd: Round, failure: WorkerExit) -> None:
