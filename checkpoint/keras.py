@@ -142,7 +142,7 @@ class TrainingCheckpoint:
         self.sigterm_grace_s = float(sigterm_grace_s)
         self._term = threading.Event()
         self._final = threading.Event()  # the main thread took the SIGTERM path
-        self._prev_handler = None
+        self._prev_handler: Any = None
         self._wakeup: Optional[tuple] = None
         # The chief writes the whole (replicated) state as a world of one; the others only read.
         self._ck = Checkpointer(url, keep=keep, storage_options=storage_options, rank=0, world_size=1,
@@ -191,7 +191,7 @@ class TrainingCheckpoint:
     def due(self, step: int) -> bool:
         if self.every_steps and step % self.every_steps == 0:
             return True
-        return bool(self.every_s) and time.monotonic() - self._last_save_t >= self.every_s
+        return self.every_s is not None and time.monotonic() - self._last_save_t >= self.every_s
 
     def step_end(self, step: int, extra: Optional[Mapping[str, Any]] = None) -> bool:
         """Call after each step; saves when due. Returns whether it saved.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from elastic.errors import ConfigError
 from elastic.registry import Registry
@@ -50,7 +50,7 @@ def _parse(source: str, where: str = "the script") -> Optional[ast.AST]:
 
 
 def _imports(tree: Optional[ast.AST]) -> Tuple[str, ...]:
-    names = []
+    names: List[str] = []
     for node in ast.walk(tree) if tree is not None else ():
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
@@ -82,7 +82,7 @@ def _script_tree(script: Optional[str], warn: bool) -> Optional[ast.AST]:
     if not source:
         return None
     if warn:
-        return _parse(source, script)
+        return _parse(source, script or "the script")
     try:
         return ast.parse(source)
     except (SyntaxError, ValueError):

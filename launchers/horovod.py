@@ -92,7 +92,7 @@ def host_plan(rnd, fresh_local_ranks: Optional[Sequence[int]] = None) -> list:
 
 def _addresses(host: str) -> List[str]:
     try:
-        return sorted({ai[4][0] for ai in socket.getaddrinfo(host, None, socket.AF_INET)})
+        return sorted({str(ai[4][0]) for ai in socket.getaddrinfo(host, None, socket.AF_INET)})
     except socket.gaierror:
         return []
 
@@ -149,7 +149,7 @@ def _generation_of(hostname: str) -> int:
 def _handler_class(plan_ref, generation: int):
     http = require("horovod.runner.http.http_server", "--framework horovod")
 
-    class Handler(http.RendezvousHandler):
+    class Handler(http.RendezvousHandler):  # type: ignore[name-defined]
         """Horovod's Gloo rendezvous, plus its elastic ``rank_and_size`` lookup from the plan
         (asked by a worker's ``hvd.init()`` after a reset, with ``HOROVOD_ELASTIC=1``)."""
 
