@@ -82,6 +82,7 @@ class Slot:
 
     def _open_locked(self) -> int:
         """The slot file, locked exclusively; a file a reader holds is replaced by a new one."""
+        assert self.directory is not None  # only a shared-memory slot has a file
         path = os.path.join(self.directory, _DATA)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -95,6 +96,7 @@ class Slot:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        assert self.directory is not None
         _unlink(os.path.join(self.directory, _DATA))
         self.capacity = 0
 

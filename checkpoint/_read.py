@@ -159,7 +159,7 @@ def plan_regions(step: int, m: Manifest, refs: Sequence[Tuple[Tuple[Any, ...], d
     regions: Dict[Tuple[Any, ...], Region] = {}
     for path, node in refs:
         key = node.get("key") if isinstance(node, dict) else None
-        if key not in m.tensors:
+        if not isinstance(key, str) or key not in m.tensors:
             raise CheckpointCorruptError(f"step {step}: tree names tensor {key!r} the manifest lacks")
         gshape = m.tensors[key].shape
         tgt = targets.get(path)

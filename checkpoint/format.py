@@ -121,6 +121,13 @@ def _ints(d: Mapping[str, Any], key: str, where: str) -> Tuple[int, ...]:
     return tuple(v)
 
 
+def _loads(data: bytes, where: str, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise _bad(where, f"unreadable {what}: {exc}") from exc
+
+
 def _obj(d: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(d, dict):
         raise _bad(where, f"expected an object, got {type(d).__name__}")
@@ -291,11 +298,7 @@ class Part:
 
     @classmethod
     def loads(cls, data: bytes, where: str) -> "Part":
-        try:
-            d = json.loads(data)
-        except ValueError as exc:
-            raise _bad(where, f"unreadable part: {exc}") from exc
-        return cls.from_json(d, where)
+        return cls.from_json(_loads(data, where, "part"), where)
 
 
 @dataclass(frozen=True)
@@ -347,11 +350,7 @@ class Manifest:
 
     @classmethod
     def loads(cls, data: bytes, where: str) -> "Manifest":
-        try:
-            d = json.loads(data)
-        except ValueError as exc:
-            raise _bad(where, f"unreadable manifest: {exc}") from exc
-        return cls.from_json(d, where)
+        return cls.from_json(_loads(data, where, "manifest"), where)
 
 
 @dataclass(frozen=True)
