@@ -18,13 +18,18 @@ from typing import Callable, Dict, Optional
 from .errors import ElasticError
 from .rendezvous.state import RoundState
 
-__all__ = ["WorkerLink", "MembershipChangedError", "NoNewRoundError"]
+__all__ = ["WorkerLink", "MembershipChangedError", "NoNewRoundError", "DrainRequested", "drain_requested"]
 
 log = logging.getLogger("elastic.worker")
 
 
 class MembershipChangedError(ElasticError):
     """The job's membership changed: the workers must re-form (raised at ``commit()``)."""
+
+
+class DrainRequested(ElasticError):
+    """This worker's node was asked to drain, or the job to stop: save and leave (raised at
+    ``commit()``; ``@elastic.run`` runs the state's drain callbacks and ends the worker)."""
 
 
 class NoNewRoundError(ElasticError, TimeoutError):
@@ -43,6 +48,9 @@ class WorkerLink:
         self.local_rank = local_rank
         self.generation = generation
         self._changed = threading.Event()
+        self._drain = threading.Event()  # our node drains, or the job stops: set once, for good
+        self._progress: Dict[str, int] = {}
+        self._progress_at = 0.0
         self.on_change: Optional[Callable[[], None]] = None  # called once per change, from the watch
         self._stop = threading.Event()
         self._watcher: Optional[threading.Thread] = None
@@ -77,6 +85,27 @@ class WorkerLink:
     def membership_changed(self) -> bool:
         return self._changed.is_set()
 
+    @property
+    def drain_requested(self) -> bool:
+        return self._drain.is_set()
+
+    def report_progress(self, step: Optional[int] = None, checkpoint_step: Optional[int] = None,
+                        min_interval_s: float = 1.0) -> None:
+        """Publish this worker's last committed / checkpointed step for ``JobController.status()``
+        (at most once per ``min_interval_s`` unless a checkpoint step is new)."""
+        news = {k: int(v) for k, v in (("step", step), ("checkpoint_step", checkpoint_step)) if v is not None}
+        fresh_checkpoint = "checkpoint_step" in news and news["checkpoint_step"] != self._progress.get("checkpoint_step")
+        self._progress.update(news)
+        now = time.monotonic()
+        if not fresh_checkpoint and now - self._progress_at < min_interval_s:
+            return
+        self._progress_at = now
+        try:
+            self.store.put(self.keys.progress(self.node_id, self.local_rank),
+                           json.dumps({**self._progress, "time": time.time(), "pid": os.getpid()}).encode())
+        except Exception as exc:  # progress is for schedulers' eyes; training goes on without it
+            log.debug("reporting progress: %s", exc)
+
     def wait_for_new_place(self, timeout_s: float) -> Dict[str, str]:
         """Block until the agent publishes this worker's place in a newer round; apply it."""
         key = self.keys.assign(self.node_id, self.local_rank)
@@ -107,20 +136,29 @@ class WorkerLink:
         self._watcher.start()
 
     def _watch(self, generation: int, stop: threading.Event) -> None:
-        """Set the flag once the round moves past ``generation`` (reopened or replaced)."""
-        key = self.keys.round()
+        """Set the flags once the round moves past ``generation`` (reopened or replaced), or our
+        node is asked to drain, or the job to stop (the control keys sit under the job prefix)."""
+        k = self.keys
+        reported = False
         while not stop.is_set():
             try:
-                kv = self.store.get(key)
+                kvs, rev = self.store.get_prefix(k.prefix)
+                by_key = {kv.key: kv for kv in kvs if kv.key in (k.round(), k.drain(self.node_id), k.stop())}
+                if k.drain(self.node_id) in by_key or k.stop() in by_key:
+                    self._drain.set()
+                kv = by_key.get(k.round())
                 state = RoundState.from_json(kv.value) if kv else None
-                if state is None or state.generation != generation or not state.is_closed:
+                over = state is None or state.generation != generation or not state.is_closed
+                if (over or self._drain.is_set()) and not reported:
                     if stop.is_set():  # replaced by a newer round's watcher: its news, not ours
                         return
+                    reported = True
                     self._changed.set()
                     if self.on_change is not None:
                         self.on_change()
-                    return
-                self.store.wait(key, kv.mod_revision, timeout_s=5.0)
+                if self._drain.is_set():
+                    return  # a drain may still follow a round change: until then, keep watching
+                self.store.wait(k.prefix, rev, timeout_s=5.0)
             except Exception as exc:  # the store going away ends the job anyway
                 if stop.wait(0.5):
                     return
@@ -133,3 +171,19 @@ class WorkerLink:
         except Exception:
             pass
         self.store.close()
+
+
+_process_link: Dict[str, Optional[WorkerLink]] = {}
+
+
+def drain_requested() -> bool:
+    """Whether this worker's node was asked to drain (or the job to stop): a plain training
+    script polls it between steps, saves and exits. False outside ``elastic-run``; the agent
+    also sends SIGTERM after publishing the drain, so a script that handles SIGTERM needs no poll."""
+    if "link" not in _process_link:
+        link = WorkerLink.from_env()
+        if link is not None:
+            link._start_watch()
+        _process_link["link"] = link
+    link = _process_link["link"]
+    return link is not None and link.drain_requested

@@ -28,7 +28,8 @@ from typing import Any, Callable, Optional
 
 from . import _collectives
 from .lazy import require
-from ._worker import MembershipChangedError, WorkerLink
+from ._worker import DrainRequested, MembershipChangedError, WorkerLink
+from .errors import one_line
 from .faults import looks_like_bug, looks_like_lost_peer
 from .state import State
 
@@ -184,7 +185,7 @@ class _Session:
                 if self.link is None or not is_recoverable(exc):
                     raise
                 log.warning("rank %s: the round broke while forming (%s); waiting for the next one",
-                            os.environ.get("RANK"), str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+                            os.environ.get("RANK"), one_line(exc))
             self.backend.teardown()
             self.state.restore()
             self.link.wait_for_new_place(self.timeout_s)
@@ -199,11 +200,18 @@ class _Session:
             while True:
                 try:
                     return func(self.state, *args, **kwargs)
+                except DrainRequested:
+                    lost_peer = None
                 except Exception as exc:
-                    if self.link is None or not is_recoverable(exc):
+                    if self.link is not None and self.link.drain_requested and is_recoverable(exc):
+                        lost_peer = None  # a peer that drained first: this node drains too
+                    elif self.link is None or not is_recoverable(exc):
                         raise
-                    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-                    lost_peer = not _is_membership_news(exc)
+                    else:
+                        reason = one_line(exc)
+                        lost_peer = not _is_membership_news(exc)
+                if lost_peer is None:
+                    self._drain()
                 # Out of the except block the failed call's frames (and the DDP module, whose
                 # reducer holds the old group) are freed before the group is torn down.
                 if lost_peer:
@@ -213,6 +221,14 @@ class _Session:
             if self.link is not None:
                 self.link.close()
             self.backend.close()
+
+    def _drain(self) -> None:
+        """Leave at the last commit: roll back to it, run the drain callbacks (the save), end the
+        worker with exit 0. The agent then leaves the job; the others re-form without us."""
+        self.state.restore()
+        log.warning("rank %s: draining at the last commit; running the drain callbacks", os.environ.get("RANK"))
+        self.state.on_drain()
+        raise SystemExit(0)
 
     def _recover(self, reason: str) -> None:
         t0 = time.monotonic()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Dict, List
 
-from ._worker import MembershipChangedError
+from ._worker import DrainRequested, MembershipChangedError
 
 __all__ = ["State", "ObjectState", "TorchState"]
 
@@ -25,6 +25,7 @@ class State:
 
     def __init__(self) -> None:
         self._reset_callbacks: List[Callable[[], None]] = []
+        self._drain_callbacks: List[Callable[[], None]] = []
         self._link = None  # set by @elastic.run under elastic-run
         self.commits = 0
 
@@ -35,14 +36,30 @@ class State:
         for callback in self._reset_callbacks:
             callback()
 
+    def register_drain_callbacks(self, callbacks: List[Callable[[], None]]) -> None:
+        """Run when this worker's node drains or the job stops, with the state at its last
+        ``commit()``: save a checkpoint here (e.g. ``lambda: ck.save(state.step, ..., blocking=True)``),
+        so the step the node completed last is the one that survives it."""
+        self._drain_callbacks.extend(callbacks)
+
+    def on_drain(self) -> None:
+        for callback in self._drain_callbacks:
+            callback()
+
     def commit(self) -> None:
         """Keep a copy of the state to roll back to, then check for membership news."""
         self.save()
         self.commits += 1
+        if self._link is not None:
+            step = getattr(self, "step", None)
+            self._link.report_progress(step=step if isinstance(step, int) else None)
         self.check_membership()
 
     def check_membership(self) -> None:
-        """Raise :class:`MembershipChangedError` if the agent reported a new round."""
+        """Raise :class:`DrainRequested` if this node drains (or the job stops), else
+        :class:`MembershipChangedError` if the agent reported a new round."""
+        if self._link is not None and self._link.drain_requested:
+            raise DrainRequested("this node drains: saving and leaving")
         if self._link is not None and self._link.membership_changed:
             raise MembershipChangedError("the job's membership changed; re-forming")
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from elastic.control import EXIT_DRAINED
 from services import free_port
 
 BIN = os.path.dirname(sys.executable)
@@ -121,8 +122,8 @@ def test_scale_down_when_an_agent_dies_or_leaves(procs, tmp_path, how):
     gone = procs.wait(timeout_s=30, names=["a2"], check=False)["a2"]
     if how == "SIGKILL":
         assert gone.signal == signal.SIGKILL
-    else:
-        assert gone.returncode == 128 + signal.SIGTERM
+    else:  # SIGTERM drains the node: its workers stop, it leaves, its agent says "drained"
+        assert gone.returncode == EXIT_DRAINED
     assert wait_gone(worker_pid, timeout_s=30)  # the dead node's worker died with it
     (tmp_path / "finish").write_text("")
     results = procs.wait(timeout_s=60, names=["a0", "a1"])

@@ -20,8 +20,9 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..faults import looks_like_lost_peer
 from ..net import free_port, free_port_range
@@ -29,14 +30,19 @@ from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, Re
                           Round)
 from ..rendezvous.protocol import LOST_PEER_REASON
 from ..rendezvous.state import ChangeReason, RoundState
+from ..control.api import EXIT_DRAINED, Drain, DrainReason, JobEvent, NodeState
 from .api import FrameworkAdapter, RunOutcome, RunResult, WorkerExit, WorkerSpec
 from .forkserver import FORK_SAFE_PRELOADS, ForkServer
+from .reporter import NodeReporter
 from .watch import RoundWatcher
 from .workers import StandbyPool, WorkerGroup
 
 __all__ = ["ElasticAgent"]
 
 log = logging.getLogger("elastic.agent")
+
+#: How long a drain without a deadline (a SIGTERM's) may take: inside Kubernetes' 30 s grace.
+DEFAULT_DRAIN_GRACE_S = 25.0
 
 
 class _Terminated(Exception):
@@ -50,8 +56,14 @@ class ElasticAgent:
 
     def __init__(self, spec: WorkerSpec, handler: RendezvousHandler, *, monitor_interval_s: float = 0.1,
                  adapter: Optional[FrameworkAdapter] = None,
-                 store_env: Optional[Dict[str, str]] = None) -> None:
+                 store_env: Optional[Dict[str, str]] = None, drain_signals: Sequence[int] = (signal.SIGTERM,),
+                 drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
+                 on_event: Optional[Callable[[JobEvent], None]] = None) -> None:
         self.spec = spec
+        self.drain_signals = tuple(drain_signals)
+        self.drain_grace_s = drain_grace_s  # a drain without a deadline (SIGTERM's) ends by then
+        self.reporter = NodeReporter(handler, spec.nproc_per_node, on_event)
+        self._notice = 0  # a drain signal received while workers run: drained by the monitor
         self.adapter = adapter or FrameworkAdapter()
         self.handler = handler
         self.settings = handler.settings
@@ -68,7 +80,12 @@ class ElasticAgent:
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> int:
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # signals belong to the main thread
+            previous = {s: signal.signal(s, self._on_signal)
+                        for s in {signal.SIGTERM, signal.SIGINT, *self.drain_signals}}
+        self.reporter.publish_settings(run_id=self.settings.run_id, min_nodes=self.settings.min_nodes,
+                                       max_nodes=self.settings.max_nodes, max_restarts=self.settings.max_restarts)
         try:
             if self.spec.standby and not self.spec.no_python:
                 if set(self.spec.preload) <= FORK_SAFE_PRELOADS:  # one import per node, forked on demand
@@ -81,12 +98,10 @@ class ElasticAgent:
             log.warning("agent received %s: stopping workers and leaving the job", exc)
             self._stop_workers()
             self.handler.leave()
+            self.reporter.emit("left", signal=str(exc))
             return 128 + exc.signum
         except RendezvousClosedError as exc:
-            self._stop_workers()
-            self._print_failure_summary(str(exc))
-            self.handler.leave()
-            return 1
+            return self._fail(str(exc))
         finally:
             if self._watcher is not None:
                 self._watcher.stop()
@@ -111,6 +126,8 @@ class ElasticAgent:
                 self.handler.mark_done(rnd)
                 self._stop_workers()
                 self.handler.leave()
+                self.reporter.update(NodeState.SUCCEEDED)
+                self.reporter.emit("succeeded")
                 return 0
             failure = result.failure
             in_place = self._workers_recover_in_place(exclude=[failure.local_rank] if failure else [])
@@ -119,8 +136,12 @@ class ElasticAgent:
                 if code is not None:
                     return code
                 continue
+            if result.change and result.change.reason in (ChangeReason.DRAIN_REQUESTED, ChangeReason.STOP_REQUESTED):
+                return self._drain(rnd, result.change.reason is ChangeReason.STOP_REQUESTED,
+                                   self._workers_recover_in_place(exclude=[]))
             if failure:
                 log.error("%s", failure.describe())
+                self.reporter.emit("failure", rank=failure.rank, error=failure.describe())
                 self._report_failure(rnd, failure)
                 if not in_place:
                     self._stop_workers()
@@ -132,6 +153,8 @@ class ElasticAgent:
                 if result.change.reason is ChangeReason.JOB_FAILED:
                     return self._fail(str(result.change))
                 log.warning("membership changed: %s", result.change)
+                self.reporter.emit("membership_changed", reason=result.change.reason.value,
+                                   node=result.change.node_id or "", message=str(result.change))
                 if not in_place:
                     self._stop_workers()
             rnd = self._next_round(rnd)
@@ -146,6 +169,7 @@ class ElasticAgent:
         by the node that opened it, unless a worker's failure was already charged for it.
         """
         log.warning("a worker lost a peer (%s); opening the next round", why)
+        self.reporter.emit("lost_peer", error=why)
         if not in_place:
             self._stop_workers()
         opened = self.handler.request_new_round(rnd, f"{LOST_PEER_REASON}: {why}", ChangeReason.LOST_PEER)
@@ -169,8 +193,44 @@ class ElasticAgent:
     def _fail(self, reason: str) -> int:
         self._stop_workers()
         self._print_failure_summary(reason)
+        self.reporter.update(NodeState.FAILED)
+        self.reporter.emit("failed", reason=reason)
         self.handler.leave()
         return 1
+
+    def _drain(self, rnd: Round, stop: bool, in_place: bool) -> int:
+        """Leave at a safe point: in-place workers save at their next ``commit()`` and exit 0 (the
+        others re-form in place at the same commit: the round this node opens, without it);
+        other workers get SIGTERM (their save-on-SIGTERM path) and SIGKILL at the deadline."""
+        keys, me = self.handler.keys, self.handler.node.node_id
+        kv = self.handler.store.get(keys.stop() if stop else keys.drain(me))
+        drain = Drain.from_json(json.loads(kv.value)) if kv else Drain(DrainReason.PREEMPTION)
+        if stop:
+            drain = Drain(DrainReason.STOP, drain.deadline, drain.at)
+        deadline = drain.deadline or time.time() + self.drain_grace_s
+        log.warning("%s: workers save and leave (deadline in %.1fs)", "job stop" if stop else f"drain ({drain.reason.value})",
+                    deadline - time.time())
+        self.reporter.update(NodeState.DRAINING, drain=drain)
+        self.reporter.emit("stop" if stop else "drain", reason=drain.reason.value, deadline=drain.deadline)
+        if in_place:
+            if not stop:
+                self.handler.request_new_round(rnd, f"node {me} drains ({drain.reason.value})",
+                                               ChangeReason.REQUESTED, joining=False)
+            while time.time() < deadline and not all(w.proc.poll() is not None for w in self._group.workers):
+                time.sleep(self.monitor_interval_s)
+            self._stop_workers()  # what outlived the deadline
+        else:
+            self._watcher.stop()
+            self._group.stop(grace_s=max(0.0, deadline - time.time()))
+            self._group = None
+        if stop:
+            self.handler.mark_done(rnd)
+        self.handler.leave()
+        if not stop:
+            self.handler.store.delete(keys.drain(me))  # it has left: the request is done
+        self.reporter.update(NodeState.STOPPED if stop else NodeState.DRAINED)
+        self.reporter.emit("stopped" if stop else "drained", reason=drain.reason.value)
+        return 0 if stop else EXIT_DRAINED
 
     @staticmethod
     def _lost_a_peer(rnd: Round, failure: WorkerExit) -> bool:
@@ -220,16 +280,22 @@ class ElasticAgent:
             group.replace({i: self.worker_env(rnd, i) for i in dead}, self._attempt_dir(rnd))
         log.info("round %d: workers re-formed in place (pids %s; new: local ranks %s)",
                  rnd.generation, group.pids, dead or "none")
+        self.reporter.update(NodeState.RUNNING, rnd=rnd, pids=group.pids)
 
     def _next_round(self, prev: Optional[Round]) -> Round:
         node = self.handler.node
         node = NodeInfo(node.node_id, node.host, node.nproc, master_port=free_port(), rank_hint=node.rank_hint,
                         aux_port=free_port_range(node.nproc))
         t0 = time.monotonic()
+        self.reporter.update(NodeState.RENDEZVOUS)
         rnd = self.handler.next_round(prev, node)
         self.round = rnd
         log.info("round %d: node rank %d of %d, world size %d (%.2fs)", rnd.generation, rnd.node_rank,
                  rnd.num_nodes, rnd.world_size, time.monotonic() - t0)
+        self.reporter.round = rnd
+        if rnd.node_rank == 0:  # one event per round, from its node rank 0
+            self.reporter.emit("round", world_size=rnd.world_size, nodes=list(rnd.node_ids),
+                               rendezvous_s=round(time.monotonic() - t0, 3))
         return rnd
 
     # -- workers ---------------------------------------------------------------------------
@@ -298,6 +364,7 @@ class ElasticAgent:
         self._group = group
         log.info("started %d worker(s), pids %s", len(group.pids), group.pids)
         self._restart_watch(rnd)
+        self.reporter.update(NodeState.RUNNING, rnd=rnd, pids=group.pids)
 
     def _restart_watch(self, rnd: Round) -> None:
         if self._watcher is not None:
@@ -319,6 +386,9 @@ class ElasticAgent:
     def _monitor(self, rnd: Round) -> RunResult:
         group = self._group
         while True:
+            self.reporter.alive()
+            if self._notice > 0:
+                self._notice_to_drain()
             group.kill_stopped()  # a SIGSTOPped worker hangs its peers: treat it as dead
             exits = group.poll()
             failed = [e for e in exits if e.returncode != 0]
@@ -361,4 +431,14 @@ class ElasticAgent:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
     def _on_signal(self, signum, frame) -> None:
+        if signum in self.drain_signals and self._group is not None and not self._notice:
+            self._notice = signum  # workers run: the monitor drains this node (no store I/O in a handler)
+            return
         raise _Terminated(signum)
+
+    def _notice_to_drain(self) -> None:
+        """A drain signal: ask for this node's drain on the store, as a scheduler would."""
+        log.warning("agent received %s: draining this node", signal.Signals(self._notice).name)
+        drain = Drain(DrainReason.PREEMPTION, time.time() + self.drain_grace_s, time.time())
+        self.handler.store.put(self.handler.keys.drain(self.handler.node.node_id), json.dumps(drain.to_json()).encode())
+        self._notice = -1

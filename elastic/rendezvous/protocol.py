@@ -64,6 +64,11 @@ class RendezvousHandler:
         self._heartbeat.start()
 
     # -- public ----------------------------------------------------------------------------
+    @property
+    def lease(self) -> int:
+        """This node's lease: keys put with it vanish when the node dies or leaves."""
+        return self._lease
+
     def next_round(self, prev: Optional[Round] = None, node: Optional[NodeInfo] = None) -> Round:
         """Join the next round and block until it closes with us in it.
 
