@@ -272,7 +272,7 @@ class Storage:
     def _read_stream(self, path: str, expect_size: int, expect_crc: Optional[int],
                      crc_pool: ThreadPoolExecutor) -> np.ndarray:
         buf = alloc_bytes(expect_size)
-        view = memoryview(buf)
+        view = buf.data
         crc = [0]
 
         def update(v: memoryview) -> None:

@@ -135,7 +135,7 @@ class TensorLeaf:
         else:
             src = self.value if not self.shape else self.value[r0:r1]
             arr = np.ascontiguousarray(src)
-        return memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+        return arr.reshape(-1).view(np.uint8).data if arr.size else memoryview(b"")
 
 
 def _leaf_of(x: Any, key: str, kind: str, offsets=None, global_shape=None) -> TensorLeaf:

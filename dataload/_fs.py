@@ -43,4 +43,4 @@ class LazyFS:
         return {"url": self.url, "storage_options": self.storage_options}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["url"], state["storage_options"])
+        LazyFS.__init__(self, state["url"], state["storage_options"])
