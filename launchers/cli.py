@@ -112,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
                "(default $TORCH_ELASTIC_SHUTDOWN_TIMEOUT, else 5)")
     _switch(p, "--virtual-local-rank", "--virtual_local_rank", dest="virtual_local_rank",
             help="LOCAL_RANK=0 and CUDA_VISIBLE_DEVICES=<its GPU> in every worker")
+    _flag(p, "--drain-signals", dest="drain_signals", default="SIGTERM",
+          help="signals that drain this node: workers save at a safe point, the node leaves, the agent "
+               "exits 75 (default SIGTERM; Slurm's --signal=B:USR1@N: SIGTERM,SIGUSR1)")
+    _flag(p, "--drain-grace", dest="drain_grace", default="25",
+          help="seconds a drain without a deadline may take before workers are killed (default 25: "
+               "inside Kubernetes' 30 s termination grace)")
+    _flag(p, "--control-port", dest="control_port", default=None,
+          help="serve /healthz, /readyz, /status, /metrics and POST /drain on this port (0: any free one)")
+    _flag(p, "--control-host", dest="control_host", default="127.0.0.1",
+          help="address of the control port (default 127.0.0.1; off loopback it needs the job's token)")
     _flag(p, "--preload", dest="preload", default=None,
           help="modules warm standbys import ahead of time (default: frameworks the script imports)")
     _flag(p, "--framework", dest="framework", default="auto",
@@ -272,12 +282,16 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     module, no_python = args.module, args.no_python
     if args.run_path:  # torchrun: runpy.run_path in the worker, which is how every worker runs a script
         module = no_python = False
-    from .frameworks import create_adapter, resolve_framework, standby_preload
+    from .frameworks import create_adapter, resolve_framework
 
     script = None if module or no_python else args.training_script
     adapter = create_adapter(resolve_framework(args.framework, script))
-    if preload is None and script:
-        preload = standby_preload(script) or None
+    try:
+        drain_grace = float(args.drain_grace)
+        control_port = None if args.control_port in (None, "") else int(args.control_port)
+    except ValueError:
+        raise UserError(f"--drain-grace {args.drain_grace!r} / --control-port {args.control_port!r}: "
+                        "expected seconds / a port number") from None
     return LaunchConfig(
         entrypoint=(args.training_script, *args.training_script_args),
         min_nodes=lo, max_nodes=hi, nproc_per_node=nproc,
@@ -288,7 +302,8 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         local_addr=args.local_addr, role=args.role, standby=args.standby, preload=preload,
         adapter=adapter, console_local_ranks=console, numa_binding=args.numa_binding,
         signals_to_handle=parse_signals(args.signals_to_handle), shutdown_timeout_s=shutdown,
-        virtual_local_rank=args.virtual_local_rank,
+        virtual_local_rank=args.virtual_local_rank, drain_signals=parse_signals(args.drain_signals, "--drain-signals"),
+        drain_grace_s=drain_grace, control_port=control_port, control_host=args.control_host,
     )
 
 

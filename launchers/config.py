@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from elastic.errors import ConfigError
 
@@ -125,7 +125,7 @@ def is_local_host(host: str) -> bool:
 DEFAULT_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")  # torchrun's --signals-to-handle
 
 
-def parse_signals(value) -> Tuple[str, ...]:
+def parse_signals(value, flag: str = "--signals-to-handle") -> Tuple[str, ...]:
     """``"SIGTERM,SIGUSR1"`` (or ``TERM``, or a number) -> ("SIGTERM", "SIGUSR1")."""
     items = value.split(",") if isinstance(value, str) else list(value)
     names = []
@@ -134,9 +134,9 @@ def parse_signals(value) -> Tuple[str, ...]:
             sig = signal.Signals(int(item)) if item.isdigit() else signal.Signals[
                 item.upper() if item.upper().startswith("SIG") else "SIG" + item.upper()]
         except (KeyError, ValueError):
-            raise ConfigError(f"--signals-to-handle: unknown signal {item!r}") from None
+            raise ConfigError(f"{flag}: unknown signal {item!r}") from None
         if sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ConfigError(f"--signals-to-handle: {sig.name} cannot be handled")
+            raise ConfigError(f"{flag}: {sig.name} cannot be handled")
         names.append(sig.name)
     return tuple(dict.fromkeys(names))
 
@@ -192,6 +192,11 @@ class LaunchConfig:
     signals_to_handle: Tuple[str, ...] = DEFAULT_SIGNALS  # stop workers, leave, exit 128+N
     shutdown_timeout_s: Optional[float] = None  # SIGTERM -> SIGKILL grace for workers (None: 5 s)
     virtual_local_rank: bool = False  # LOCAL_RANK=0 and CUDA_VISIBLE_DEVICES=<its GPU> per worker
+    drain_signals: Tuple[str, ...] = ("SIGTERM",)  # drain this node (save, leave, exit 75) instead
+    drain_grace_s: float = 25.0  # a drain without a deadline (a signal's) ends by then
+    control_port: Optional[int] = None  # the agent's HTTP port (/healthz, /status, /metrics, POST /drain)
+    control_host: str = "127.0.0.1"  # off loopback it needs the job's token
+    on_event: Optional[Callable[..., None]] = None  # called with each elastic.control.JobEvent this node emits
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:
@@ -218,6 +223,11 @@ class LaunchConfig:
         if self.numa_binding is not None and self.numa_binding not in NUMA_MODES:
             raise ConfigError(f"--numa-binding {self.numa_binding!r}: expected one of {', '.join(NUMA_MODES)}")
         object.__setattr__(self, "signals_to_handle", parse_signals(self.signals_to_handle))
+        object.__setattr__(self, "drain_signals", parse_signals(self.drain_signals, "--drain-signals"))
+        if not self.drain_grace_s >= 0:
+            raise ConfigError(f"--drain-grace must be >= 0, got {self.drain_grace_s}")
+        if self.control_port is not None and not 0 <= self.control_port < 65536:
+            raise ConfigError(f"--control-port {self.control_port}: expected a port number (0: any free one)")
         if self.shutdown_timeout_s is not None and not self.shutdown_timeout_s >= 0:
             raise ConfigError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout_s}")
         if self.console_local_ranks is not None and any(r < 0 for r in self.console_local_ranks):

@@ -10,9 +10,10 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
-from typing import Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
 
 from elastic.agent import ElasticAgent, FrameworkAdapter, WorkerSpec
 from elastic.errors import ConfigError
@@ -22,9 +23,11 @@ from elastic.settings import DEFAULT_RDZV_PORT, is_true
 from elastic.store import BackendSpec, Store, StoreError, backend_spec, backends
 from elastic.store.embedded_client import parse_endpoint
 
+if TYPE_CHECKING:
+    from .handle import AgentHandle
 from .config import LaunchConfig, has_token, is_local_host, is_loopback_host, store_conf
 
-__all__ = ["launch", "guess_preload"]
+__all__ = ["launch", "start", "guess_preload"]
 
 log = logging.getLogger("elastic.launcher")
 DEFAULT_LAST_CALL_S = 3.0
@@ -204,53 +207,100 @@ def _detected_adapter(config: LaunchConfig) -> FrameworkAdapter:
     return create_adapter(detect_framework(script))
 
 
-def launch(config: LaunchConfig) -> int:
-    """Run this node's agent until the job ends; returns the process exit code."""
-    check_token(config)
-    settings = rendezvous_settings(config)
-    close_timeout_s = config.conf_seconds("close_timeout", settings.join_timeout_s)
-    adapter = config.adapter or _detected_adapter(config)
-    if config.virtual_local_rank:
-        adapter = _VirtualLocalRank(adapter,
-                                    config.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
-                                    config.nproc_per_node)
-    from .numa import cpu_affinity
+class _Node:
+    """One node of a job, set up from ``config`` (store, server, rendezvous handler, agent) and
+    run once by :meth:`run` in the caller's thread; :func:`launch` and :func:`start` share it."""
 
-    affinity = cpu_affinity(config.numa_binding, config.nproc_per_node)
-    grace_s = config.shutdown_timeout_s
-    if grace_s is None:  # torchrun's fallback, then ours
-        raw = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "")
+    def __init__(self, config: LaunchConfig) -> None:
+        check_token(config)
+        self.config = config
+        settings = rendezvous_settings(config)
+        self.close_timeout_s = config.conf_seconds("close_timeout", settings.join_timeout_s)
+        adapter = config.adapter or _detected_adapter(config)
+        if config.virtual_local_rank:
+            adapter = _VirtualLocalRank(adapter,
+                                        config.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
+                                        config.nproc_per_node)
+        from .numa import cpu_affinity
+
+        affinity = cpu_affinity(config.numa_binding, config.nproc_per_node)
+        grace_s = config.shutdown_timeout_s
+        if grace_s is None:  # torchrun's fallback, then ours
+            raw = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "")
+            try:
+                grace_s = float(raw) if raw else DEFAULT_STOP_GRACE_S
+            except ValueError:
+                raise ConfigError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={raw!r}: expected seconds") from None
+        self.store, self.server, local, store_env = _open_store(config)
         try:
-            grace_s = float(raw) if raw else DEFAULT_STOP_GRACE_S
-        except ValueError:
-            raise ConfigError(f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={raw!r}: expected seconds") from None
-    store, server, local, store_env = _open_store(config)
-    handler = None
-    code = 1
-    previous: Dict[int, object] = {}
-    try:
-        addr = config.local_addr or local or socket.getfqdn()
-        node = NodeInfo(node_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", host=addr,
-                        nproc=config.nproc_per_node, rank_hint=config.node_rank)
-        handler = RendezvousHandler(store, settings, node)
+            addr = config.local_addr or local or socket.getfqdn()
+            node = NodeInfo(node_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}", host=addr,
+                            nproc=config.nproc_per_node, rank_hint=config.node_rank)
+            self.handler = RendezvousHandler(self.store, settings, node)
+        except BaseException:
+            self._close_store()
+            raise
         spec = WorkerSpec(
             entrypoint=tuple(config.entrypoint), nproc_per_node=config.nproc_per_node, module=config.module,
             no_python=config.no_python, env=dict(config.env), log_dir=config.log_dir, tee=config.tee,
             preload=guess_preload(config), standby=config.standby and not config.no_python, role=config.role,
             stop_grace_s=grace_s, console_local_ranks=config.console_local_ranks, cpu_affinity=affinity,
         )
-        agent = ElasticAgent(spec, handler, monitor_interval_s=config.monitor_interval_s,
-                             adapter=adapter, store_env=store_env)
-        previous = _handle_signals(agent, config.signals_to_handle)
-        code = agent.run()
-        return code
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        if handler is not None:
-            handler.leave()
-        if server is not None:
-            if code == 0 and handler is not None:
-                _wait_for_others(server.store, handler.keys, timeout_s=close_timeout_s)
-            server.stop()
-        store.close()
+        self.agent = ElasticAgent(spec, self.handler, monitor_interval_s=config.monitor_interval_s,
+                                  adapter=adapter, store_env=store_env,
+                                  drain_signals=[signal.Signals[s] for s in config.drain_signals],
+                                  drain_grace_s=config.drain_grace_s, on_event=config.on_event)
+
+    @property
+    def node_id(self) -> str:
+        return self.handler.node.node_id
+
+    def run(self) -> int:
+        code = 1
+        previous: Dict[int, object] = {}
+        control = None
+        try:
+            if threading.current_thread() is threading.main_thread():
+                previous = _handle_signals(self.agent, self.config.signals_to_handle)
+            if self.config.control_port is not None:
+                from elastic.control.http import ControlServer
+
+                control = ControlServer(self.agent, self.config.control_host, self.config.control_port,
+                                        token=_token(self.config)).start()
+            code = self.agent.run()
+            return code
+        finally:
+            if control is not None:
+                control.stop()
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            self.handler.leave()
+            if self.server is not None and code == 0:
+                _wait_for_others(self.server.store, self.handler.keys, timeout_s=self.close_timeout_s)
+            self._close_store()
+
+    def _close_store(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.store.close()
+
+
+def launch(config: LaunchConfig) -> int:
+    """Run this node's agent until the job ends, in this thread; returns the process exit code
+    (0 success, 1 failure, 2 bad input, 75 drained, 128+N a signal)."""
+    return _Node(config).run()
+
+
+def start(config: LaunchConfig) -> "AgentHandle":
+    """Run this node's agent in a thread of its own (from any thread: a Ray actor, an operator's
+    worker thread); signals stay with the caller. The handle waits for it and steers it."""
+    from .handle import AgentHandle
+
+    return AgentHandle(_Node(config))
+
+
+def _token(config: LaunchConfig) -> Optional[bytes]:
+    """The job's shared secret (the control port asks for it off loopback)."""
+    from elastic.store._wire import resolve_token
+
+    return resolve_token(config.rdzv_conf.get("token"), config.rdzv_conf.get("token_file"))
