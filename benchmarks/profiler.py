@@ -252,6 +252,31 @@ class _Meter:
                 meter._depth = 0
         return timed
 
+    def iterate(self, iterator, inner):
+        """Iterate ``iterator`` (the profiler's loader wrapper) metering each ``next`` of it,
+        less the time spent in ``next`` of ``inner`` (the user's loader) inside it."""
+        clock = time.thread_time
+        meter = self
+
+        class Inner:
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                t0 = clock()
+                try:
+                    return next(inner)
+                finally:
+                    meter.total_s -= clock() - t0
+                    meter.calls += 1  # two more clock reads inside the outer window
+
+        step = self.wrap(iterator(Inner()).__next__)
+        while True:
+            try:
+                yield step()
+            except StopIteration:
+                return
+
 
 def _meter_floor_s(reps: int = 20000) -> float:
     """What the meter reads around an empty call (its own clock reads): subtracted per call."""
@@ -264,35 +289,29 @@ def _meter_floor_s(reps: int = 20000) -> float:
 
 def block_ours_metered(w: Workload, n: int, ours: Ours, meter: _Meter) -> None:
     """A block of ours in which every entry of the training thread into the profiler is
-    metered: the step context, every phase begin/end (the data phase of wrap_loader, the
-    optimizer hooks, backward's start and end) and the module hooks' own bodies."""
-    from profiler import core
+    metered: ``step()`` and the step context, the loader wrapper (less the loader itself),
+    the module hooks, the backward start and end, and the optimizer hooks."""
+    from profiler import _stamps, core, hooks
 
     saved = {(cls, name): getattr(cls, name) for cls, name in (
-        (core._Phase, "begin"), (core._Phase, "end"), (core._Phase, "cancel"),
-        (core._Step, "__enter__"), (core._Step, "__exit__"), (core.StepProfiler, "step"))}
+        (_stamps.Step, "__enter__"), (_stamps.Step, "__exit__"), (core.StepProfiler, "step"))}
     for (cls, name), fn in saved.items():
         setattr(cls, name, meter.wrap(fn))
-    core._Phase.__enter__ = core._Phase.begin
     prof = ours.prof
     try:
-        prof.attach(w.model, w.opt)  # the hooks bind the metered methods
-        for hooks in (w.model._forward_pre_hooks, w.model._forward_hooks):
-            for key in list(hooks):
-                hooks[key] = meter.wrap(hooks[key])
+        prof._hook_handles.extend(hooks.attach_torch(prof, w.model, w.opt, instrument=meter.wrap))
         step, batch, train = prof.step, w.batch, w.step
 
         def run_step(x, y):
             with step(samples=batch):
                 train(x, y)
 
-        for x, y in prof.wrap_loader(w.stream(n)):
+        for x, y in meter.iterate(prof.wrap_loader, w.stream(n)):
             run_step(x, y)
         prof.detach()
     finally:
         for (cls, name), fn in saved.items():
             setattr(cls, name, fn)
-        core._Phase.__enter__ = core._Phase.begin
 
 
 _torch_exit_s: List[float] = []

@@ -3,7 +3,8 @@
 A :class:`StepRecord` is what every step of every rank produces (one JSON line); a
 :class:`RankStats` is one rank's summary of a window of steps, exchanged across ranks every N
 steps; a :class:`StragglerReport` compares those summaries. Outputs implement :class:`Sink`,
-device samplers implement :class:`Sampler`.
+device samplers implement :class:`Sampler`, and the ways ranks share their summaries implement
+:class:`StatsExchange` (registered by name in ``profiler.exchange.EXCHANGES``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 __all__ = ["PHASES", "StepRecord", "PhaseInterval", "RankStats", "StragglerReport", "Sink",
-           "Sampler"]
+           "Sampler", "ExchangeSettings", "StatsExchange"]
 
 #: The standard phases, in the order they are packed for the cross-rank exchange.
 PHASES: Tuple[str, ...] = ("data", "forward", "backward", "optimizer", "comm", "checkpoint")
@@ -217,3 +218,45 @@ class Sampler(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None:
         """Stop sampling and release the device library."""
+
+
+@dataclass(frozen=True)
+class ExchangeSettings:
+    """What an exchange is built from: the rank's facts and the profiler's exchange settings."""
+
+    rank: int
+    world_size: int
+    generation: int
+    run_id: str
+    store: Any = None  # an ``elastic.store`` Store, for exchanges over the job's store
+    store_prefix: str = "/elastic-prof/"  # the run's key prefix in that store
+    timeout_s: float = 60.0  # how long to wait for the other ranks of a window
+
+
+class StatsExchange(abc.ABC):
+    """A way for ranks to share their window summaries (a collective, the job's store, ...).
+
+    Made by a factory registered by name (``profiler.exchange.EXCHANGES``) from an
+    :class:`ExchangeSettings`. An ``inline`` exchange is called on the training thread, in the
+    same order on every rank (what a collective needs); any other runs on a background thread,
+    so the training loop never waits for a slow rank.
+    """
+
+    #: The report's ``source``.
+    name: str = ""
+    #: Call :meth:`exchange` on the training thread (True) or on a background thread (False).
+    inline: bool = False
+    #: The ranks taking part, where the exchange knows better than the profiler's world (a
+    #: process group's size); None: the world's.
+    world_size: Optional[int] = None
+
+    @abc.abstractmethod
+    def exchange(self, stats: RankStats) -> Optional[Sequence[RankStats]]:
+        """Publish this rank's stats for a window and return every rank's (those in by the
+        timeout), or None when closed before the window completed."""
+
+    def publish(self, report: StragglerReport) -> None:
+        """Called with the report built from what :meth:`exchange` returned."""
+
+    def close(self) -> None:
+        """Stop waiting (a pending :meth:`exchange` returns soon) and release resources."""

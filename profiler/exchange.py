@@ -1,10 +1,15 @@
-"""Cross-rank exchange of per-rank step statistics and the straggler report.
+"""Cross-rank exchanges of per-rank step statistics, and the straggler report.
 
-Every N steps each rank summarises its window of steps as a :class:`RankStats`. With a
-torch.distributed process group, one ``all_gather`` of a packed float64 vector (no pickling)
-gives every rank everyone's stats; without one, each rank writes its stats as JSON bytes under
-a key prefix of the rendezvous store and a background thread waits (``Store.wait``) until every
-rank's entry for the window is there, so the training loop never blocks on the store.
+Every N steps each rank summarises its window of steps as a :class:`RankStats` and hands it to
+a :class:`~profiler.api.StatsExchange`, which returns every rank's. Two are built in, found by
+name in :data:`EXCHANGES` as any third party's (register one there, or through the
+``elastic_run.profiler_exchanges`` entry-point group):
+
+- ``collective``: with a torch.distributed process group, one ``all_gather`` of a packed
+  float64 vector (no pickling), on the training thread;
+- ``store``: each rank writes its stats as JSON bytes under a key prefix of the rendezvous
+  store and waits (``Store.wait``) until every rank's entry for the window is there, on a
+  background thread, so the training loop never blocks on the store.
 
 A rank is a straggler when its median *busy* time (step time less communication, which is
 where fast ranks wait for slow ones) exceeds the median over ranks by ``threshold_frac``.
@@ -13,18 +18,31 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import statistics
+import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
-from .api import RankStats, StragglerReport
-from .errors import ExchangeError
+from elastic.errors import ConfigError
+from elastic.registry import Registry
 
-__all__ = ["detect_stragglers", "CollectiveExchange", "StoreExchange"]
+from .api import ExchangeSettings, RankStats, StatsExchange, StragglerReport
+from .errors import ExchangeError, ProfilerConfigError
+
+__all__ = ["detect_stragglers", "CollectiveExchange", "StoreExchange", "EXCHANGES",
+           "create_exchange", "check_exchange_name"]
 
 log = logging.getLogger("profiler")
+
+#: name -> factory ``(ExchangeSettings) -> Optional[StatsExchange]`` (None: nobody to talk to).
+EXCHANGES: Registry[Optional[StatsExchange]] = Registry("profiler exchange",
+                                                       "elastic_run.profiler_exchanges")
+EXCHANGES.register("collective", "profiler.exchange:collective_exchange")
+EXCHANGES.register("store", "profiler.exchange:store_exchange")
+
+#: Names the profiler resolves itself rather than through the registry.
+RESOLVED_NAMES = ("auto", "none")
 
 
 def detect_stragglers(stats: Sequence[RankStats], threshold_frac: float,
@@ -44,13 +62,54 @@ def detect_stragglers(stats: Sequence[RankStats], threshold_frac: float,
                            stragglers=slow, missing=missing, source=source)
 
 
-class CollectiveExchange:
+def _process_group() -> Optional[object]:
+    """torch.distributed if the job initialised a process group (never imports torch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def check_exchange_name(name: str) -> None:
+    """Fail early, with the known names, on an exchange nobody registered."""
+    if name in RESOLVED_NAMES:
+        return
+    try:
+        EXCHANGES.get(name)
+    except ConfigError:
+        known = ", ".join(RESOLVED_NAMES + tuple(EXCHANGES.names()))
+        raise ProfilerConfigError(f"unknown exchange {name!r}; known: {known}") from None
+
+
+def create_exchange(name: str, settings: ExchangeSettings) -> Optional[StatsExchange]:
+    """The exchange called ``name``; ``auto``: the collective with a process group, else the
+    store when one is given, else none; ``none``: None."""
+    if name == "none":
+        return None
+    if name == "auto":
+        if _process_group() is not None:
+            name = "collective"
+        elif settings.store is not None:
+            name = "store"
+        else:
+            if settings.world_size > 1:
+                log.debug("profiler: no process group and no store; straggler reports are off")
+            return None
+        factory = EXCHANGES.get(name)
+        return factory(settings) if name == "collective" or settings.world_size > 1 else None
+    return EXCHANGES.get(name)(settings)
+
+
+class CollectiveExchange(StatsExchange):
     """One ``all_gather`` of a packed float64 tensor on the default process group."""
 
-    def __init__(self, threshold_frac: float) -> None:
-        self.threshold_frac = threshold_frac
+    name = "collective"
+    inline = True
 
-    def exchange(self, stats: RankStats) -> StragglerReport:
+    def __init__(self, world_size: Optional[int] = None) -> None:
+        self.world_size = world_size
+
+    def exchange(self, stats: RankStats) -> List[RankStats]:
         import torch
         import torch.distributed as dist
 
@@ -66,31 +125,37 @@ class CollectiveExchange:
         except Exception as exc:
             raise ExchangeError(f"profiler stats all_gather failed: {exc}") from exc
         parsed = [RankStats.from_vector(row) for row in rows]
-        return detect_stragglers([s for s in parsed if s is not None], self.threshold_frac,
-                                 world_size, source="collective")
+        return [s for s in parsed if s is not None]
 
 
-class StoreExchange:
-    """Per-rank stats as JSON under ``{prefix}g{generation}/rank/``; reports from a thread.
+def collective_exchange(settings: ExchangeSettings) -> Optional[CollectiveExchange]:
+    """The collective exchange; None in a group of one (nobody to compare with)."""
+    dist = _process_group()
+    if dist is None:
+        raise ProfilerConfigError(
+            "exchange='collective' needs an initialised torch.distributed process group")
+    world_size = dist.get_world_size()
+    return CollectiveExchange(world_size) if world_size > 1 else None
+
+
+class StoreExchange(StatsExchange):
+    """Per-rank stats as JSON under ``{prefix}g{generation}/rank/``; read back once all are in.
 
     Rank 0 also publishes the latest report at ``{prefix}g{generation}/report`` so an agent
     (or anyone with store access) can act on it.
     """
 
-    def __init__(self, store, prefix: str, rank: int, world_size: int, threshold_frac: float,
-                 on_report: Callable[[StragglerReport], None], timeout_s: float = 60.0) -> None:
+    name = "store"
+    inline = False
+
+    def __init__(self, store, prefix: str, rank: int, world_size: int,
+                 timeout_s: float = 60.0) -> None:
         self._store = store
         self._prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.rank = rank
         self.world_size = world_size
-        self.threshold_frac = threshold_frac
-        self._on_report = on_report
         self.timeout_s = timeout_s
-        self._queue: "queue.Queue[Optional[RankStats]]" = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="profiler-store-exchange",
-                                        daemon=True)
-        self._thread.start()
 
     def rank_prefix(self, generation: int) -> str:
         return f"{self._prefix}g{generation}/rank/"
@@ -98,50 +163,25 @@ class StoreExchange:
     def report_key(self, generation: int) -> str:
         return f"{self._prefix}g{generation}/report"
 
-    def submit(self, stats: RankStats) -> None:
-        """Hand this rank's stats to the thread, which publishes them and waits for the others."""
-        self._queue.put(stats)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            item = self._queue.get()
-            if item is None:
-                return
-            last = False
-            while True:  # skip to the newest window if we fell behind
-                try:
-                    newer = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if newer is None:
-                    last = True
-                    break
-                item = newer
-            self._handle(item)
-            if last:
-                return
-
-    def _handle(self, item: RankStats) -> None:
-        value = json.dumps(item.to_json(), separators=(",", ":")).encode()
+    def exchange(self, stats: RankStats) -> Optional[List[RankStats]]:
+        value = json.dumps(stats.to_json(), separators=(",", ":")).encode()
         try:
-            self._store.put(f"{self.rank_prefix(item.generation)}{item.rank:06d}", value)
+            self._store.put(f"{self.rank_prefix(stats.generation)}{stats.rank:06d}", value)
         except Exception as exc:
-            log.warning("profiler: could not publish step stats to the store: %s", exc)
+            raise ExchangeError(f"could not publish step stats to the store: {exc}") from exc
+        try:
+            return self._collect(stats)
+        except Exception as exc:
+            raise ExchangeError(f"store exchange failed: {exc}") from exc
+
+    def publish(self, report: StragglerReport) -> None:
+        if self.rank != 0:
             return
         try:
-            report = self._collect(item)
+            self._store.put(self.report_key(report.generation),
+                            json.dumps(report.to_json(), separators=(",", ":")).encode())
         except Exception as exc:
-            log.warning("profiler: store exchange failed: %s", exc)
-            return
-        if report is None:
-            return
-        if self.rank == 0:
-            try:
-                self._store.put(self.report_key(report.generation),
-                                json.dumps(report.to_json(), separators=(",", ":")).encode())
-            except Exception as exc:
-                log.warning("profiler: could not publish the straggler report: %s", exc)
-        self._on_report(report)
+            log.warning("profiler: could not publish the straggler report: %s", exc)
 
     def _read(self, prefix: str, window: int, generation: int) -> tuple:
         kvs, revision = self._store.get_prefix(prefix)
@@ -155,7 +195,7 @@ class StoreExchange:
                 found[stats.rank] = stats
         return found, revision
 
-    def _collect(self, mine: RankStats) -> Optional[StragglerReport]:
+    def _collect(self, mine: RankStats) -> Optional[List[RankStats]]:
         prefix = self.rank_prefix(mine.generation)
         deadline = time.monotonic() + self.timeout_s
         found, revision = self._read(prefix, mine.window, mine.generation)
@@ -168,12 +208,16 @@ class StoreExchange:
                 found, revision = self._read(prefix, mine.window, mine.generation)
         if self._stop.is_set() and len(found) < self.world_size:
             return None
-        return detect_stragglers(list(found.values()), self.threshold_frac, self.world_size,
-                                 source="store")
+        return list(found.values())
 
-    def close(self, drain_timeout_s: float = 2.0) -> None:
-        """Give the last submitted window up to ``drain_timeout_s`` to complete, then stop."""
-        self._queue.put(None)
-        self._thread.join(timeout=drain_timeout_s)
+    def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+
+
+def store_exchange(settings: ExchangeSettings) -> StoreExchange:
+    """The store exchange, under ``{store_prefix}{run_id}/``."""
+    if settings.store is None:
+        raise ProfilerConfigError("exchange='store' needs a store= argument")
+    prefix = settings.store_prefix.rstrip("/") + f"/{settings.run_id}/"
+    return StoreExchange(settings.store, prefix, settings.rank, settings.world_size,
+                         settings.timeout_s)

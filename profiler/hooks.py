@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
+from ._stamps import OPEN, phase_codes
+
 if TYPE_CHECKING:  # pragma: no cover
     from .core import StepProfiler
 
@@ -33,8 +35,9 @@ def _first_grad_tensor(output: Any, torch: Any) -> Optional[Any]:
     return None
 
 
-def _grad_hook_adder(torch: Any) -> Callable[[Any, Callable], None]:
-    """``add(tensor, fn)``: call ``fn(grad)`` when backward reaches a non-leaf ``tensor``.
+def _grad_hook_adder(torch: Any) -> Callable[[Any, Any, Callable], None]:
+    """``add(tensor, node, fn)``: call ``fn(grad)`` when backward reaches a non-leaf
+    ``tensor`` whose autograd node is ``node``.
 
     Adding a hook per step is the costliest part of the hooks after a real step (cold caches):
     ``Tensor.register_hook`` and ``Node.register_prehook`` build an OrderedDict and a
@@ -46,23 +49,23 @@ def _grad_hook_adder(torch: Any) -> Callable[[Any, Callable], None]:
     key = "elastic-prof"
     ordered = collections.OrderedDict
 
-    def fast(tensor: Any, fn: Callable) -> None:
+    def fast(tensor: Any, node: Any, fn: Callable) -> None:
         hooks = tensor._backward_hooks
         if hooks is None:
             tensor._backward_hooks = hooks = ordered()  # what register_hook expects to find
             hooks[key] = fn
-            tensor.grad_fn._register_hook_dict(tensor)
+            node._register_hook_dict(tensor)
         else:  # the user's hooks dict, already registered with the node
             hooks[key] = fn
 
-    def public(tensor: Any, fn: Callable) -> None:
-        tensor.grad_fn.register_prehook(fn)
+    def public(tensor: Any, node: Any, fn: Callable) -> None:
+        node.register_prehook(fn)
 
     try:
         fired = []
         with torch.enable_grad():
             out = torch.ones(1, requires_grad=True) * 2
-            fast(out, lambda grad: fired.append("ours"))
+            fast(out, out.grad_fn, lambda grad: fired.append("ours"))
             out.register_hook(lambda grad: fired.append("user's"))  # the user's, alongside
             out.sum().backward()
         if fired == ["ours", "user's"]:
@@ -73,62 +76,75 @@ def _grad_hook_adder(torch: Any) -> Callable[[Any, Callable], None]:
 
 
 def attach_torch(prof: "StepProfiler", model: Any = None, optimizer: Any = None,
-                 comm_hook: Any = None) -> List[Any]:
-    """Register the hooks; returns handles whose ``remove()`` detaches them."""
+                 comm_hook: Any = None,
+                 instrument: Optional[Callable[[Callable], Callable]] = None) -> List[Any]:
+    """Register the hooks; returns handles whose ``remove()`` detaches them.
+
+    ``instrument(fn)``, if given, wraps every function the hooks call on the training thread
+    (the overhead benchmark meters them this way).
+    """
     from elastic.lazy import require
 
     torch = require("torch", "PyTorch profiler hooks")
+    wrap = instrument or (lambda fn: fn)
     handles: List[Any] = []
     if model is not None:
-        handles.extend(_attach_model(prof, model, torch))
+        handles.extend(_attach_model(prof, model, torch, wrap))
         ddp_cls = getattr(getattr(torch.nn, "parallel", None), "DistributedDataParallel", None)
         if ddp_cls is not None and isinstance(model, ddp_cls):
             _attach_ddp(prof, model, comm_hook)
     if optimizer is not None:
         phase = prof.phase("optimizer")  # begin/end take (optimizer, args, kwargs) and ignore them
-        handles.append(optimizer.register_step_pre_hook(phase.begin))
-        handles.append(optimizer.register_step_post_hook(phase.end))
+        handles.append(optimizer.register_step_pre_hook(wrap(phase.begin)))
+        handles.append(optimizer.register_step_post_hook(wrap(phase.end)))
     return handles
 
 
-def _attach_model(prof: "StepProfiler", model: Any, torch: Any) -> List[Any]:
-    forward = prof.phase("forward")
-    backward = prof.phase("backward")
-    begin_forward, end_forward = forward.begin, forward.end
-    begin_backward = backward.begin
-    end_backward = backward.end  # queue_callback calls it with no arguments
+def _attach_model(prof: "StepProfiler", model: Any, torch: Any,
+                  wrap: Callable[[Callable], Callable]) -> List[Any]:
+    # The hooks stamp inline (see profiler._stamps): a nested call costs as much as a stamp.
+    append, mark = prof._stamps.append, prof._mark
+    begin_forward, end_forward, _ = phase_codes(prof.phase("forward").name)
+    begin_backward, _, _ = phase_codes(prof.phase("backward").name)
+    end_backward = wrap(prof.phase("backward").end)  # queue_callback calls it with no arguments
+    step = prof._step_ctx
     queue_callback = torch.autograd.Variable._execution_engine.queue_callback
     is_grad_enabled = torch.is_grad_enabled
     tensor_cls = torch.Tensor
     add_grad_hook = _grad_hook_adder(torch)
     skipped = [False]
 
-    def on_backward_start(*_: Any) -> None:
-        begin_backward()
+    @wrap
+    def on_backward_start(grad: Any) -> None:
+        append((begin_backward, mark()))
         queue_callback(end_backward)
 
+    @wrap
     def pre_forward(module: Any, args: Any) -> None:
         # Evaluation outside a step (no grad) is not part of a training step.
-        if not prof._in_step and not is_grad_enabled():
+        if step.state != OPEN and not is_grad_enabled():
             skipped[0] = True
             return
         skipped[0] = False
-        begin_forward()
+        append((begin_forward, mark()))
 
+    @wrap
     def post_forward(module: Any, args: Any, output: Any) -> None:
         if skipped[0]:
             return
-        end_forward()
-        if is_grad_enabled():
-            tensor = output if type(output) is tensor_cls else _first_grad_tensor(output, torch)
-            if tensor is None or not tensor.requires_grad:
-                return
-            if tensor.grad_fn is not None:
-                add_grad_hook(tensor, on_backward_start)
-            elif getattr(tensor, "_elastic_prof_hook", None) is not on_backward_start:
-                # the output is a leaf (a parameter): its hooks outlive the step, so once
-                tensor._elastic_prof_hook = on_backward_start
-                prof._hook_handles.append(tensor.register_hook(on_backward_start))
+        append((end_forward, mark()))
+        # under no_grad nothing requires grad, so there is no backward to find
+        tensor = output if type(output) is tensor_cls else _first_grad_tensor(output, torch)
+        if tensor is None or not tensor.requires_grad:
+            return
+        node = tensor.grad_fn
+        if node is not None:
+            add_grad_hook(tensor, node, on_backward_start)
+        elif getattr(tensor, "_elastic_prof_hook", None) is not on_backward_start \
+                and is_grad_enabled():
+            # the output is a leaf (a parameter): its hooks outlive the step, so once
+            tensor._elastic_prof_hook = on_backward_start
+            prof._hook_handles.append(tensor.register_hook(on_backward_start))
 
     return [model.register_forward_pre_hook(pre_forward),
             model.register_forward_hook(post_forward)]

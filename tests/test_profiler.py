@@ -271,7 +271,7 @@ def test_without_an_exchange_no_window_statistics_pile_up(tmp_path):
             with prof.step():
                 pass
         prof.flush()
-        assert prof._win_step == [] and prof._windowing is False
+        assert prof._window.step_s == [] and prof._window.active is False
     assert len(prof.records) == 23
 
 
