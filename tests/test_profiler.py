@@ -1,6 +1,7 @@
 """The step profiler in one process: records, phases, hooks, sinks, samplers, store exchange."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -17,9 +18,9 @@ import pytest
 from elastic import World
 from elastic.errors import ConfigError, UserError
 from elastic.store import create_store
-from profiler import (PHASES, NvmlSampler, ProfilerConfigError, ProfilerUsageError, PsutilSampler,
-                      RankStats, StepProfiler, StepRecord, StragglerReport, create_sampler,
-                      detect_stragglers)
+from profiler import (EXCHANGES, PHASES, NvmlSampler, ProfilerConfigError, ProfilerUsageError,
+                      PsutilSampler, RankStats, StatsExchange, StepProfiler, StepRecord,
+                      StragglerReport, create_sampler, detect_stragglers)
 from needs import require
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -672,6 +673,86 @@ def test_store_exchange_names_the_slow_rank():
     assert len(kvs) == world_size and json.loads(kvs[1].value)["rank"] == 1
     rank0_lines = read_jsonl(profs[0].jsonl_path)
     assert any(l["kind"] == "stragglers" and l["stragglers"] == [1] for l in rank0_lines)
+
+
+class FakeExchange(StatsExchange):
+    """A third party's exchange: this rank's stats plus a made-up rank 1 three times slower."""
+
+    name = "fake"
+
+    def __init__(self, settings, inline):
+        self.settings, self.inline = settings, inline
+        self.seen, self.threads, self.closed = [], [], False
+
+    def exchange(self, stats):
+        self.seen.append(stats)
+        self.threads.append(threading.current_thread().name)
+        other = dataclasses.replace(stats, rank=1, busy_p50_s=stats.busy_p50_s * 3)
+        return [stats, other]
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_an_exchange_registered_by_name_is_used(tmp_path, inline):
+    made = []
+
+    def factory(settings):
+        made.append(FakeExchange(settings, inline))
+        return made[-1]
+
+    name = f"fake-{'inline' if inline else 'background'}"
+    EXCHANGES.register(name, factory)
+    try:
+        reports = []
+        with StepProfiler(str(tmp_path), world=World(rank=0, world_size=2, run_id="fakejob"),
+                          exchange=name, exchange_every=5, sampler="none", trace=False) as prof:
+            prof.add_straggler_hook(reports.append)
+            for _ in range(10):
+                with prof.step():
+                    with prof.phase("forward"):
+                        busy_wait(0.0005)
+        (fake,) = made
+        assert (fake.settings.rank, fake.settings.world_size, fake.settings.run_id) == (0, 2, "fakejob")
+        assert fake.closed
+        windows = [(s.window, s.step) for s in fake.seen]
+        if inline:  # on the training thread, every window in turn
+            assert windows == [(0, 4), (1, 9)] and set(fake.threads) == {"MainThread"}
+        else:  # a thread that skips to the newest window; close() let the last one finish
+            assert windows in ([(0, 4), (1, 9)], [(1, 9)])
+            assert set(fake.threads) == {"profiler-exchange"}
+        assert [r.stragglers for r in reports] == [(1,)] * len(windows)
+        assert all(r.source == "fake" and r.missing == () for r in reports)
+        assert prof.last_report == reports[-1]
+    finally:
+        EXCHANGES._entries.pop(name, None)
+
+
+def test_an_unknown_exchange_names_the_known_ones(tmp_path):
+    with pytest.raises(ProfilerConfigError, match="unknown exchange 'carrier-pigeon'.*collective.*store"):
+        StepProfiler(str(tmp_path), exchange="carrier-pigeon", sampler="none")
+
+
+def test_nested_phases_count_once_and_a_failed_step_drops_what_it_left_open(tmp_path):
+    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+        with prof.step():
+            with prof.phase("forward"):
+                with prof.phase("forward"):  # re-entered: still one interval
+                    busy_wait(0.001)
+                busy_wait(0.001)
+        with pytest.raises(RuntimeError):
+            with prof.step():
+                prof.phase("backward").begin()  # a hook's begin whose end never comes
+                raise RuntimeError("boom")
+        with prof.step():
+            with prof.phase("backward"):
+                pass
+    first, third = prof.records
+    assert [first.step, third.step] == [0, 2]
+    assert first.phases_s["forward"] >= 0.002 and set(first.phases_s) == {"forward"}
+    # the open begin of the failed step did not swallow the next step's backward
+    assert set(third.phases_s) == {"backward"} and third.phases_s["backward"] < 0.001
 
 
 @pytest.mark.gpu
