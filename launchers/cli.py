@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="elastic-run",
         description="Run a training script on an elastic set of nodes (torchrun-compatible).",
+        epilog="'elastic-run ctl VERB ...' reads and steers a running job (elastic-run ctl --help); "
+               "a training script literally named ctl is run as 'elastic-run ./ctl'.",
         allow_abbrev=False,
     )
     _flag(p, "--nnodes", dest="nnodes", default="1", help="N or MIN:MAX nodes (default 1)")
@@ -312,6 +314,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ctl"]:  # `elastic-run ctl VERB`: a script named ctl runs as `elastic-run ./ctl`
+        from .ctl import main as ctl_main
+
+        return ctl_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=os.environ.get("ELASTIC_LOG_LEVEL", "INFO").upper(),
                         format="[elastic-run %(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S",
