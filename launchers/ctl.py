@@ -59,14 +59,14 @@ def _store_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
         else:
             _flag(parser, *names, dest=dest, metavar=metavar, default=default, help=help)
 
-    add("--rdzv-backend", "--rdzv_backend", dest="rdzv_backend" metavar="NAME", default="embedded",
+    add("--rdzv-backend", "--rdzv_backend", dest="rdzv_backend", metavar="NAME", default="embedded",
         help="embedded (default; 'c10d' is an alias) or etcd (default $PET_RDZV_BACKEND)")
-    add("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint" metavar="HOST:PORT", default="",
+    add("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint", metavar="HOST:PORT", default="",
         help="host:port of the job's rendezvous store (default $PET_RDZV_ENDPOINT, "
              "then $ELASTIC_RDZV_ENDPOINT)")
-    add("--rdzv-id", "--rdzv_id", dest="rdzv_id" metavar="ID", default=None,
+    add("--rdzv-id", "--rdzv_id", dest="rdzv_id", metavar="ID", default=None,
         help="the job's id (default $PET_RDZV_ID; inside a worker: its own job)")
-    add("--rdzv-conf", "--rdzv_conf", dest="rdzv_conf" metavar="K=V,...", default="",
+    add("--rdzv-conf", "--rdzv_conf", dest="rdzv_conf", metavar="K=V,...", default="",
         help="k=v,... as given to the agents, e.g. token_file=PATH (protocol settings are ignored)")
     if suppress:
         parser.add_argument("--json", dest="json", action="store_true", default=argparse.SUPPRESS,
