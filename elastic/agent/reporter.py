@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections import Counter
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from ..control.api import Drain, JobEvent, NodeState
 from ..control.events import EventLog
@@ -22,6 +23,9 @@ log = logging.getLogger("elastic.agent")
 
 #: An unchanged status is published again after this long (a live agent's lease age stays below it).
 REPUBLISH_S = 5.0
+
+#: Events whose ``reason`` detail is a cause word (a ChangeReason's or a DrainReason's value).
+_CAUSED = frozenset({"membership_changed", "drain", "drained", "stop", "stopped"})
 
 
 class NodeReporter:
@@ -36,6 +40,12 @@ class NodeReporter:
         self.drain: Optional[Drain] = None
         self.tick = time.monotonic()  # the agent loop's last sign of life
         self._published_at = 0.0
+        # For the control port's /metrics: events this agent emitted, by (name, reason) where
+        # the reason is a cause word (a membership change's, a drain's), and time in rendezvous.
+        self.counts: "Counter[Tuple[str, str]]" = Counter()
+        self.rendezvous_s = 0.0  # completed rendezvous, summed
+        self.rendezvous_count = 0
+        self._rendezvous_since: Optional[float] = None
 
     def publish_settings(self, **settings: Any) -> None:
         """The job's settings as launched (every agent writes the same values)."""
@@ -43,7 +53,15 @@ class NodeReporter:
 
     def update(self, state: Optional[NodeState] = None, *, rnd: Optional[Round] = None,
                pids: Optional[Sequence[int]] = None, drain: Optional[Drain] = None) -> None:
-        self.state = state or self.state
+        state = state or self.state
+        now = time.monotonic()
+        if state is NodeState.RENDEZVOUS and self._rendezvous_since is None:
+            self._rendezvous_since = now
+        elif state is not NodeState.RENDEZVOUS and self._rendezvous_since is not None:
+            self.rendezvous_s += now - self._rendezvous_since
+            self.rendezvous_count += 1
+            self._rendezvous_since = None
+        self.state = state
         self.round = rnd or self.round
         self.pids = self.pids if pids is None else tuple(pids)
         self.drain = drain or self.drain
@@ -59,7 +77,14 @@ class NodeReporter:
         """The loop passed within ``stall_s``; or it blocks in a rendezvous (bounded by its own timeout)."""
         return self.state is NodeState.RENDEZVOUS or time.monotonic() - self.tick < stall_s
 
+    def rendezvous_seconds(self) -> float:
+        """Seconds spent in rendezvous so far, the one under way included."""
+        since = self._rendezvous_since
+        return self.rendezvous_s + (time.monotonic() - since if since is not None else 0.0)
+
     def emit(self, name: str, **details: Any) -> JobEvent:
+        reason = details.get("reason")
+        self.counts[(name, reason if name in _CAUSED and isinstance(reason, str) else "")] += 1
         return self.events.emit(name, self.round.generation if self.round else 0, **details)
 
     def publish(self) -> None:
