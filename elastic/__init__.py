@@ -8,14 +8,16 @@ from .world import World
 __version__ = "0.1.0"
 
 __all__ = ["ElasticError", "UserError", "ConfigError", "MissingExtraError", "World", "__version__",
-           "run", "State", "ObjectState", "TorchState", "MembershipChangedError"]
+           "run", "State", "ObjectState", "TorchState", "MembershipChangedError", "DrainRequested",
+           "drain_requested", "JobController"]
 
 _LAZY = {"run": ".recovery", "State": ".state", "ObjectState": ".state", "TorchState": ".state",
-         "MembershipChangedError": "._worker"}
+         "MembershipChangedError": "._worker", "DrainRequested": "._worker", "drain_requested": "._worker",
+         "JobController": ".control"}
 
 
 def __getattr__(name: str):
-    """``elastic.run`` and the State classes load on first use (PEP 562)."""
+    """``elastic.run``, the State classes and the control plane load on first use (PEP 562)."""
     if name in _LAZY:
         import importlib
 

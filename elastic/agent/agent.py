@@ -210,6 +210,7 @@ class ElasticAgent:
         deadline = drain.deadline or time.time() + self.drain_grace_s
         log.warning("%s: workers save and leave (deadline in %.1fs)", "job stop" if stop else f"drain ({drain.reason.value})",
                     deadline - time.time())
+        self._notice = -1  # a drain signal from now on (a kubelet's SIGTERM after preStop) changes nothing
         self.reporter.update(NodeState.DRAINING, drain=drain)
         self.reporter.emit("stop" if stop else "drain", reason=drain.reason.value, deadline=drain.deadline)
         if in_place:
@@ -431,6 +432,8 @@ class ElasticAgent:
         print("\n".join(lines), file=sys.stderr, flush=True)
 
     def _on_signal(self, signum, frame) -> None:
+        if signum in self.drain_signals and self._notice < 0:
+            return  # this node drains already
         if signum in self.drain_signals and self._group is not None and not self._notice:
             self._notice = signum  # workers run: the monitor drains this node (no store I/O in a handler)
             return
