@@ -37,6 +37,7 @@ HEALTHY_LEASE_AGE_S = 15.0
 
 _RUNNING_STATES = ("forming", "running")
 _FINAL_STATES = ("succeeded", "failed", "stopped")
+_ENDING_EVENTS = ("stop", "stopped", "succeeded", "failed")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -263,11 +264,12 @@ def _status(ctl, args) -> int:
         else:
             print("\n".join(status_lines(status)), flush=True)
         return EXIT_OK
-    from elastic.store import StoreError
+    from elastic.store import StoreCompactedError, StoreError
 
     last = None
     while True:
         try:
+            _, rev = ctl.store.get_prefix(ctl.keys.prefix)
             status = ctl.status()
         except StoreError as exc:
             if last is None:
@@ -287,7 +289,12 @@ def _status(ctl, args) -> int:
         last = status
         if getattr(status.state, "value", status.state) in _FINAL_STATES:
             return EXIT_OK
-        time.sleep(args.interval)  # a person's refresh rate, not a synchronisation
+        try:  # again after --interval, or at once when a round or a request changes
+            ctl.store.wait(ctl.keys.prefix, rev, timeout_s=args.interval)
+        except StoreCompactedError:
+            pass
+        except StoreError:
+            continue  # the next status() says whether the store is gone
 
 
 def _scale(ctl, args) -> int:
@@ -350,8 +357,10 @@ def _events(ctl, args) -> int:
     events: Iterable = ctl.events(since=args.since, follow=args.follow, timeout_s=args.timeout)
     from elastic.store import StoreError
 
+    last = ""
     try:
         for event in events:
+            last = event.name
             if args.json:
                 _emit(event.to_json())
             else:
@@ -359,8 +368,11 @@ def _events(ctl, args) -> int:
     except StoreError as exc:
         if not args.follow:
             raise
-        print(f"{PROG}: the job's store went away ({exc})", file=sys.stderr, flush=True)
-        return EXIT_FAILED
+        # An embedded store lives in one of the job's agents: it goes when the job ends.
+        ended = last in _ENDING_EVENTS
+        print(f"{PROG}: the job's store went away ({exc}){'; the job ended' if ended else ''}",
+              file=sys.stderr, flush=True)
+        return EXIT_OK if ended else EXIT_FAILED
     return EXIT_OK
 
 
