@@ -266,3 +266,18 @@ def test_token_required_off_loopback_and_checked(inproc_job):
     # After stop() nothing listens there any more.
     with pytest.raises(OSError):
         request(server.port, "GET", "/healthz", host="127.0.0.2")
+
+
+def test_cli_refuses_a_control_port_off_loopback_without_a_token(procs, tmp_path):
+    """``--control-host 0.0.0.0`` on a job without a token: one line, exit 2, nothing served."""
+    from services import free_port
+
+    no_token = {"ELASTIC_RDZV_TOKEN": "", "ELASTIC_RDZV_TOKEN_FILE": ""}
+    procs.start("job", [ELASTIC_RUN, "--nnodes", "1", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                        "--rdzv-id", "offloop", "--control-host", "0.0.0.0", "--control-port", "0",
+                        WORKER, "--dir", str(tmp_path)], env=no_token)
+    end = procs.wait(timeout_s=60, names=["job"], check=False)["job"]
+    assert end.returncode == 2, end.describe()
+    lines = [line for line in end.output.splitlines() if "needs the job's token" in line]
+    assert len(lines) == 1 and "Traceback" not in end.output, end.output
+    assert "control port listening" not in end.output and "REPORTED" not in end.output

@@ -96,6 +96,7 @@ class ControlServer:
         self._lock = threading.Lock()
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
+        self._draining_since: Optional[float] = None  # when /healthz first saw this node draining
 
     @property
     def node_id(self) -> str:
@@ -153,11 +154,17 @@ class ControlServer:
         state = reporter.state
         if state in _FINAL:
             return False, f"agent has ended (node {state.value})"
-        if state is NodeState.DRAINING:  # the drain loop waits for the workers, bounded by its deadline
+        if state is not NodeState.DRAINING:
+            self._draining_since = None
+        else:  # the drain loop waits for the workers, bounded by the drain's deadline
+            now = time.time()
+            if self._draining_since is None:
+                self._draining_since = now
             drain = reporter.drain
             grace = float(getattr(self.agent, "drain_grace_s", 25.0))
-            ends = (drain.deadline if drain and drain.deadline else (drain.at if drain and drain.at else time.time()) + grace)
-            if time.time() < ends + self.stall_s:
+            ends = drain.deadline if drain is not None and drain.deadline else \
+                ((drain.at if drain is not None and drain.at else self._draining_since) + grace)
+            if now < ends + self.stall_s:
                 return True, "ok"
             return False, f"agent loop stuck draining: its deadline passed {time.time() - ends:.0f}s ago"
         if reporter.healthy(self.stall_s):
