@@ -84,8 +84,8 @@ def render(agent, status: Optional[JobStatus], healthy: bool, checkpoint_time: O
         node = next((n for n in status.nodes if n.node_id == me), None)
 
     m.declare("elastic_node_state", "gauge", "1 for this node's current state, 0 for the others.")
-    for state in NodeState:
-        m.add("elastic_node_state", 1 if reporter.state is state else 0, state=state.value)
+    for node_state in NodeState:
+        m.add("elastic_node_state", 1 if reporter.state is node_state else 0, state=node_state.value)
     m.declare("elastic_node_rank", "gauge", "This node's rank in the current round (absent: not in one).")
     m.add("elastic_node_rank", node.node_rank if node is not None else None)
     m.declare("elastic_node_workers", "gauge", "Worker processes this agent runs.")
