@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -140,7 +141,7 @@ def _seconds(flag: str, positive: bool = False):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r}: expected seconds") from None
-        if value < 0 or (positive and value == 0) or value != value:
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
             raise argparse.ArgumentTypeError(f"{text!r}: expected {'positive' if positive else 'non-negative'} seconds")
         return value
     parse.__name__ = flag

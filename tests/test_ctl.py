@@ -35,7 +35,7 @@ def _clean_env(**extra):
 
 def ctl(*argv, env=None, cwd=None):
     """``elastic-run ctl ARGV`` as its own process, with a hard timeout."""
-    return subprocess.run([ELASTIC_RUN, "ctl", *argv], capture_output=True, text=True, timeout=CTL_TIMEOUT_S,
+    return subprocess.run([ELASTIC_RUN, "ctl", *argv], check=False, capture_output=True, text=True, timeout=CTL_TIMEOUT_S,
                           env=env or _clean_env(), cwd=cwd, stdin=subprocess.DEVNULL)
 
 
@@ -282,3 +282,42 @@ def test_a_script_named_ctl_runs_as_dot_slash_ctl(procs, tmp_path):
     assert r.returncode == 0 and "elastic-run ./ctl" in r.stdout and "SCRIPT" not in r.stdout
     for verb in ("status", "scale", "set-range", "drain", "undrain", "stop", "events", "health"):
         assert verb in r.stdout
+
+
+def test_on_etcd_with_torchrun_spellings_until_the_job_has_stopped(procs, etcd_server):
+    run_id = f"ctl-etcd-{free_port()}"
+    procs.start("e0", [ELASTIC_RUN, "--nnodes", "1:3", "--nproc-per-node", "1", "--rdzv-backend", "etcd",
+                       "--rdzv-endpoint", etcd_server.endpoint, "--rdzv-id", run_id, "--rdzv-conf", FAST,
+                       WORKER, "--mode", "wait"])
+    procs.wait_for_output("e0", "world=1 ", timeout_s=90)
+    pid = int(workers(procs.output("e0"))[-1]["pid"])
+    # torchrun's underscore spellings and its etcd-v2 alias, with the agents' --rdzv-conf as it was
+    flags = ["--rdzv_backend", "etcd-v2", "--rdzv_endpoint", etcd_server.endpoint, "--rdzv_id", run_id,
+             "--rdzv_conf", FAST]
+    deadline = time.monotonic() + 60
+    while True:
+        r = ctl("status", "--json", *flags)
+        assert r.returncode == 0, r.stderr
+        status = json.loads(r.stdout)
+        if running_with_pids(status):
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+    assert status["world_size"] == 1 and status["num_nodes"] == 1 and (status["min_nodes"], status["max_nodes"]) == (1, 3)
+    (node,) = status["nodes"]
+    assert node["node_rank"] == 0 and node["worker_pids"] == [pid] and node["node_id"].startswith(
+        f"{socket.gethostname()}-{procs['e0'].pid}-")
+    r = ctl("health", *flags)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+
+    # the store outlives the job: a watch ends by itself when the job has stopped
+    procs.start("watch", [ELASTIC_RUN, "ctl", "status", "--watch", "--interval", "1", *flags])
+    procs.wait_for_output("watch", f"job {run_id}: running", timeout_s=60)
+    r = ctl("stop", "--json", *flags)
+    assert r.returncode == 0 and json.loads(r.stdout) == {"verb": "stop", "run_id": run_id, "graceful": True}
+    procs.wait(timeout_s=90, names=["e0", "watch"])
+    assert f"job {run_id}: stopped" in procs.output("watch")
+    r = ctl("status", "--json", *flags)
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "stopped", (r.stdout, r.stderr)
+    r = ctl("health", *flags)
+    assert r.returncode == 1 and r.stdout.startswith("unhealthy: ") and "stopped" in r.stdout, (r.stdout, r.stderr)
