@@ -281,3 +281,26 @@ def test_cli_refuses_a_control_port_off_loopback_without_a_token(procs, tmp_path
     lines = [line for line in end.output.splitlines() if "needs the job's token" in line]
     assert len(lines) == 1 and "Traceback" not in end.output, end.output
     assert "control port listening" not in end.output and "REPORTED" not in end.output
+
+
+def test_a_drain_over_http_is_counted_and_ends_the_node(inproc_job):
+    """POST /drain without a deadline: the agent exits 75; its /metrics count the drain (by
+    reason) and the round change it caused, its probes then fail, a second drain is refused."""
+    with ControlServer(inproc_job.agent, "127.0.0.1", 0) as server:
+        code, _, body = request(server.port, "POST", "/drain?reason=scale_down")
+        assert code == 202, body
+        drain = json.loads(body)
+        assert (drain["reason"], drain["deadline_s"], drain["deadline"]) == ("scale_down", None, None)
+        assert inproc_job.handle.wait(timeout_s=60) == EXIT_DRAINED
+        samples, _ = parse_metrics(request(server.port, "GET", "/metrics")[2])
+        assert value(samples, "elastic_drains_total", reason="scale_down") == 1
+        assert value(samples, "elastic_round_changes_total", cause="drain") == 1
+        assert value(samples, "elastic_events_total", event="drained") == 1
+        assert value(samples, "elastic_node_state", state="drained") == 1
+        assert value(samples, "elastic_node_state", state="running") == 0
+        assert value(samples, "elastic_node_workers") == 0
+        assert request(server.port, "GET", "/healthz")[::2] == (503, "agent has ended (node drained)\n")
+        assert request(server.port, "GET", "/readyz")[::2] == (503, "not ready: node drained\n")
+        code, _, body = request(server.port, "POST", "/drain")
+        assert code == 409 and body.count("\n") == 1 and "has ended (drained)" in body
+        assert [e.name for e in inproc_job.events].count("drain") == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -18,6 +19,8 @@ __all__ = ["Metrics", "CheckpointClock", "render"]
 #: Round changes by cause, from the events this agent emits: a worker's failure, a collective
 #: that lost a peer, a membership change (cause: its reason), this node's drain or a stop.
 _ROUND_CAUSES = {"failure": "worker_failed", "lost_peer": "lost_peer", "drain": "drain", "stop": "stop"}
+
+_ENDED = {NodeState.SUCCEEDED, NodeState.FAILED, NodeState.DRAINED, NodeState.STOPPED}
 
 Labels = Tuple[Tuple[str, str], ...]
 
@@ -88,8 +91,8 @@ def render(agent, status: Optional[JobStatus], healthy: bool, checkpoint_time: O
         m.add("elastic_node_state", 1 if reporter.state is node_state else 0, state=node_state.value)
     m.declare("elastic_node_rank", "gauge", "This node's rank in the current round (absent: not in one).")
     m.add("elastic_node_rank", node.node_rank if node is not None else None)
-    m.declare("elastic_node_workers", "gauge", "Worker processes this agent runs.")
-    m.add("elastic_node_workers", len(reporter.pids))
+    m.declare("elastic_node_workers", "gauge", "Worker processes this agent runs (alive).")
+    m.add("elastic_node_workers", 0 if reporter.state in _ENDED else sum(1 for pid in reporter.pids if _alive(pid)))
     m.declare("elastic_agent_healthy", "gauge", "1 if this agent's loop is alive (what /healthz says), else 0.")
     m.add("elastic_agent_healthy", 1 if healthy else 0)
     m.declare("elastic_agent_loop_age_seconds", "gauge", "Seconds since this agent's loop last passed.")
@@ -164,6 +167,16 @@ class CheckpointClock:
         elif step != self._step:
             self._step, self._time = step, time.time()
         return self._time
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: it exists
+        return True
+    return True
 
 
 def _number(value: float) -> str:
