@@ -50,7 +50,7 @@ class Writer:
         with self.lock:
             queue = self._queue
             while queue:
-                batch = []
+                batch: List[tuple] = []
                 while queue and len(batch) < 256:
                     batch.append(queue.popleft())
                 for sink in self._sinks:

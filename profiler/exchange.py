@@ -22,7 +22,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from elastic.errors import ConfigError
 from elastic.registry import Registry
@@ -62,7 +62,7 @@ def detect_stragglers(stats: Sequence[RankStats], threshold_frac: float,
                            stragglers=slow, missing=missing, source=source)
 
 
-def _process_group() -> Optional[object]:
+def _process_group() -> Any:
     """torch.distributed if the job initialised a process group (never imports torch)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
@@ -115,7 +115,7 @@ class CollectiveExchange(StatsExchange):
 
         try:
             world_size = dist.get_world_size()
-            device = "cpu"
+            device: Any = "cpu"
             if dist.get_backend() == "nccl":
                 device = torch.device("cuda", torch.cuda.current_device())
             mine = torch.tensor(stats.to_vector(), dtype=torch.float64, device=device)
@@ -197,16 +197,17 @@ class StoreExchange(StatsExchange):
 
     def _collect(self, mine: RankStats) -> Optional[List[RankStats]]:
         prefix = self.rank_prefix(mine.generation)
+        expected = self.world_size or 1
         deadline = time.monotonic() + self.timeout_s
         found, revision = self._read(prefix, mine.window, mine.generation)
-        while len(found) < self.world_size and not self._stop.is_set():
+        while len(found) < expected and not self._stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             events = self._store.wait(prefix, revision, min(left, 0.5))
             if events:
                 found, revision = self._read(prefix, mine.window, mine.generation)
-        if self._stop.is_set() and len(found) < self.world_size:
+        if self._stop.is_set() and len(found) < expected:
             return None
         return list(found.values())
 

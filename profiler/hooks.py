@@ -35,44 +35,57 @@ def _first_grad_tensor(output: Any, torch: Any) -> Optional[Any]:
     return None
 
 
-def _grad_hook_adder(torch: Any) -> Callable[[Any, Any, Callable], None]:
-    """``add(tensor, node, fn)``: call ``fn(grad)`` when backward reaches a non-leaf
-    ``tensor`` whose autograd node is ``node``.
+def _grad_hook_adder(torch: Any) -> Callable[[Callable], Callable[[Any, Any], None]]:
+    """``make(fn)`` gives ``add(tensor, node)``: call ``fn(grad)`` when backward reaches a
+    non-leaf ``tensor`` whose autograd node is ``node``.
 
     Adding a hook per step is the costliest part of the hooks after a real step (cold caches):
     ``Tensor.register_hook`` and ``Node.register_prehook`` build an OrderedDict and a
     ``RemovableHandle`` in Python each time. The fast path does what ``Tensor.register_hook``
     itself does underneath (a hooks dict on the tensor, registered with its autograd node)
-    without the handle: about a third of the cost. It is used only if a self-check on a tiny
-    graph shows the hook firing exactly once; otherwise the public ``register_prehook``.
+    without the handle, and takes the dict, already holding ``fn``, from a pool made 64 at a
+    time (warm, a fraction of the cost of making each one after a step); each dict serves one
+    tensor only, so a user's hook added to it never reaches another step. It is used only if
+    a self-check on a tiny graph shows the hook firing exactly once, beside the user's;
+    otherwise the public ``register_prehook``.
     """
     key = "elastic-prof"
     ordered = collections.OrderedDict
 
-    def fast(tensor: Any, node: Any, fn: Callable) -> None:
-        hooks = tensor._backward_hooks
-        if hooks is None:
-            tensor._backward_hooks = hooks = ordered()  # what register_hook expects to find
-            hooks[key] = fn
-            node._register_hook_dict(tensor)
-        else:  # the user's hooks dict, already registered with the node
-            hooks[key] = fn
+    def make_fast(fn: Callable) -> Callable[[Any, Any], None]:
+        pool: List[Any] = []
+        entry = ((key, fn),)
 
-    def public(tensor: Any, node: Any, fn: Callable) -> None:
-        node.register_prehook(fn)
+        def add(tensor: Any, node: Any) -> None:
+            hooks = tensor._backward_hooks
+            if hooks is None:
+                if not pool:
+                    pool.extend(ordered(entry) for _ in range(64))
+                tensor._backward_hooks = pool.pop()  # what register_hook expects to find
+                node._register_hook_dict(tensor)
+            else:  # the user's hooks dict, already registered with the node
+                hooks[key] = fn
+
+        return add
+
+    def make_public(fn: Callable) -> Callable[[Any, Any], None]:
+        def add(tensor: Any, node: Any) -> None:
+            node.register_prehook(fn)
+
+        return add
 
     try:
         fired = []
         with torch.enable_grad():
             out = torch.ones(1, requires_grad=True) * 2
-            fast(out, out.grad_fn, lambda grad: fired.append("ours"))
+            make_fast(lambda grad: fired.append("ours"))(out, out.grad_fn)
             out.register_hook(lambda grad: fired.append("user's"))  # the user's, alongside
             out.sum().backward()
         if fired == ["ours", "user's"]:
-            return fast
+            return make_fast
     except Exception:  # a torch without these internals
         pass
-    return public
+    return make_public
 
 
 def attach_torch(prof: "StepProfiler", model: Any = None, optimizer: Any = None,
@@ -111,13 +124,14 @@ def _attach_model(prof: "StepProfiler", model: Any, torch: Any,
     queue_callback = torch.autograd.Variable._execution_engine.queue_callback
     is_grad_enabled = torch.is_grad_enabled
     tensor_cls = torch.Tensor
-    add_grad_hook = _grad_hook_adder(torch)
     skipped = [False]
 
     @wrap
     def on_backward_start(grad: Any) -> None:
         append((begin_backward, mark()))
         queue_callback(end_backward)
+
+    add_grad_hook = _grad_hook_adder(torch)(on_backward_start)
 
     @wrap
     def pre_forward(module: Any, args: Any) -> None:
@@ -139,7 +153,7 @@ def _attach_model(prof: "StepProfiler", model: Any, torch: Any,
             return
         node = tensor.grad_fn
         if node is not None:
-            add_grad_hook(tensor, node, on_backward_start)
+            add_grad_hook(tensor, node)
         elif getattr(tensor, "_elastic_prof_hook", None) is not on_backward_start \
                 and is_grad_enabled():
             # the output is a leaf (a parameter): its hooks outlive the step, so once

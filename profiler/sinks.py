@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import types
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 from .api import PHASES, PhaseInterval, Sink, StepRecord, StragglerReport
 
