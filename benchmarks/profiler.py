@@ -26,9 +26,15 @@ the noise floor:
 ``overhead_frac`` and ``torch_profiler_overhead_frac`` are the CPU figures. ``per_step_cpu_us``
 is the training thread's CPU time inside the profiler per step (target <= 10 us), read from
 the thread's CPU clock around every call the training thread makes into the profiler (the
-step context, each phase begin/end, the module hooks) in extra blocks of real steps after the
-timed rounds, less what the meter's own clock reads cost: stable on a noisy machine, since
-other processes do not run on this thread's clock and the window is only the profiler's code.
+step context, the loader wrapper, the module, backward and optimizer hooks) in extra blocks of
+real steps after the timed rounds, less what the meter's own clock reads cost: stable on a
+noisy machine, since other processes do not run on this thread's clock and the window is only
+the profiler's code. The meter's own cost is read the same way, cold: around a call into a C
+no-op at the same kinds of call sites (module and optimizer hooks, around the step and the
+loader) in control blocks of real steps. After a real step the thread clock's own reads (a
+system call) cost a few microseconds, not the 0.6 us they cost warm; the figure less only the
+warm cost is printed beside it (``per_step_cpu_us_warm_floor``, how this figure was first
+defined).
 (The paired difference of the cheapest steps' thread CPU, ours minus plain, is printed beside
 it with its CI and the A/A row's: it includes the cache effects on the step, but at this
 machine's noise its CI is about +-100 us.)
@@ -44,7 +50,8 @@ Also printed: the profiler's direct cost per step on a near-empty step (warm cac
 bound; after a real step the caches are cold and the same code costs several times more).
 
 Usage: python benchmarks/profiler.py [--quick] [--rounds N] [--steps N]. Last line: one JSON
-object with ``overhead_frac``, ``torch_profiler_overhead_frac`` and ``per_step_cpu_us``.
+object with ``overhead_frac``, ``torch_profiler_overhead_frac``, ``per_step_cpu_us`` and
+``per_step_cpu_us_warm_floor``.
 """
 from __future__ import annotations
 
@@ -252,6 +259,22 @@ class _Meter:
                 meter._depth = 0
         return timed
 
+    def wrap_noop(self):
+        """A hook that meters a call into a C function doing nothing (``object``'s
+        ``__subclasshook__`` takes any arguments) and returns None: the control."""
+        clock = time.thread_time
+        meter = self
+        fn = object.__subclasshook__
+
+        def timed(*args, **kwargs):
+            t0 = clock()
+            try:
+                fn(*args, **kwargs)
+            finally:
+                meter.total_s += clock() - t0
+                meter.calls += 1
+        return timed
+
     def iterate(self, iterator, inner):
         """Iterate ``iterator`` (the profiler's loader wrapper) metering each ``next`` of it,
         less the time spent in ``next`` of ``inner`` (the user's loader) inside it."""
@@ -285,6 +308,24 @@ def _meter_floor_s(reps: int = 20000) -> float:
     for _ in range(reps):
         f()
     return m.total_s / m.calls
+
+
+def block_control_metered(w: Workload, n: int, meter: _Meter) -> None:
+    """A block of plain steps with the meter's control at the sites where ours is called:
+    forward pre/post hooks, optimizer pre/post hooks, before and after the step, and after
+    each fetch: what the meter reads around a call into nothing, with the caches as cold."""
+    hook = meter.wrap_noop()
+    handles = [w.model.register_forward_pre_hook(hook), w.model.register_forward_hook(hook),
+               w.opt.register_step_pre_hook(hook), w.opt.register_step_post_hook(hook)]
+    try:
+        for x, y in w.stream(n):
+            hook()
+            hook()
+            w.step(x, y)
+            hook()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def block_ours_metered(w: Workload, n: int, ours: Ours, meter: _Meter) -> None:
@@ -426,13 +467,20 @@ def main(argv=None) -> int:
                 blocks[name].append(fn(w, steps, ours))
         writer_s = ours.writer_s
         floor_s = _meter_floor_s()
-        metered, calls = [], []  # per block: metered CPU per step, calls per step
+        raw, calls, cold = [], [], []  # per block: metered CPU and calls per step; control
         for r in range(max(10, rounds // 3)):  # after the timed rounds, with real steps between
             _settle(w)
             meter = _Meter()
             block_ours_metered(w, steps, ours, meter)
-            metered.append((meter.total_s - meter.calls * floor_s) / steps)
+            raw.append(meter.total_s / steps)
             calls.append(meter.calls / steps)
+            _settle(w)
+            control = _Meter()
+            block_control_metered(w, steps, control)
+            cold.append(control.total_s / control.calls)
+        cold_floor_s = statistics.median(cold)
+        metered = [t - c * cold_floor_s for t, c in zip(raw, calls)]
+        warm = [t - c * floor_s for t, c in zip(raw, calls)]
         per_step_cpu_s = statistics.median(metered)
         metered_steps = steps * len(metered)
         ours.prof.close()
@@ -492,7 +540,9 @@ def main(argv=None) -> int:
           f"by its thread clock around every call into it: {per_step_cpu_s * 1e6:.1f} us/step "
           f"(median of {len(metered)} blocks, {min(metered) * 1e6:.1f}-{max(metered) * 1e6:.1f}; "
           f"target <= 10; {statistics.median(calls):.1f} calls per step over {metered_steps} real "
-          f"steps, less {floor_s * 1e6:.2f} us per call that the meter itself reads)")
+          f"steps, less {cold_floor_s * 1e6:.2f} us per call that the meter reads around a C "
+          f"no-op at the same sites, cold: median of {len(cold)} control blocks; less only its "
+          f"warm cost, {floor_s * 1e6:.2f} us per call: {statistics.median(warm) * 1e6:.1f} us/step)")
     direct = direct_cost_us()
     print(f"direct cost of ours on a near-empty step (warm caches, best of 30): "
           f"{direct['cost_us']:.1f} us/step ({direct['profiled_us']:.1f} vs "
@@ -501,7 +551,8 @@ def main(argv=None) -> int:
     sys.stdout.flush()
     print(json.dumps({"overhead_frac": round(cpu["ours (hooks on)"][0], 5),
                       "torch_profiler_overhead_frac": round(cpu["torch.profiler"][0], 5),
-                      "per_step_cpu_us": round(per_step_cpu_s * 1e6, 2)}),
+                      "per_step_cpu_us": round(per_step_cpu_s * 1e6, 2),
+                      "per_step_cpu_us_warm_floor": round(statistics.median(warm) * 1e6, 2)}),
           flush=True)
     return 0
 
