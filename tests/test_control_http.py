@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -266,6 +267,13 @@ def test_token_required_off_loopback_and_checked(inproc_job):
     # After stop() nothing listens there any more.
     with pytest.raises(OSError):
         request(server.port, "GET", "/healthz", host="127.0.0.2")
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        return  # no IPv6 here
+    with ControlServer(agent, "::1", 0, token=token) as server:  # IPv6 loopback: no token either
+        assert not server.require_token and server.url == f"http://[::1]:{server.port}"
+        assert request(server.port, "GET", "/healthz", host="::1")[::2] == (200, "ok\n")
 
 
 def test_cli_refuses_a_control_port_off_loopback_without_a_token(procs, tmp_path):

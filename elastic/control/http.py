@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import socket
+import socketserver
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -62,8 +63,14 @@ def is_loopback(host: str) -> bool:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    allow_reuse_address = True
     control: "ControlServer"
+
+    def server_bind(self) -> None:
+        # HTTPServer's own asks the resolver for the host's FQDN (a reverse lookup that can
+        # stall a start where DNS is slow or absent); the name is never used here.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
 
 class _Server6(_Server):
@@ -80,7 +87,7 @@ class ControlServer:
     def __init__(self, agent, host: str = "127.0.0.1", port: int = 0, token: Union[bytes, str, None] = None, *,
                  require_token: Optional[bool] = None, stall_s: Optional[float] = None) -> None:
         self.agent = agent
-        self.host = host or "0.0.0.0"
+        self.host = (host or "0.0.0.0").strip("[]")
         if not isinstance(port, int) or not 0 <= port < 65536:
             raise ConfigError(f"--control-port {port!r}: expected a port number (0: any free one)")
         self.port = port
@@ -111,7 +118,7 @@ class ControlServer:
     def start(self) -> "ControlServer":
         cls = _Server6 if ":" in self.host else _Server
         try:
-            server = cls((self.host.strip("[]"), self.port), _Handler)
+            server = cls((self.host, self.port), _Handler)
         except OSError as exc:
             raise ConfigError(f"control port {self.host}:{self.port}: cannot listen: {exc.strerror or exc}") from None
         server.control = self
