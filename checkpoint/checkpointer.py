@@ -125,6 +125,7 @@ class Checkpointer:
                               "generation": str(self.generation)})
         job = self._writer.submit(self._committer.persist, step, tree, plan, header, chunks,
                                   not direct, self._crc)
+        job.add_done_callback(lambda done, s=step: done.exception() is None and _report_checkpoint(s))
         self._pending = (step, job)
         if blocking or direct:
             self.wait()
@@ -263,3 +264,11 @@ class Checkpointer:
 def _chunks(view: memoryview) -> Iterator[memoryview]:
     for start in range(0, len(view), CHUNK_BYTES):
         yield view[start:start + CHUNK_BYTES]
+
+
+def _report_checkpoint(step: int) -> None:
+    """Under elastic-run, schedulers see the last checkpointed step (status, checkpoint age)."""
+    if os.environ.get("ELASTIC_RDZV_BACKEND"):
+        from elastic import report_progress
+
+        report_progress(checkpoint_step=step)

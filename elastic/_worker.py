@@ -176,14 +176,33 @@ class WorkerLink:
 _process_link: Dict[str, Optional[WorkerLink]] = {}
 
 
+def process_link(link: Optional[WorkerLink] = None) -> Optional[WorkerLink]:
+    """This process's link to its agent (``link``: the one ``@elastic.run`` made; else one
+    from the environment, watching; None outside ``elastic-run``)."""
+    if link is not None:
+        _process_link["link"] = link
+    if "link" not in _process_link:
+        made = WorkerLink.from_env()
+        if made is not None:
+            made._start_watch()
+        _process_link["link"] = made
+    return _process_link["link"]
+
+
 def drain_requested() -> bool:
     """Whether this worker's node was asked to drain (or the job to stop): a plain training
     script polls it between steps, saves and exits. False outside ``elastic-run``; the agent
     also sends SIGTERM after publishing the drain, so a script that handles SIGTERM needs no poll."""
-    if "link" not in _process_link:
-        link = WorkerLink.from_env()
-        if link is not None:
-            link._start_watch()
-        _process_link["link"] = link
-    link = _process_link["link"]
+    link = process_link()
     return link is not None and link.drain_requested
+
+
+def report_progress(step: Optional[int] = None, checkpoint_step: Optional[int] = None) -> None:
+    """Tell schedulers (``JobController.status()``, ``/metrics``) this worker's last completed
+    step and last checkpointed step. ``State.commit()`` and the checkpointers call it; a
+    no-op outside ``elastic-run``."""
+    if not os.environ.get("ELASTIC_RDZV_BACKEND"):
+        return
+    link = process_link()
+    if link is not None:
+        link.report_progress(step, checkpoint_step)

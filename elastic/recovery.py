@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 
 from . import _collectives
 from .lazy import require
-from ._worker import DrainRequested, MembershipChangedError, WorkerLink
+from ._worker import DrainRequested, MembershipChangedError, WorkerLink, process_link
 from .errors import one_line
 from .faults import looks_like_bug, looks_like_lost_peer
 from .state import State
@@ -193,6 +193,7 @@ class _Session:
     def run(self, func: Callable[..., Any], args, kwargs) -> Any:
         self.state._link = self.link
         if self.link is not None:
+            process_link(self.link)  # drain_requested()/report_progress() share it
             self.link.register()
         _collectives.use(self.backend.comm)
         try:

@@ -67,8 +67,13 @@ def test_a_kubelet_takes_a_node_away_and_no_step_is_lost(procs, tmp_path):
     completed and the survivors go on from exactly there; its agent says "drained"."""
     endpoint, ctl = start_job(procs, 3)
     with ctl:
+        for name in ("a0", "a1", "a2"):  # commit 1 reported its step (synchronously) before step 5 ran
+            procs.wait_for_output(name, "step=5 ", timeout_s=30)
         status = ctl.status()
         assert (status.state, status.num_nodes, status.world_size, status.restarts) == (JobState.RUNNING, 3, 3, 0)
+        assert (status.min_nodes, status.max_nodes, status.desired_nodes) == (2, 3, None)
+        assert all(n.last_step >= 1 and n.state is NodeState.RUNNING for n in status.nodes)
+        assert sorted(n.node_rank for n in status.nodes) == [0, 1, 2]
         victim = node_of(ctl, procs, "a2")
         assert victim.state is NodeState.RUNNING and victim.node_rank is not None and victim.lease_age_s < 10
         first_pids = {name: steps(procs.output(name))[0]["pid"] for name in ("a0", "a1")}
@@ -186,8 +191,8 @@ def test_start_from_a_non_main_thread(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = LaunchConfig(entrypoint=(WORKER, "--steps", "40", "--step-s", "0.02"), rdzv_backend="embedded",
                           rdzv_endpoint=f"127.0.0.1:{free_port()}", run_id="threaded",
-                          rdzv_conf={"last_call_timeout": "0.2"})
-    out = {}
+                          rdzv_conf={"last_call_timeout": "0.2"}, on_event=lambda e: seen.append(e))
+    out, seen = {}, []
 
     def operator():
         handle = start(config)
@@ -203,3 +208,6 @@ def test_start_from_a_non_main_thread(tmp_path, monkeypatch):
     assert out["code"] == 0
     assert out["status"].world_size == 1 and out["status"].nodes[0].node_id == out["node"]
     assert json.dumps(out["status"].to_json())  # the record serialises as /status serves it
+    names = [e.name for e in seen]  # the on_event hook saw this node's events, in order
+    assert names[0] == "join" and "round" in names and names[-1] == "succeeded"
+    assert all(e.node == out["node"] for e in seen)

@@ -149,6 +149,8 @@ class ElasticAgent:
                     self.handler.request_new_round(rnd, failure.describe(), ChangeReason.WORKER_FAILED)
                 except RestartBudgetExceededError as exc:
                     return self._fail(str(exc))
+                self.reporter.emit("restart", restarts=self.handler.ledger.restart_count(),
+                                   max_restarts=self.settings.max_restarts)
             else:  # the round changed
                 if result.change.reason is ChangeReason.JOB_FAILED:
                     return self._fail(str(result.change))
@@ -294,6 +296,8 @@ class ElasticAgent:
         log.info("round %d: node rank %d of %d, world size %d (%.2fs)", rnd.generation, rnd.node_rank,
                  rnd.num_nodes, rnd.world_size, time.monotonic() - t0)
         self.reporter.round = rnd
+        if prev is None:
+            self.reporter.emit("join", node_rank=rnd.node_rank, host=rnd.node.host)
         if rnd.node_rank == 0:  # one event per round, from its node rank 0
             self.reporter.emit("round", world_size=rnd.world_size, nodes=list(rnd.node_ids),
                                rendezvous_s=round(time.monotonic() - t0, 3))

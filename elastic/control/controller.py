@@ -38,6 +38,7 @@ class JobController:
         self.run_id = run_id
         self.keys = JobKeys(run_id)
         self.ledger = JobLedger(store, self.keys)
+        self._events = EventLog(store, self.keys, node="ctl")  # what a scheduler asked, in the job's events
         self._owns_store = owns_store
 
     @classmethod
@@ -131,6 +132,7 @@ class JobController:
             raise ConfigError(f"cannot scale job {self.run_id!r} to {n} nodes: its range is "
                               f"{status.min_nodes}:{status.max_nodes} (change it with set_range)")
         self._put(self.keys.desired(), {"nodes": n})
+        self._events.emit("scale", status.generation, desired=n, current=status.num_nodes)
         self._drain_down_to(status, n, DrainReason.SCALE_DOWN)
         return self.wait_for(num_nodes=n, timeout_s=timeout_s) if wait else self.status()
 
@@ -140,6 +142,7 @@ class JobController:
             raise ConfigError(f"invalid node range {min_nodes}:{max_nodes}: need 1 <= MIN <= MAX")
         status = self.status()
         self._put(self.keys.node_range(), {"min_nodes": min_nodes, "max_nodes": max_nodes})
+        self._events.emit("set_range", status.generation, min_nodes=min_nodes, max_nodes=max_nodes)
         if status.num_nodes > max_nodes:
             self._drain_down_to(status, max_nodes, DrainReason.SCALE_DOWN)
         return self.status()
@@ -156,21 +159,24 @@ class JobController:
     def undrain(self, node: str) -> NodeStatus:
         """Withdraw a drain request that its node has not acted on yet."""
         target = self.status().node(str(node))
-        self.store.delete(self.keys.drain(target.node_id))
+        if self.store.delete(self.keys.drain(target.node_id)):
+            self._events.emit("undrain", target.generation, node=target.node_id)
         return target
 
     def stop(self, graceful: bool = True) -> None:
         """End the job: every node saves at its next safe point and its agent exits 0
         (``graceful=False``: workers are stopped at once)."""
-        self.status()  # the job exists
+        status = self.status()  # the job exists
         now = time.time()
         self._put(self.keys.stop(), {"graceful": graceful, "at": now, "deadline": None if graceful else now})
+        self._events.emit("stop_requested", status.generation, graceful=graceful)
 
     # -- helpers ---------------------------------------------------------------------------
     def _request_drain(self, node_id: str, reason: DrainReason, deadline_s: Optional[float]) -> None:
         now = time.time()
         drain = Drain(reason, None if deadline_s is None else now + deadline_s, now)
         self._put(self.keys.drain(node_id), drain.to_json())
+        self._events.emit("drain_requested", node=node_id, reason=reason.value, deadline_s=deadline_s)
 
     def _drain_down_to(self, status: JobStatus, n: int, reason: DrainReason) -> None:
         live = [s for s in status.nodes if s.node_rank is not None and s.state is not NodeState.DRAINED]
