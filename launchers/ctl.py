@@ -61,8 +61,9 @@ def _store_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
         else:
             _flag(parser, *names, dest=dest, metavar=metavar, default=default, help=help)
 
-    add("--rdzv-backend", "--rdzv_backend", dest="rdzv_backend", metavar="NAME", default="embedded",
-        help="embedded (default; 'c10d' is an alias) or etcd (default $PET_RDZV_BACKEND)")
+    add("--rdzv-backend", "--rdzv_backend", dest="rdzv_backend", metavar="NAME", default=None,
+        help="embedded ('c10d' is an alias) or etcd ('etcd-v2'), as given to the agents (default "
+             "$PET_RDZV_BACKEND, then $ELASTIC_RDZV_BACKEND, else embedded)")
     add("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint", metavar="HOST:PORT", default="",
         help="host:port of the job's rendezvous store (default $PET_RDZV_ENDPOINT, "
              "then $ELASTIC_RDZV_ENDPOINT)")
@@ -177,7 +178,8 @@ def connect(args: argparse.Namespace):
 
     from .config import parse_rdzv_conf, store_conf
 
-    backend = {"c10d": "embedded", "static": "embedded", "etcd-v2": "etcd"}.get(args.rdzv_backend, args.rdzv_backend)
+    backend = args.rdzv_backend or os.environ.get("ELASTIC_RDZV_BACKEND") or "embedded"
+    backend = {"c10d": "embedded", "static": "embedded", "etcd-v2": "etcd"}.get(backend, backend)
     endpoint = args.rdzv_endpoint or os.environ.get("ELASTIC_RDZV_ENDPOINT", "")
     if not endpoint:
         raise UserError("no store to talk to: give --rdzv-endpoint HOST:PORT (or set PET_RDZV_ENDPOINT) "

@@ -321,3 +321,14 @@ def test_on_etcd_with_torchrun_spellings_until_the_job_has_stopped(procs, etcd_s
     assert r.returncode == 0 and json.loads(r.stdout)["state"] == "stopped", (r.stdout, r.stderr)
     r = ctl("health", *flags)
     assert r.returncode == 1 and r.stdout.startswith("unhealthy: ") and "stopped" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_from_inside_a_worker_with_no_flags(procs):
+    # standalone: a private store on a free port, a random token and run id, all only in the
+    # worker's environment; the worker's own pid must be in what ctl reports
+    procs.start("job", [ELASTIC_RUN, "--nproc-per-node", "1", os.path.join(os.path.dirname(WORKER), "ctl_from_worker.py")],
+                env=_clean_env())
+    out = procs.wait(timeout_s=120)["job"].output
+    m = re.search(r"CTL run=(\S+) state=(\S+) world=(\d+) mine=(\d+) env_run=(\S+)", out)
+    assert m, out
+    assert m.group(1) == m.group(5) and m.group(2) == "running" and m.group(3) == "1" and m.group(4) == "1", out
