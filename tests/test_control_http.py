@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 
@@ -186,8 +187,7 @@ def inproc_job(tmp_path):
                           rdzv_endpoint="127.0.0.1:0", run_id=f"http-{uuid.uuid4().hex[:8]}",
                           rdzv_conf={"token": token}, log_dir=str(tmp_path / "logs"), on_event=on_event)
     handle = start(config)
-    job = type("Job", (), {})()
-    job.handle, job.agent, job.token, job.dir, job.hooks, job.events = handle, handle._node.agent, token, tmp_path, hooks, seen
+    job = SimpleNamespace(handle=handle, agent=handle._node.agent, token=token, dir=tmp_path, hooks=hooks, events=seen)
     try:
         ctl = JobController(handle._node.store, config.run_id)
         deadline = time.monotonic() + 60
@@ -218,15 +218,15 @@ def test_healthz_fails_while_the_agent_loop_is_stuck(inproc_job):
             release.wait(60)
 
     inproc_job.hooks.append(block)
-    with ControlServer(inproc_job.agent, "127.0.0.1", 0, stall_s=0.5) as server:
+    with ControlServer(inproc_job.agent, "127.0.0.1", 0, stall_s=2.0) as server:
         try:
-            assert request(server.port, "GET", "/healthz")[::2] == (200, "ok\n")
+            assert poll(server.port, "/healthz", 200) == "ok\n"  # polled: a loaded machine may pause the loop
             (inproc_job.dir / "fail").touch()
             assert stuck.wait(30), "the worker's failure never reached the agent loop"
             body = poll(server.port, "/healthz", 503)
-            assert body.startswith("agent loop stalled: last pass") and "limit 0.5s" in body and "\n" not in body[:-1]
+            assert body.startswith("agent loop stalled: last pass") and "limit 2s" in body and "\n" not in body[:-1]
             samples, _ = parse_metrics(request(server.port, "GET", "/metrics")[2])
-            assert value(samples, "elastic_agent_healthy") == 0 and value(samples, "elastic_agent_loop_age_seconds") >= 0.5
+            assert value(samples, "elastic_agent_healthy") == 0 and value(samples, "elastic_agent_loop_age_seconds") >= 2
             assert value(samples, "elastic_round_changes_total", cause="worker_failed") == 1
             assert value(samples, "elastic_events_total", event="failure") == 1
         finally:
