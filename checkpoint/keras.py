@@ -18,7 +18,6 @@ Importing this module imports neither TensorFlow nor Keras: ``ElasticCheckpoint`
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional
 
+import elastic
 from elastic.errors import ConfigError
 from elastic.lazy import require
 from elastic.world import World
@@ -33,46 +33,6 @@ from elastic.world import World
 __all__ = ["TrainingCheckpoint", "ElasticCheckpoint"]
 
 log = logging.getLogger("elastic.launcher")
-
-
-def _closed_round_fence(generation: int):
-    """``current_generation`` for the Checkpointer: the newest *closed* round of the job.
-
-    Read from the job's store (``ELASTIC_RDZV_*``, ``ELASTIC_RUN_PREFIX``, which the agent
-    gives its workers). A round that is still open does not fence: the final save on SIGTERM
-    happens exactly then. Once a newer round has closed, its workers may be restoring, and a
-    writer of an older one must not publish. None outside ``elastic-run``.
-    """
-    env = os.environ
-    backend, endpoint = env.get("ELASTIC_RDZV_BACKEND"), env.get("ELASTIC_RDZV_ENDPOINT")
-    prefix = env.get("ELASTIC_RUN_PREFIX")
-    if not (backend and endpoint and prefix) or backend == "memory":
-        return None
-    try:
-        conf = json.loads(env.get("ELASTIC_RDZV_CONF") or "{}")
-    except ValueError:
-        return None
-    holder: Dict[str, Any] = {}
-
-    def current() -> int:
-        try:
-            if "store" not in holder:
-                from elastic.store import create_store
-
-                holder["store"] = create_store(backend, endpoint, **conf)
-            from elastic.rendezvous.keys import JobKeys
-
-            kv = holder["store"].get(JobKeys.from_prefix(prefix).round())
-            state = json.loads(kv.value) if kv is not None else None
-        except Exception as exc:  # noqa: BLE001 - the store is gone: the agent decides our fate
-            log.warning("cannot read the current round (%s); fencing on published checkpoints only", exc)
-            return generation
-        if not state:
-            return generation
-        gen = int(state.get("generation", generation))
-        return gen if state.get("state") == "closed" else gen - 1
-
-    return current
 
 
 class _Variables:
@@ -147,7 +107,7 @@ class TrainingCheckpoint:
         # The chief writes the whole (replicated) state as a world of one; the others only read.
         self._ck = Checkpointer(url, keep=keep, storage_options=storage_options, rank=0, world_size=1,
                                 generation=world.generation, memory=self.is_chief,
-                                current_generation=_closed_round_fence(world.generation))
+                                current_generation=elastic.closed_round_fence(world.generation))
         if save_on_sigterm and threading.current_thread() is threading.main_thread():
             self._install_sigterm()
 

@@ -9,10 +9,10 @@ __version__ = "0.1.0"
 
 __all__ = ["ElasticError", "UserError", "ConfigError", "MissingExtraError", "World", "__version__",
            "run", "State", "ObjectState", "TorchState", "MembershipChangedError", "DrainRequested",
-           "drain_requested", "report_progress", "JobController"]
+           "drain_requested", "report_progress", "closed_round_fence", "JobController"]
 
 _LAZY = {"run": ".recovery", "State": ".state", "ObjectState": ".state", "TorchState": ".state",
-         "MembershipChangedError": "._worker", "DrainRequested": "._worker", "drain_requested": "._worker", "report_progress": "._worker",
+         "MembershipChangedError": "._worker", "DrainRequested": "._worker", "drain_requested": "._worker", "report_progress": "._worker", "closed_round_fence": "._worker",
          "JobController": ".control"}
 
 

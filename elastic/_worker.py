@@ -16,6 +16,7 @@ import time
 from typing import Callable, Dict, Optional
 
 from .errors import ElasticError
+from .rendezvous.keys import JobKeys
 from .rendezvous.state import RoundState
 
 __all__ = ["WorkerLink", "MembershipChangedError", "NoNewRoundError", "DrainRequested", "drain_requested"]
@@ -40,8 +41,6 @@ class WorkerLink:
     """This worker's view of its agent; ``None`` from :meth:`from_env` outside ``elastic-run``."""
 
     def __init__(self, store, prefix: str, node_id: str, local_rank: int, generation: int) -> None:
-        from .rendezvous.keys import JobKeys
-
         self.store = store
         self.keys = JobKeys.from_prefix(prefix)
         self.node_id = node_id
@@ -206,3 +205,33 @@ def report_progress(step: Optional[int] = None, checkpoint_step: Optional[int] =
     link = process_link()
     if link is not None:
         link.report_progress(step, checkpoint_step)
+
+
+def closed_round_fence(generation: int) -> Optional[Callable[[], int]]:
+    """``current_generation`` for a Checkpointer of a worker of round ``generation``: the
+    newest *closed* round of the job, read from its store (``ELASTIC_RDZV_*``).
+
+    A round that is still open does not fence: the final save on SIGTERM happens exactly then.
+    Once a newer round has closed, its workers may be restoring, and a writer of an older one
+    must not publish. None outside ``elastic-run``.
+    """
+    env = os.environ
+    backend, endpoint, prefix = (env.get("ELASTIC_RDZV_BACKEND"), env.get("ELASTIC_RDZV_ENDPOINT"),
+                                 env.get("ELASTIC_RUN_PREFIX"))
+    if not (backend and endpoint and prefix) or backend == "memory":
+        return None
+    holder: Dict[str, object] = {}
+
+    def current() -> int:
+        try:
+            if "store" not in holder:
+                from .store import create_store
+
+                holder["store"] = create_store(backend, endpoint, **json.loads(env.get("ELASTIC_RDZV_CONF") or "{}"))
+            kv = holder["store"].get(JobKeys.from_prefix(prefix).round())  # type: ignore[attr-defined]
+        except Exception as exc:  # the store is gone: the agent decides our fate
+            log.warning("cannot read the current round (%s); fencing on published checkpoints only", exc)
+            return generation
+        return generation if kv is None else RoundState.from_json(kv.value).settled_generation
+
+    return current

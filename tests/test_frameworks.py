@@ -382,7 +382,7 @@ def test_training_checkpoint_saves_on_sigterm_and_restores_at_another_world_size
 
 
 def test_closed_round_fence_reads_the_jobs_store():
-    from checkpoint.keras import _closed_round_fence
+    from elastic import closed_round_fence as _closed_round_fence
     from elastic.store import create_store
     from elastic.store.embedded_server import EmbeddedServer
 
