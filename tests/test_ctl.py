@@ -165,6 +165,10 @@ def test_status_events_health_and_bad_requests(procs, tmp_path):
     assert r.returncode == 0 and all(json.loads(line)["seq"] > seqs[-1] for line in r.stdout.splitlines())
     r = job.ctl("events")
     assert r.returncode == 0 and re.search(r"\bround\b.*world_size=2", r.stdout), r.stdout
+    # --follow with --timeout: what is kept, then it ends once no event came for that long
+    r = job.ctl("events", "--follow", "--timeout", "0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["seq"] for line in r.stdout.splitlines()][:len(seqs)] == seqs
 
     # health: 0 while running; a stale-lease bound nobody can meet fails it
     r = job.ctl("health")
