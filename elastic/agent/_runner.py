@@ -95,12 +95,18 @@ _WARM_IMPORTS = {
 }
 
 
-def _standby(preload: list) -> int:
+def warm_import(preload: list) -> None:
+    """Import what the script's frameworks need before the script runs (a standby's or the fork
+    server's one import per node); a module that is missing is left for the script to report."""
     for name in [m for p in preload for m in _WARM_IMPORTS.get(p, [p])]:
         try:
             importlib.import_module(name)
         except ImportError:
-            pass  # the script will raise its own, clearer error if it needs it
+            pass
+
+
+def _standby(preload: list) -> int:
+    warm_import(preload)
     ready = os.environ.pop("ELASTIC_STANDBY_READY", "")
     if ready:  # tell the agent we are warm (it waits for that before joining a running job)
         open(f"{ready}.{os.getpid()}", "w").close()

@@ -203,15 +203,9 @@ def _child(spec: dict, fds: List[int], listener: socket.socket, conns: List[sock
 
 
 def serve(path: str, preload: List[str]) -> int:
-    import importlib
+    from ._runner import warm_import
 
-    from ._runner import _WARM_IMPORTS
-
-    for name in [m for p in preload for m in _WARM_IMPORTS.get(p, [p])]:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass  # the script raises its own, clearer error if it needs it
+    warm_import(preload)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
