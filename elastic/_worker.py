@@ -95,6 +95,8 @@ class WorkerLink:
         news = {k: int(v) for k, v in (("step", step), ("checkpoint_step", checkpoint_step)) if v is not None}
         fresh_checkpoint = "checkpoint_step" in news and news["checkpoint_step"] != self._progress.get("checkpoint_step")
         self._progress.update(news)
+        if fresh_checkpoint:
+            self._progress["checkpoint_time"] = time.time()
         now = time.monotonic()
         if not fresh_checkpoint and now - self._progress_at < min_interval_s:
             return

@@ -231,8 +231,12 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     except ValueError:
         raise UserError(f"--monitor-interval {args.monitor_interval!r}: expected seconds") from None
     backend = {"c10d": "embedded", "etcd-v2": "etcd"}.get(args.rdzv_backend, args.rdzv_backend)
-    if backend not in ("embedded", "etcd", "static"):
-        raise UserError(f"--rdzv-backend {args.rdzv_backend!r}: expected embedded, c10d, etcd, etcd-v2 or static")
+    from elastic.store import backends
+
+    known = [name for name in backends.names() if name != "memory"]  # memory: one process only
+    if backend not in (*known, "static"):
+        raise UserError(f"--rdzv-backend {args.rdzv_backend!r}: expected {', '.join(known)}, c10d, etcd-v2 "
+                        "or static (a third-party backend registers through the elastic_run.stores entry point)")
     if args.start_method not in ("spawn", "fork", "forkserver"):  # from PET_START_METHOD
         raise UserError(f"--start-method {args.start_method!r}: expected spawn, fork or forkserver")
     if args.numa_binding is not None and args.numa_binding not in NUMA_MODES:

@@ -118,7 +118,7 @@ def check_token(config: LaunchConfig) -> None:
     A server without a token serves loopback clients only (anyone who can reach the port
     could otherwise join the job), so such a job could never form: say what to add instead.
     """
-    if config.rdzv_backend != "embedded":
+    if backend_spec(config.rdzv_backend).serve is None:  # only a node that serves the store needs it here
         return
     host, _ = parse_endpoint(config.rdzv_endpoint, DEFAULT_RDZV_PORT, any_port=True)
     if is_loopback_host(host) or has_token(config.rdzv_conf):

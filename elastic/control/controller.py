@@ -130,7 +130,7 @@ class JobController:
         status = self.status()
         if not status.min_nodes <= n <= status.max_nodes:
             raise ConfigError(f"cannot scale job {self.run_id!r} to {n} nodes: its range is "
-                              f"{status.min_nodes}:{status.max_nodes} (change it with set_range)")
+                              f"{status.min_nodes}:{status.max_nodes} (change it first: set_range, or ctl set-range)")
         self._put(self.keys.desired(), {"nodes": n})
         self._events.emit("scale", status.generation, desired=n, current=status.num_nodes)
         self._drain_down_to(status, n, DrainReason.SCALE_DOWN)
