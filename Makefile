@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest -n auto
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow demo demo-simple bench clean
 
 setup:
 	@bash .ci/bootstrap.sh
@@ -14,7 +14,13 @@ test: setup
 test-slow: setup
 	$(PYTEST) -m slow tests
 
+# The elastic story (examples/elastic_demo.py): two nodes train; a worker is killed, a node is
+# drained through the control plane, a third joins; each event, the pause it caused, the accuracy.
 demo: setup
+	@$(PY) examples/elastic_demo.py
+
+# One node, two workers, nothing changes: the plain torchrun-style example.
+demo-simple: setup
 	@ckpt=$$(mktemp -d) && trap 'rm -rf $$ckpt' EXIT && \
 	$(VENV)/bin/elastic-run --standalone --nproc-per-node 2 --max-restarts 3 \
 		examples/torch_ddp.py --ckpt-dir $$ckpt
