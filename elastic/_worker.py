@@ -48,7 +48,7 @@ class WorkerLink:
         self.generation = generation
         self._changed = threading.Event()
         self._drain = threading.Event()  # our node drains, or the job stops: set once, for good
-        self._progress: Dict[str, int] = {}
+        self._progress: Dict[str, float] = {}  # step, checkpoint_step, checkpoint_time
         self._progress_at = 0.0
         self.on_change: Optional[Callable[[], None]] = None  # called once per change, from the watch
         self._stop = threading.Event()

@@ -173,6 +173,13 @@ class _Session:
     def _init(self) -> None:
         self.backend.init(int(os.environ.get("WORLD_SIZE", "1")) > 1 or self.link is not None)
 
+    @property
+    def _agent(self) -> WorkerLink:
+        """The link to our agent; recovering is only ever tried under one."""
+        if self.link is None:
+            raise RuntimeError("no agent to recover with (not under elastic-run)")
+        return self.link
+
     def _form(self) -> None:
         """Join the current round and sync the state; if the round breaks meanwhile (a peer
         dies during the re-formation, its store goes away), wait for the next one and retry."""
@@ -188,7 +195,7 @@ class _Session:
                             os.environ.get("RANK"), one_line(exc))
             self.backend.teardown()
             self.state.restore()
-            self.link.wait_for_new_place(self.timeout_s)
+            self._agent.wait_for_new_place(self.timeout_s)
 
     def run(self, func: Callable[..., Any], args, kwargs) -> Any:
         self.state._link = self.link
@@ -216,7 +223,7 @@ class _Session:
                 # Out of the except block the failed call's frames (and the DDP module, whose
                 # reducer holds the old group) are freed before the group is torn down.
                 if lost_peer:
-                    self.link.report_lost_peer(reason)
+                    self._agent.report_lost_peer(reason)
                 self._recover(reason)
         finally:
             if self.link is not None:
@@ -237,7 +244,7 @@ class _Session:
         log.warning("rank %s: %s; recovering in process (pid %d)", os.environ.get("RANK"), reason, os.getpid())
         self.backend.teardown()
         self.state.restore()
-        self.link.wait_for_new_place(self.timeout_s)
+        self._agent.wait_for_new_place(self.timeout_s)
         self._form()
         self.state.on_reset()
         log.warning("rank %s of %s: re-formed in %.2fs (generation %s)", os.environ.get("RANK"),

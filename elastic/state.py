@@ -13,9 +13,9 @@ skipped.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
-from ._worker import DrainRequested, MembershipChangedError
+from ._worker import DrainRequested, MembershipChangedError, WorkerLink
 
 __all__ = ["State", "ObjectState", "TorchState"]
 
@@ -26,7 +26,7 @@ class State:
     def __init__(self) -> None:
         self._reset_callbacks: List[Callable[[], None]] = []
         self._drain_callbacks: List[Callable[[], None]] = []
-        self._link = None  # set by @elastic.run under elastic-run
+        self._link: Optional[WorkerLink] = None  # set by @elastic.run under elastic-run
         self.commits = 0
 
     def register_reset_callbacks(self, callbacks: List[Callable[[], None]]) -> None:

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
+from elastic.agent.api import FrameworkAdapter
 from elastic.errors import ConfigError
 
 __all__ = ["LaunchConfig", "parse_nnodes", "parse_rdzv_conf", "is_local_host", "is_loopback_host", "store_conf",
@@ -59,7 +60,7 @@ def is_loopback_host(host: str) -> bool:
     except ValueError:
         pass
     try:
-        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+        addrs = {str(ai[4][0]) for ai in socket.getaddrinfo(host, None)}
     except (socket.gaierror, UnicodeError):
         return False
     try:
@@ -104,7 +105,7 @@ def is_local_host(host: str) -> bool:
     if host in ("localhost", socket.gethostname(), socket.getfqdn()):
         return True
     try:
-        addrs = {ai[4][0] for ai in socket.getaddrinfo(host, None)}
+        addrs = {str(ai[4][0]) for ai in socket.getaddrinfo(host, None)}
     except socket.gaierror:
         return False
     for addr in addrs:
@@ -186,7 +187,7 @@ class LaunchConfig:
     standby: bool = True
     preload: Optional[Tuple[str, ...]] = None  # None: guess from the script's imports
     env: Dict[str, str] = field(default_factory=dict)
-    adapter: Optional[object] = None  # an elastic.agent.FrameworkAdapter; None: PyTorch's (nothing extra)
+    adapter: Optional[FrameworkAdapter] = None  # None: detected from the script's imports
     console_local_ranks: Optional[Tuple[int, ...]] = None  # whose output reaches the console (None: all)
     numa_binding: Optional[str] = None  # node | socket | exclusive | core-complex (launchers.numa)
     signals_to_handle: Tuple[str, ...] = DEFAULT_SIGNALS  # stop workers, leave, exit 128+N

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple
 
 from elastic.agent import ElasticAgent, FrameworkAdapter, WorkerSpec
 from elastic.errors import ConfigError
@@ -76,14 +76,14 @@ def _serve_here(config: LaunchConfig, spec: BackendSpec, conf: dict):
     host is this machine or its port is 0); a server already listening there is joined."""
     host, port = parse_endpoint(config.rdzv_endpoint, DEFAULT_RDZV_PORT, any_port=True)
     server = None
-    is_host = config.rdzv_conf.get("is_host")
-    is_host = None if is_host is None else is_true(is_host)
-    if is_host is None:
-        is_host = port == 0 or is_local_host(host)
+    raw = config.rdzv_conf.get("is_host")
+    is_host = port == 0 or is_local_host(host) if raw is None else is_true(raw)
     if is_host:
         bind = host if host in ("localhost",) or host.startswith("127.") else "0.0.0.0"
+        serve = spec.serve
+        assert serve is not None  # only called for a backend that serves its store
         try:
-            server = spec.serve(bind, port, **conf)
+            server = serve(bind, port, **conf)
             port = server.port
         except StoreError as exc:
             if getattr(exc.__cause__, "errno", None) != errno.EADDRINUSE:
@@ -159,18 +159,12 @@ class _VirtualLocalRank(FrameworkAdapter):
 
     def __init__(self, inner: FrameworkAdapter, visible: Optional[str], nproc: int) -> None:
         self.inner = inner
+        self.name = inner.name  # the agent decides framework-specific things by these
+        self.hosts_worker_store = inner.hosts_worker_store
         self.devices = [d.strip() for d in visible.split(",")] if visible is not None else None
         if self.devices is not None and nproc > len(self.devices):
             raise ConfigError(f"--virtual-local-rank: local rank {len(self.devices)} has no GPU in "
                               f"CUDA_VISIBLE_DEVICES={visible}")
-
-    @property
-    def name(self) -> str:  # the agent decides framework-specific things by it
-        return self.inner.name
-
-    @property
-    def hosts_worker_store(self) -> bool:
-        return self.inner.hosts_worker_store
 
     def on_round(self, *args, **kwargs) -> None:
         self.inner.on_round(*args, **kwargs)
@@ -187,10 +181,10 @@ class _VirtualLocalRank(FrameworkAdapter):
         return getattr(self.inner, item)
 
 
-def _handle_signals(agent: ElasticAgent, names: Tuple[str, ...]) -> Dict[int, object]:
+def _handle_signals(agent: ElasticAgent, names: Tuple[str, ...]) -> Dict[int, Any]:
     """``--signals-to-handle``: each stops the workers and leaves the job, as SIGTERM does (the
     agent itself always handles SIGTERM and SIGINT). Returns the previous handlers."""
-    previous = {}
+    previous: Dict[int, Any] = {}
     for name in names:
         sig = signal.Signals[name]
         if sig in (signal.SIGTERM, signal.SIGINT):
@@ -257,7 +251,7 @@ class _Node:
 
     def run(self) -> int:
         code = 1
-        previous: Dict[int, object] = {}
+        previous: Dict[int, Any] = {}
         control = None
         try:
             if threading.current_thread() is threading.main_thread():

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from ..faults import looks_like_lost_peer
 from ..net import free_port, free_port_range
@@ -31,7 +31,7 @@ from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, Re
 from ..rendezvous.protocol import LOST_PEER_REASON
 from ..rendezvous.state import ChangeReason, RoundState
 from ..control.api import EXIT_DRAINED, Drain, DrainReason, JobEvent, NodeState
-from .api import FrameworkAdapter, RunOutcome, RunResult, WorkerExit, WorkerSpec
+from .api import AgentError, FrameworkAdapter, RunOutcome, RunResult, WorkerExit, WorkerSpec
 from .forkserver import FORK_SAFE_PRELOADS, ForkServer
 from .reporter import NodeReporter
 from .watch import RoundWatcher
@@ -71,10 +71,10 @@ class ElasticAgent:
         # How workers reach the store (ELASTIC_RDZV_*): @elastic.run workers read their new
         # rank from it when the agent re-forms them in place.
         self.store_env = dict(store_env or {})
-        self._worker_store = None  # node rank 0's TCPStore for the workers of the current round
+        self._worker_store: Any = None  # node rank 0's TCPStore for the workers of the current round
         self.round: Optional[Round] = None
         self._group: Optional[WorkerGroup] = None
-        self._standbys = None  # a ForkServer, or a StandbyPool where the framework is not fork-safe
+        self._standbys: Optional[Union[ForkServer, StandbyPool]] = None  # StandbyPool: not fork-safe
         self._watcher: Optional[RoundWatcher] = None
         self._base_env = self._make_base_env()
 
@@ -152,11 +152,13 @@ class ElasticAgent:
                 self.reporter.emit("restart", restarts=self.handler.ledger.restart_count(),
                                    max_restarts=self.settings.max_restarts)
             else:  # the round changed
-                if result.change.reason is ChangeReason.JOB_FAILED:
-                    return self._fail(str(result.change))
-                log.warning("membership changed: %s", result.change)
-                self.reporter.emit("membership_changed", reason=result.change.reason.value,
-                                   node=result.change.node_id or "", message=str(result.change))
+                change = result.change
+                assert change is not None  # a RunResult of ROUND_CHANGED carries its change
+                if change.reason is ChangeReason.JOB_FAILED:
+                    return self._fail(str(change))
+                log.warning("membership changed: %s", change)
+                self.reporter.emit("membership_changed", reason=change.reason.value,
+                                   node=change.node_id or "", message=str(change))
                 if not in_place:
                     self._stop_workers()
             rnd = self._next_round(rnd)
@@ -219,13 +221,11 @@ class ElasticAgent:
             if not stop:
                 self.handler.request_new_round(rnd, f"node {me} drains ({drain.reason.value})",
                                                ChangeReason.REQUESTED, joining=False)
-            while time.time() < deadline and not all(w.proc.poll() is not None for w in self._group.workers):
+            while time.time() < deadline and not all(w.proc.poll() is not None for w in self._workers.workers):
                 time.sleep(self.monitor_interval_s)
             self._stop_workers()  # what outlived the deadline
         else:
-            self._watcher.stop()
-            self._group.stop(grace_s=max(0.0, deadline - time.time()))
-            self._group = None
+            self._stop_workers(grace_s=max(0.0, deadline - time.time()))
         if stop:
             self.handler.mark_done(rnd)
         self.handler.leave()
@@ -267,7 +267,7 @@ class ElasticAgent:
 
     def _reform_in_place(self, rnd: Round) -> None:
         """Tell live workers their place in ``rnd``; start new ones for dead local ranks."""
-        group = self._group
+        group = self._workers
         dead = [w.local_rank for w in group.workers if w.proc.poll() not in (None, 0)]
         self._host_worker_store(rnd)
         self.adapter.on_round(rnd, fresh_local_ranks=dead)
@@ -381,15 +381,23 @@ class ElasticAgent:
         os.makedirs(path, exist_ok=True)
         return path
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self, grace_s: Optional[float] = None) -> None:
+        """SIGTERM this node's workers, SIGKILL them after ``grace_s`` (the spec's by default)."""
         if self._watcher is not None:
             self._watcher.stop()
         if self._group is not None:
-            self._group.stop()
+            self._group.stop(grace_s=grace_s)
             self._group = None
 
+    @property
+    def _workers(self) -> WorkerGroup:
+        if self._group is None:
+            raise AgentError("no workers are running on this node")
+        return self._group
+
     def _monitor(self, rnd: Round) -> RunResult:
-        group = self._group
+        group, watcher = self._workers, self._watcher
+        assert watcher is not None  # started with the workers
         while True:
             self.reporter.alive()
             if self._notice > 0:
@@ -401,7 +409,6 @@ class ElasticAgent:
                 return RunResult(RunOutcome.FAILED, failure=failed[0])
             if exits and len(exits) == len(group.workers) and all(e.returncode == 0 for e in exits):
                 return RunResult(RunOutcome.SUCCEEDED)
-            watcher = self._watcher
             if watcher.event.wait(self.monitor_interval_s):
                 if watcher.change is not None or not watcher.lost_peer:
                     return RunResult(RunOutcome.ROUND_CHANGED, change=watcher.change)

@@ -89,11 +89,11 @@ class NodeReporter:
 
     def publish(self) -> None:
         rnd = self.round
-        in_round = rnd is not None and self.handler.node.node_id in rnd.node_ids
+        node_rank = rnd.nodes.rank_of(self.handler.node.node_id) if rnd is not None else None
         self._put(self.handler.keys.node_status(self.handler.node.node_id), {
             "node_id": self.handler.node.node_id, "host": self.handler.node.host, "nproc": self.nproc,
             "state": self.state.value, "generation": rnd.generation if rnd else 0,
-            "node_rank": rnd.node_rank if in_round else None, "pids": list(self.pids),
+            "node_rank": node_rank, "pids": list(self.pids),
             "drain": self.drain.to_json() if self.drain else None, "time": time.time()})
         self._published_at = time.monotonic()
 

@@ -82,10 +82,10 @@ class JobController:
         failure = json.loads(by_key[k.status()]).get("failed") if k.status() in by_key else None
         nodes = self._nodes(by_key, rnd)
         state = self._state(rnd, failure, by_key, nodes)
-        closed = rnd is not None and rnd.is_closed
+        closed = rnd if rnd is not None and rnd.is_closed else None
         return JobStatus(
             run_id=self.run_id, state=state, generation=rnd.generation if rnd else 0,
-            world_size=rnd.nodes.nproc_total() if closed else 0, num_nodes=len(rnd.nodes) if closed else 0,
+            world_size=closed.nodes.nproc_total() if closed else 0, num_nodes=len(closed.nodes) if closed else 0,
             min_nodes=limits.min_nodes, max_nodes=limits.max_nodes, desired_nodes=limits.desired,
             restarts=int(by_key.get(k.restarts(), b"0")), max_restarts=int(settings.get("max_restarts", 0)),
             nodes=tuple(nodes), reason=failure or (rnd.reason if rnd else ""))

@@ -24,13 +24,13 @@ def why_over(k: JobKeys, settings: RendezvousSettings, me: str, rnd: Round,
     status = json.loads(status_kv.value) if status_kv is not None else None
     if status and status.get("failed"):
         return RoundChange(ChangeReason.JOB_FAILED, f"job failed: {status['failed']}")
-    state = by_key.get(k.round())
-    state = None if state is None else RoundState.from_json(state.value)
+    round_kv = by_key.get(k.round())
+    state = None if round_kv is None else RoundState.from_json(round_kv.value)
     if state is None or state.generation != rnd.generation:
         if state is not None and state.is_failed:
             return RoundChange(ChangeReason.JOB_FAILED, f"job failed: {state.reason or 'unknown'}")
         return RoundChange(ChangeReason.ROUND_ENDED, f"round {rnd.generation} ended" + (
-            f" ({state.reason})" if state and state.reason else ""), cause=state and state.cause)
+            f" ({state.reason})" if state and state.reason else ""), cause=state.cause if state else None)
     if k.stop() in by_key:
         return RoundChange(ChangeReason.STOP_REQUESTED, "a stop of the job was requested")
     if k.drain(me) in by_key:

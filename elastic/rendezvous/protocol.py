@@ -89,12 +89,12 @@ class RendezvousHandler:
                 try:
                     kv = self.store.get(self._round_key)
                     unavailable_since = None
-                    state = _state(kv)
-                    if state is None:
+                    if kv is None:
                         first = RoundState(1, RoundStatus.OPEN, opener=self.node.node_id)
                         if self.store.compare_and_set(self._round_key, None, first.to_json())[0]:
                             self._opened_generation = 1
                         continue
+                    state = RoundState.from_json(kv.value)
                     gen = state.generation
                     if state.is_failed:
                         raise RendezvousClosedError(f"job failed: {state.reason or 'unknown'}")
@@ -162,7 +162,7 @@ class RendezvousHandler:
             self.charge_restart(reason)
         kv = self.store.get(self._round_key)
         state = _state(kv)
-        if state and state.generation == rnd.generation and state.is_closed:
+        if kv and state and state.generation == rnd.generation and state.is_closed:
             return self._open_next(kv, state, reason, cause, joining=joining)
         return False
 
@@ -214,7 +214,7 @@ class RendezvousHandler:
         self.store.close()
 
     # -- joining ---------------------------------------------------------------------------
-    def _join_open_round(self, kv: KeyValue, prev: Optional[Round], deadline: float) -> Optional[Round]:
+    def _join_open_round(self, opened: KeyValue, prev: Optional[Round], deadline: float) -> Optional[Round]:
         """Join the open round read as ``kv``; returns the closed round, or None to start over.
 
         A joiner's requests: put its join key and wait for the round key's next change, which
@@ -222,7 +222,8 @@ class RendezvousHandler:
         try for the coordinator key (and re-check the job status and their join key) only
         when a wait times out.
         """
-        gen = _state(kv).generation
+        gen = RoundState.from_json(opened.value).generation
+        kv: Optional[KeyValue] = opened
         join_prefix = self.keys.join(gen)
         coordinator_key = self.keys.coordinator(gen)
         info = dumps({**self.node.to_json(), "prev_gen": prev.generation if prev else None})
@@ -233,9 +234,11 @@ class RendezvousHandler:
             if kv is None:  # after a timeout or a coordinator's pass: look again
                 self._raise_if_failed()
                 kv = self.store.get(self._round_key)
-            state = _state(kv)
-            if state is None or state.generation != gen or not state.is_open:
-                if state and state.generation == gen and state.is_closed:
+            if kv is None:
+                return None  # the round is gone: start over
+            state = RoundState.from_json(kv.value)
+            if state.generation != gen or not state.is_open:
+                if state.generation == gen and state.is_closed:
                     rank = state.nodes.rank_of(self.node.node_id)
                     if rank is not None:
                         return self._round_from(state, rank, kv)
@@ -285,13 +288,16 @@ class RendezvousHandler:
         draining = {kv.key[len(drain_prefix):] for kv in self.store.get_prefix(drain_prefix)[0]}
         limits = self.limits()
         min_reached_at: Optional[float] = None
-        kv = None
+        kv: Optional[KeyValue] = None
+        state = RoundState(gen, RoundStatus.OPEN)
         while True:
             self._check_deadline(gen, deadline)
             if kv is None:  # re-read only after a timeout or a lost close: one round trip per
                 kv = self.store.get(self._round_key)  # event batch keeps a 1024-node join fast
-                state = _state(kv)
-                if state is None or state.generation != gen or not state.is_open:
+                if kv is None:
+                    return
+                state = RoundState.from_json(kv.value)
+                if state.generation != gen or not state.is_open:
                     return
             now = time.monotonic()
             n = len(joins)
