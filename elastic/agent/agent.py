@@ -196,7 +196,7 @@ class ElasticAgent:
 
     def _fail(self, reason: str) -> int:
         self._stop_workers()
-        self._print_failure_summary(reason)
+        print(self.handler.ledger.failure_summary(reason), file=sys.stderr, flush=True)
         self.reporter.update(NodeState.FAILED)
         self.reporter.emit("failed", reason=reason)
         self.handler.leave()
@@ -430,17 +430,6 @@ class ElasticAgent:
             "time": time.time(), "describe": failure.describe(),
             "error": failure.error or failure.stderr_tail,
         })
-
-    def _print_failure_summary(self, reason: str) -> None:
-        first = self.handler.ledger.first_failure()
-        lines = ["", "=" * 72, f"elastic-run: job {self.settings.run_id!r} failed: {reason}"]
-        if first:
-            lines.append(f"first failure: {first['describe']} on node {first['node_rank']} "
-                         f"({first['host']}) at {time.strftime('%H:%M:%S', time.localtime(first['time']))}")
-            if first.get("error"):
-                lines.append(first["error"].rstrip())  # message, then the worker's traceback
-        lines.append("=" * 72)
-        print("\n".join(lines), file=sys.stderr, flush=True)
 
     def _on_signal(self, signum, frame) -> None:
         if signum in self.drain_signals and self._notice < 0:

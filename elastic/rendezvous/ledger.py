@@ -7,6 +7,7 @@ Any node (and a scheduler's controller, which joins no round) reads them through
 from __future__ import annotations
 
 import json
+import time
 from typing import List, Optional
 
 from ..store import Store
@@ -56,6 +57,18 @@ class JobLedger:
         last_gen = max(kv.key.split("/")[-2] for kv in kvs)
         records = [json.loads(kv.value) for kv in kvs if kv.key.split("/")[-2] == last_gen]
         return min(records, key=lambda r: r["time"])
+
+    def failure_summary(self, reason: str) -> str:
+        """What a failed job prints: why, and the first failure with its traceback."""
+        first = self.first_failure()
+        lines = ["", "=" * 72, f"elastic-run: job {self.keys.run_id!r} failed: {reason}"]
+        if first:
+            lines.append(f"first failure: {first['describe']} on node {first['node_rank']} "
+                         f"({first['host']}) at {time.strftime('%H:%M:%S', time.localtime(first['time']))}")
+            if first.get("error"):
+                lines.append(first["error"].rstrip())  # message, then the worker's traceback
+        lines.append("=" * 72)
+        return "\n".join(lines)
 
     # -- the job's status ---------------------------------------------------------------
     def mark_failed(self, reason: str) -> None:
