@@ -3,10 +3,15 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest -n auto
 
-.PHONY: setup test test-slow demo demo-simple bench clean
+.PHONY: setup lint test test-slow demo demo-simple bench clean
 
 setup:
 	@bash .ci/bootstrap.sh
+
+# ruff (ruff.toml) over everything, mypy (mypy.ini) over the five packages; CI runs it first.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: setup
 	$(PYTEST) -m "not slow and not gpu" tests

@@ -17,6 +17,8 @@ EXTRAS = {
     "gpu": ["nvidia-ml-py>=12"],
     "parquet": ["pyarrow>=14"],
     "profiler": ["prometheus_client>=0.19", "matplotlib>=3.7", "tensorboard>=2.16"],
+    # `make lint`: the linter and the type checker CI runs before the tests
+    "lint": ["ruff>=0.6", "mypy>=1.10"],
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
@@ -36,7 +38,7 @@ CONSOLE_SCRIPTS = [
     "elastic-prof=profiler.cli:main",  # reports and plots from profiler records
 ]
 
-EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "test" for dep in deps})
+EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name not in ("test", "lint") for dep in deps})
 
 setup(
     name="elastic-run",

@@ -87,7 +87,7 @@ fi
 
 # 4. The project itself with every extra and the test tools.
 log "installing elastic-run (editable) with its extras"
-"$PY" -m pip install -q -e ".[all,test]"
+"$PY" -m pip install -q -e ".[all,test,lint]"
 
 stamp_now > "$VENV/.stamp"
 log "done in ${SECONDS}s"
