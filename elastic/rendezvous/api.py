@@ -117,7 +117,7 @@ class NodeTable(Sequence[NodeInfo]):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index):
         if isinstance(index, slice):
             return tuple(self[i] for i in range(*index.indices(len(self._rows))))
         if index < 0:
