@@ -5,7 +5,8 @@
 ``inproc``: ``@elastic.run`` with a ``state.commit()`` every step (the drain notice arrives at a
 commit; the drained node saves there, the survivors re-form in place). ``plain``: the restart
 path under elastic-run: rank 0 keeps a checkpoint of the step every ``--ckpt-every`` steps, a
-restarted worker resumes from it, a SIGTERM or ``elastic.drain_requested()`` saves and leaves.
+restarted worker resumes from it; after a SIGTERM (the agent's, once it has published the
+drain) or once ``elastic.drain_requested()``, it finishes the step, saves and leaves.
 ``torchrun``: the same loop as users run it under torchrun: a checkpoint every ``--ckpt-every``
 steps (50), no SIGTERM handling, a restart resumes from the last checkpoint.
 
@@ -32,12 +33,13 @@ CKPT = os.path.abspath("latest.json")  # the job's cwd: storage every node share
 
 
 def step_once(step: int) -> int:
+    """One step (the all-reduce, then the sleep standing for compute); printed once complete."""
     x = torch.ones(1)
     if dist.is_initialized():
         dist.all_reduce(x)
+    time.sleep(args.step_s)
     print(f"STEP step={step + 1} rank={os.environ.get('RANK')} world={int(x.item())} pid={os.getpid()} "
           f"t={time.time():.6f}", flush=True)
-    time.sleep(args.step_s)
     return step + 1
 
 
@@ -70,21 +72,19 @@ if os.path.exists(CKPT):  # a restarted worker resumes from the last checkpoint
         start = json.load(f)["step"]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-progress = {"step": start}
+step = start
+notice = []
 if args.mode == "plain":
     import elastic
 
-    def on_term(signum, frame):
-        if rank == 0:
-            save(progress["step"], "sigterm")
-        sys.exit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
+    # a SIGTERM (the agent's, after it has published the drain) ends the job's current step
+    # first: the loop saves the step it completes and leaves
+    signal.signal(signal.SIGTERM, lambda signum, frame: notice.append(signum))
 while True:
-    progress["step"] = step_once(progress["step"])
-    if rank == 0 and progress["step"] % args.ckpt_every == 0:
-        save(progress["step"], "periodic")
-    if args.mode == "plain" and elastic.drain_requested():
+    step = step_once(step)
+    if rank == 0 and step % args.ckpt_every == 0:
+        save(step, "periodic")
+    if args.mode == "plain" and (notice or elastic.drain_requested()):
         if rank == 0:
-            save(progress["step"], "poll")
+            save(step, "sigterm" if notice else "poll")
         sys.exit(0)

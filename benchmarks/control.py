@@ -26,7 +26,12 @@ The last line is one JSON object: ``drain_to_step_s``, ``drain_restart_path_to_s
 ``torchrun_sigterm_to_step_s`` (medians of the trials), ``steps_lost``,
 ``restart_path_steps_lost`` and ``torchrun_steps_lost`` (medians), ``ratio``
 (torchrun / drain), ``survivor_restarts`` (worker PIDs replaced on the survivors under
-``@elastic.run``, most over the trials) and ``restarts_spent`` (ours, of the budget, most).
+``@elastic.run``, most over the trials), ``restarts_spent`` (ours, of the budget, most) and
+``failed_trials`` (per launcher, trials whose survivors never stepped at world size 2 within
+``--timeout-s``: counted, not timed). ``--quick``: one trial of each; default: ``--trials`` 3,
+alternating launchers, median with the min-max spread. The notice lands after 60 + a seeded
+random 0-49 steps at world size 3 (the same for every launcher in a trial), so it meets
+torchrun's 50-step checkpoint cycle at varying phases.
 """
 from __future__ import annotations
 
@@ -153,7 +158,7 @@ class Cluster:
         out = []
         for name, lines in self.lines.items():
             rc = self.procs[name].poll()
-            out.append(f"--- {name} (exit {rc}): " + "".join(l for l in lines[-n:] if not STEP.search(l))[-1500:])
+            out.append(f"--- {name} (exit {rc}): " + "".join(x for x in lines[-n:] if not STEP.search(x))[-1500:])
         return "\n".join(out)
 
     def kill(self, name: str) -> None:
@@ -299,33 +304,33 @@ def main() -> None:
     print(f"elastic-run --rdzv-conf {OUR_CONF} --max-restarts 0; torchrun --rdzv-backend c10d --rdzv-conf "
           f"{TORCHRUN_CONF} --max-restarts 3", flush=True)
     results: dict[str, list[Trial]] = {k: [] for k in KINDS}
-    failures: dict[str, str] = {}
+    failures: dict[str, list[str]] = {k: [] for k in KINDS}
     for i in range(trials):  # alternate, so every launcher sees the same machine
         for kind, label in KINDS.items():
             print(f"{label}: trial {i + 1}/{trials}", file=sys.stderr, flush=True)
             try:
                 results[kind].append(run_trial(kind, warmups[i], args.step_s, args.timeout_s))
             except Exception as exc:  # noqa: BLE001 - a job that never stepped again is a result
-                failures[kind] = str(exc).splitlines()[0]
+                failures[kind].append(str(exc).splitlines()[0])
                 print(f"{kind}: trial failed: {str(exc)[-2500:]}", file=sys.stderr, flush=True)
 
     def med(values):
         return round(statistics.median(values), 3) if values else None
 
-    print(f"\n{'launcher, notice':<34}{'notice -> step (s)':>19}{'spread (s)':>14}{'steps lost':>12}"
-          f"{'last/resumed':>15}{'node exit':>11}{'survivor restarts':>19}")
+    print(f"\n{'launcher, notice':<34}{'notice -> step s':>17}{'spread s':>12}{'steps lost':>11}{'failed':>8}"
+          "  per trial: last step before the notice / resumed from; node exit; survivor worker restarts")
     for kind, label in KINDS.items():
         got = results[kind]
         if not got:
-            print(f"{label:<34}{'n/a':>19}  ({failures.get(kind)})")
+            print(f"{label:<34}{'n/a':>17}{'':>12}{'n/a':>11}{len(failures[kind]):>8}  ({failures[kind][-1]})")
             continue
         secs = [t.seconds for t in got]
         spread = f"{min(secs):.2f}-{max(secs):.2f}" if len(secs) > 1 else "-"
-        lost = "/".join(str(t.lost) for t in got)
-        where = ", ".join(f"{t.last_before}/{t.resumed_from}" for t in got)
-        exits = ",".join("killed" if t.victim_exit is None else str(t.victim_exit) for t in got)
-        restarts = "/".join(str(t.survivor_restarts) for t in got)
-        print(f"{label:<34}{med(secs):>19.3f}{spread:>14}{lost:>12}{where:>15}{exits:>11}{restarts:>19}")
+        lost = med([t.lost for t in got])
+        detail = "; ".join(f"{t.last_before}/{t.resumed_from} exit "
+                           f"{'killed' if t.victim_exit is None else t.victim_exit} restarts {t.survivor_restarts}"
+                           for t in got)
+        print(f"{label:<34}{med(secs):>17.3f}{spread:>12}{lost:>11g}{len(failures[kind]):>8}  {detail}")
     figures = {
         "drain_to_step_s": med([t.seconds for t in results["drain"]]),
         "drain_restart_path_to_step_s": med([t.seconds for t in results["drain_restart_path"]]),
@@ -339,14 +344,16 @@ def main() -> None:
     figures["survivor_restarts"] = max((t.survivor_restarts for t in results["drain"]), default=None)
     figures["restarts_spent"] = max((t.restarts_spent or 0 for k in ("drain", "drain_restart_path")
                                      for t in results[k]), default=None)
+    figures["failed_trials"] = {k: len(v) for k, v in failures.items() if v}
     for key in ("steps_lost", "restart_path_steps_lost", "torchrun_steps_lost"):
         if figures[key] is not None:
             figures[key] = int(figures[key]) if figures[key] == int(figures[key]) else figures[key]
     print(f"targets: drain_to_step_s <= 1 s (got {ours}), steps_lost = 0 (got {figures['steps_lost']}); "
           f"torchrun / drain = {figures['ratio']}x; survivors under @elastic.run restarted "
           f"{figures['survivor_restarts']} worker(s); restarts of the budget spent {figures['restarts_spent']}")
-    for kind, why in failures.items():
-        print(f"{kind}: a trial failed: {why}")
+    for kind, whys in failures.items():
+        for why in whys:
+            print(f"{KINDS[kind]}: a trial failed (not in the figures): {why}")
     print(json.dumps(figures), flush=True)
 
 
