@@ -4,35 +4,15 @@ stop as a typed change. Every test runs on each store backend."""
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
-from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
 from elastic.rendezvous.state import ChangeReason
-
-_made = []
-
-
-@pytest.fixture
-def store(any_store):
-    yield any_store
-    while _made:
-        _made.pop().leave()
+from test_rendezvous_protocol import join_all, make as make_node, store  # noqa: F401 (store: the fixture)
 
 
 def make(store, run_id, name, **settings):
     # A join that waited out the last call (600 s) or the rejoin grace would hit join_timeout_s
     # and raise: that is how these tests fail, not by timing anything.
-    s = RendezvousSettings(run_id=run_id, **{"lease_ttl_s": 5.0, "join_timeout_s": 12, "last_call_s": 600,
-                                             **settings})
-    handler = RendezvousHandler(store, s, NodeInfo(node_id=name, host="127.0.0.1", nproc=1))
-    _made.append(handler)
-    return handler
-
-
-def join_all(handlers, prevs=None):
-    prevs = prevs or [None] * len(handlers)
-    with ThreadPoolExecutor(len(handlers)) as pool:
-        return [f.result(timeout=60) for f in [pool.submit(h.next_round, p) for h, p in zip(handlers, prevs)]]
+    return make_node(store, run_id, name, nproc=1,
+                     **{"lease_ttl_s": 5.0, "join_timeout_s": 12, "last_call_s": 600, **settings})
 
 
 def test_a_draining_node_is_not_waited_for_and_the_first_joiner_coordinates(store, run_id):
