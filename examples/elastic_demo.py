@@ -495,7 +495,7 @@ class Demo:
         for what, pause, world in self.outcomes:
             lines.append(f"  {what:<26} paused {pause:4.1f}s   world size after: {world}")
         lines.append(f"restarts spent from the budget: {status.restarts} of {status.max_restarts} "
-                     "(the crash; a drain or a join spends none)")
+                     f"({'the crash; ' if status.restarts == 1 else ''}a drain or a join spends none)")
         lines.append(f"final test accuracy {float(final.group(1)):.4f} after {final.group(2)} steps "
                      f"(world size {final.group(3)}); demo took {wall:.0f}s")
         with self.print_lock:
