@@ -70,12 +70,42 @@ SAVED = re.compile(r"SAVED step=(\d+) rank=\d+ reason=(\w+)")
 _LIVE: list[subprocess.Popen] = []  # every launcher started, killed (their groups) on any exit
 
 
-def _kill_all() -> None:
-    for proc in list(_LIVE):
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, from /proc (torchrun starts its workers in sessions of
+    their own, so killing the launcher's process group leaves a hung worker group running)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher, its process group and every process it started, wherever they are."""
+    pids = _descendants(proc.pid)
+    for target in (lambda: os.killpg(proc.pid, signal.SIGKILL), *(
+            (lambda p=p: os.killpg(os.getpgid(p), signal.SIGKILL)) for p in pids), *(
+            (lambda p=p: os.kill(p, signal.SIGKILL)) for p in pids)):
+        try:
+            target()
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _kill_all() -> None:
+    for proc in list(_LIVE):
+        _kill_tree(proc)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -162,15 +192,18 @@ class Cluster:
         return "\n".join(out)
 
     def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_tree(self.procs[name])
 
     def close(self) -> None:
-        for name, proc in self.procs.items():
+        for name in self.procs:
             self.kill(name)
+        for entry in os.listdir("/proc"):  # and any orphan still working in this trial's directory
+            try:
+                if entry.isdigit() and os.readlink(f"/proc/{entry}/cwd") == os.path.realpath(self.cwd):
+                    os.kill(int(entry), signal.SIGKILL)
+            except OSError:
+                pass
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -348,8 +381,9 @@ def main() -> None:
     for key in ("steps_lost", "restart_path_steps_lost", "torchrun_steps_lost"):
         if figures[key] is not None:
             figures[key] = int(figures[key]) if figures[key] == int(figures[key]) else figures[key]
+    ratio = "n/a" if figures["ratio"] is None else f"{figures['ratio']}x"
     print(f"targets: drain_to_step_s <= 1 s (got {ours}), steps_lost = 0 (got {figures['steps_lost']}); "
-          f"torchrun / drain = {figures['ratio']}x; survivors under @elastic.run restarted "
+          f"torchrun / drain = {ratio}; survivors under @elastic.run restarted "
           f"{figures['survivor_restarts']} worker(s); restarts of the budget spent {figures['restarts_spent']}")
     for kind, whys in failures.items():
         for why in whys:
