@@ -136,8 +136,15 @@ def test_scale_down_on_the_restart_path(procs, tmp_path):
         gone = procs.wait(timeout_s=30, names=[last], check=False)[last]
         assert gone.returncode == EXIT_DRAINED, gone.describe()
         assert [s["reason"] for s in saved(procs.output(last))] in (["sigterm"], ["poll"])
+        ctl.scale(3)
+        procs.start("a3", agent(endpoint, "--plain", nnodes="1:3"))
+        assert ctl.wait_for(num_nodes=3, timeout_s=60).restarts == 0
+        ctl.set_range(1, 2)  # the highest node rank drains to fit
+        status = ctl.wait_for(num_nodes=2, timeout_s=60)
+        assert (status.min_nodes, status.max_nodes, status.restarts) == (1, 2, 0)
         (tmp_path / "finish").write_text("")
-        procs.wait(timeout_s=60, names=[n for n in ("a0", "a1", "a2") if n != last])
+        codes = {n: r.returncode for n, r in procs.wait(timeout_s=90, check=False).items()}
+        assert sorted(codes.values()) == [0, 0, EXIT_DRAINED, EXIT_DRAINED], codes
 
 
 def test_stop_ends_every_node_with_a_final_save_and_exit_0(procs):
