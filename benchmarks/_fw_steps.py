@@ -39,7 +39,6 @@ def torch_loop(kind):
 
     torch.set_num_threads(1)
     if kind == "torch":
-        import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from launchers.torch import init_process_group

@@ -207,7 +207,7 @@ def main() -> None:
         files = [os.path.join(ckpt_dir, f) for f in sorted(os.listdir(ckpt_dir))]
         cold_ours, cold_read, warm_ours, warm_read = [], [], [], []
         left_cached = []
-        for trial in range(args.load_trials):
+        for _trial in range(args.load_trials):
             drop_cache(url)
             left_cached.append(cached_fraction(url))
             cold_ours.append(timed_load(Checkpointer, url, torch, state))

@@ -113,7 +113,8 @@ class Job:
         with self.cond:
             last = max((s[0] for s in self.steps if s[1] <= killed_at), default=0)
         committed = last - last % SAVE_EVERY  # checkpoint / commit every SAVE_EVERY steps
-        return Trial(after[1] - killed_at, lost=max(0, committed - (after[0] - 1)), redone=max(0, last - (after[0] - 1)))
+        return Trial(after[1] - killed_at, lost=max(0, committed - (after[0] - 1)),
+                     redone=max(0, last - (after[0] - 1)))
 
     def kill(self) -> None:
         try:
@@ -223,7 +224,7 @@ def main() -> None:
         results[f"{name}_steps_lost"] = max((t.lost for t in got), default=None)
         rows.append((name, label, got, reason))
     print(f"{'launcher / framework':<34}{'change -> next step (s)':>26}{'steps lost / redone':>22}  trials")
-    for name, label, got, reason in rows:
+    for _name, label, got, reason in rows:
         times = [t.seconds for t in got]
         med = f"{statistics.median(times):.2f}" if times else "n/a"
         lost = f"{max(t.lost for t in got)} / {max(t.redone for t in got)}" if got else "n/a"

@@ -307,7 +307,8 @@ def check_checkpoint(device: str, nbytes: int, workdir: str, saves: int = 2) -> 
                    "load_s": round(load_s, 4), "load_on_device": on_device,
                    "checksums_ok": not bad, "verify_problems": problems}
         gib = total / 2**30
-        print(f"{gib:.2f} GiB of {device} tensors ({'node-memory tier on' if memory else 'no node-memory tier: /dev/shm too small'}):")
+        tier = 'node-memory tier on' if memory else 'no node-memory tier: /dev/shm too small'
+        print(f"{gib:.2f} GiB of {device} tensors ({tier}):")
         print(f"  {'copy to host (' + figures['copy_kind'] + ')':<34} {copy_s:8.3f} s   floor")
         print(f"  {'ours: save() stall':<34} {stall_s:8.3f} s   {stall_s / copy_s:.2f}x the copy "
               f"(first save {stalls[0]:.3f} s: allocates staging)")

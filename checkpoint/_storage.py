@@ -241,7 +241,7 @@ class Storage:
             return [self._read_stream(path, size, crc, crc_pool) for path, size, crc in specs]
         maps = [_map_file(path, size) for path, size, _ in specs]
         jobs = []
-        for (path, size, _), m in zip(specs, maps):
+        for (_path, size, _), m in zip(specs, maps):
             if m is None:
                 continue
             # Chunks in file order on a FIFO pool: the threads advance one sequential front

@@ -125,7 +125,11 @@ class Checkpointer:
                               "generation": str(self.generation)})
         job = self._writer.submit(self._committer.persist, step, tree, plan, header, chunks,
                                   not direct, self._crc)
-        job.add_done_callback(lambda done, s=step: done.exception() is None and _report_checkpoint(s))
+
+        def report(done: Future, s: int = step) -> None:
+            if done.exception() is None:
+                _report_checkpoint(s)
+        job.add_done_callback(report)
         self._pending = (step, job)
         if blocking or direct:
             self.wait()

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -82,7 +82,11 @@ class ShardedDataset:
     def shards(self) -> Sequence[ShardInfo]:
         return self.index.shards
 
-    def shard_of(self, indices: Union[int, np.ndarray]) -> Union[int, np.ndarray]:
+    @overload
+    def shard_of(self, indices: int) -> Union[int, np.integer]: ...
+    @overload
+    def shard_of(self, indices: np.ndarray) -> np.ndarray: ...
+    def shard_of(self, indices: Union[int, np.ndarray]) -> Union[int, np.integer, np.ndarray]:
         """The shard number that holds each global sample index."""
         if self._per_shard:
             return indices // self._per_shard
@@ -105,7 +109,7 @@ class ShardedDataset:
         names = list(batch)
         return [{name: batch[name][j] for name in names} for j in range(len(indices))]
 
-    def get_batch(self, indices: Sequence[int]) -> Dict[str, Any]:
+    def get_batch(self, indices: Union[Sequence[int], np.ndarray]) -> Dict[str, Any]:
         """Columns of the samples ``indices``, in that order: arrays stacked, others listed."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):

@@ -113,7 +113,9 @@ class NpzFormat(ShardFormat):
                 raise ShardFormatError(f"column {col.name!r}: the npy format cannot hold "
                                        f"{col.kind!r} values; use format='parquet'")
         buf = io.BytesIO()
-        np.savez(buf, **members)
+        # numpy >= 2.1's stub lets the ** dict fill savez's allow_pickle: bool too (numpy 1.x,
+        # which we support, has no such parameter, so it cannot be named here)
+        np.savez(buf, **members)  # type: ignore[arg-type]
         return buf.getvalue()
 
     def decode(self, source: Source, schema: Sequence[Column]) -> DecodedShard:
@@ -188,7 +190,8 @@ def _parse_layout(buf: Any) -> Optional[_Layout]:
 def _parse_members(view: memoryview, buf: Any) -> Optional[_Layout]:
     try:
         # an mmap is a seekable file; zipfile reads just the directory through it
-        infos = zipfile.ZipFile(buf if isinstance(buf, mmap.mmap) else io.BytesIO(buf)).infolist()
+        # (typeshed wants IO[bytes]; mmap has the read/seek/tell zipfile uses but is no IO subclass)
+        infos = zipfile.ZipFile(buf if isinstance(buf, mmap.mmap) else io.BytesIO(buf)).infolist()  # type: ignore[arg-type]
     except zipfile.BadZipFile as exc:
         raise ShardFormatError(f"not an npz shard: {exc}") from None
     layout: _Layout = []

@@ -30,11 +30,12 @@ __all__ = ["install"]
 log = logging.getLogger("elastic.recovery")
 _COMMON = "horovod.common.elastic"
 _WAIT_FOR_ROUND_S = float(os.environ.get("HOROVOD_ELASTIC_TIMEOUT", "600"))
+_MARK = "_elastic_bridge"  # set on our run_fn: patching twice keeps the one bridge
 
 
 def _bridged(original: Callable) -> Callable:
     """``run_fn(func, reset)`` whose wrapper follows the agent's rounds."""
-    if getattr(original, "_elastic_bridge", False):
+    if getattr(original, _MARK, False):
         return original
 
     def run_fn(func: Callable, reset: Callable) -> Callable:
@@ -50,7 +51,7 @@ def _bridged(original: Callable) -> Callable:
             return _run(link, state, reset, func, args, kwargs)
         return wrapper
 
-    run_fn._elastic_bridge = True
+    setattr(run_fn, _MARK, True)
     return run_fn
 
 
@@ -101,13 +102,13 @@ def _build_optimizer(state) -> None:
     """
     optimizer, model = getattr(state, "optimizer", None), getattr(state, "model", None)
     build = getattr(optimizer, "build", None)
-    if callable(build) and hasattr(model, "trainable_variables"):
+    if callable(build) and model is not None and hasattr(model, "trainable_variables"):
         build(model.trainable_variables)
 
 
 def _patch(module) -> None:
     fn = getattr(module, "run_fn", None)
-    if callable(fn) and not getattr(fn, "_elastic_bridge", False):
+    if callable(fn) and not getattr(fn, _MARK, False):
         module.run_fn = _bridged(fn)
 
 

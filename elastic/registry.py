@@ -15,6 +15,7 @@ registered in code wins over an entry point of the same name.
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Generic, TypeVar, Union
 
@@ -57,9 +58,9 @@ class Registry(Generic[T]):
         self._entry_points_loaded = True
         from importlib.metadata import entry_points
 
-        try:
+        if sys.version_info >= (3, 10):
             found = entry_points(group=self.entry_point_group)
-        except TypeError:  # Python 3.9: entry_points() takes no arguments
+        else:  # Python 3.9: entry_points() takes no arguments and answers a dict by group
             found = entry_points().get(self.entry_point_group, ())
         for ep in found:
             self._entries.setdefault(ep.name, _Entry(ep.value))

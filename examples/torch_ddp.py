@@ -64,7 +64,7 @@ def main():
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         model.train()
-        total, count = torch.zeros(2), 0
+        total = torch.zeros(2)
         for xb, yb in loader:
             opt.zero_grad()
             loss = loss_fn(model(xb), yb)

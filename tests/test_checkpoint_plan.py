@@ -109,7 +109,7 @@ def test_all_ranks_together_write_each_replicated_byte_once():
         plan = plan_save(leaves_of(SHAPES, rank), rank, world)
         for p in plan.mine:
             written.setdefault(p.leaf.key, []).append((p.r0, p.r1))
-    for key, ranges in written.items():
+    for ranges in written.values():
         ranges.sort()
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert set(written) == set(SHAPES)

@@ -35,8 +35,8 @@ def _clean_env(**extra):
 
 def ctl(*argv, env=None, cwd=None):
     """``elastic-run ctl ARGV`` as its own process, with a hard timeout."""
-    return subprocess.run([ELASTIC_RUN, "ctl", *argv], check=False, capture_output=True, text=True, timeout=CTL_TIMEOUT_S,
-                          env=env or _clean_env(), cwd=cwd, stdin=subprocess.DEVNULL)
+    return subprocess.run([ELASTIC_RUN, "ctl", *argv], check=False, capture_output=True, text=True,
+                          timeout=CTL_TIMEOUT_S, env=env or _clean_env(), cwd=cwd, stdin=subprocess.DEVNULL)
 
 
 class Job:
@@ -135,7 +135,8 @@ def test_status_events_health_and_bad_requests(procs, tmp_path):
     r = job.ctl("status")
     assert r.returncode == 0, r.stderr
     head, *rows = r.stdout.splitlines()
-    assert re.search(rf"job {RUN_ID}: running .*world size 2 .*nodes 2 .*range 1:3 .*desired - .*restarts 0/0", head), head
+    assert re.search(rf"job {RUN_ID}: running .*world size 2 .*nodes 2 .*range 1:3 "
+                     r".*desired - .*restarts 0/0", head), head
     assert rows[0].split() == ["NODE", "HOST", "RANK", "STATE", "DRAINING", "LEASE", "PIDS", "STEP", "CKPT"]
     for node, row in zip(sorted(status["nodes"], key=lambda n: n["node_rank"]), rows[1:]):
         cells = row.split()
@@ -307,7 +308,8 @@ def test_on_etcd_with_torchrun_spellings_until_the_job_has_stopped(procs, etcd_s
             break
         assert time.monotonic() < deadline, status
         time.sleep(0.1)
-    assert status["world_size"] == 1 and status["num_nodes"] == 1 and (status["min_nodes"], status["max_nodes"]) == (1, 3)
+    assert status["world_size"] == 1 and status["num_nodes"] == 1
+    assert (status["min_nodes"], status["max_nodes"]) == (1, 3)
     (node,) = status["nodes"]
     assert node["node_rank"] == 0 and node["worker_pids"] == [pid] and node["node_id"].startswith(
         f"{socket.gethostname()}-{procs['e0'].pid}-")
@@ -330,8 +332,8 @@ def test_on_etcd_with_torchrun_spellings_until_the_job_has_stopped(procs, etcd_s
 def test_from_inside_a_worker_with_no_flags(procs):
     # standalone: a private store on a free port, a random token and run id, all only in the
     # worker's environment; the worker's own pid must be in what ctl reports
-    procs.start("job", [ELASTIC_RUN, "--nproc-per-node", "1", os.path.join(os.path.dirname(WORKER), "ctl_from_worker.py")],
-                env=_clean_env())
+    worker = os.path.join(os.path.dirname(WORKER), "ctl_from_worker.py")
+    procs.start("job", [ELASTIC_RUN, "--nproc-per-node", "1", worker], env=_clean_env())
     out = procs.wait(timeout_s=120)["job"].output
     m = re.search(r"CTL run=(\S+) state=(\S+) world=(\d+) mine=(\d+) env_run=(\S+)", out)
     assert m, out

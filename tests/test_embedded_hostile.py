@@ -192,7 +192,7 @@ def test_malformed_handshake_answers(server, bystander):
         with s:
             # A wrong proof is answered with a refusal before the close; either way: EOF.
             assert _dropped(s)
-        assert wait_until(lambda: server.dropped_connections > before)
+        assert wait_until(lambda before=before: server.dropped_connections > before)
     assert bystander.progress_after()
 
 

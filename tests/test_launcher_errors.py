@@ -20,7 +20,7 @@ def run(*argv, timeout=60, env=None):
 def assert_one_line_error(res, *fragments):
     assert res.returncode == 2, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr, res.stderr
-    errors = [l for l in res.stderr.splitlines() if l.startswith("elastic-run: error:")]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("elastic-run: error:")]
     assert len(errors) == 1, res.stderr
     for fragment in fragments:
         assert fragment in errors[0], errors[0]

@@ -154,7 +154,7 @@ def test_embedded_store_over_tls_with_client_certificates(procs, tmp_path):
         procs.start(name, [ELASTIC_RUN, *endpoint, "--rdzv-conf", conf, RANK_INFO])
         result = procs.wait(timeout_s=60, names=[name], check=False)[name]
         assert result.returncode == 2, result.output
-        errors = [l for l in result.output.splitlines() if l.startswith("elastic-run: error:")]
+        errors = [line for line in result.output.splitlines() if line.startswith("elastic-run: error:")]
         assert len(errors) == 1 and message in errors[0], result.output
         assert "WORKER" not in result.output
 
@@ -188,6 +188,6 @@ def test_etcd_with_client_certificates(procs, tmp_path):
         procs.start("nocert", [ELASTIC_RUN, *base, "--rdzv-conf", f"cacert={tls.ca},timeout_s=3", RANK_INFO])
         result = procs.wait(timeout_s=90, names=["nocert"], check=False)["nocert"]
         assert result.returncode == 2, result.output
-        errors = [l for l in result.output.splitlines() if l.startswith("elastic-run: error:")]
+        errors = [line for line in result.output.splitlines() if line.startswith("elastic-run: error:")]
         assert len(errors) == 1 and etcd.endpoint in errors[0], result.output
         assert "WORKER" not in result.output and "Traceback" not in result.output

@@ -54,7 +54,7 @@ def fake_nvml(monkeypatch):
 
 def test_steps_phases_and_throughput_are_written_as_json_lines(tmp_path):
     with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
-        for i in range(5):
+        for _ in range(5):
             with prof.phase("data"):  # before the step: counts towards it
                 busy_wait(0.002)
             with prof.step(samples=32):
@@ -65,7 +65,7 @@ def test_steps_phases_and_throughput_are_written_as_json_lines(tmp_path):
                 with prof.phase("my_phase"):
                     pass
     lines = read_jsonl(tmp_path / "rank-00000.jsonl")
-    assert [l["step"] for l in lines] == [0, 1, 2, 3, 4]
+    assert [rec["step"] for rec in lines] == [0, 1, 2, 3, 4]
     for line in lines:
         rec = StepRecord.from_json(line)
         assert rec.rank == 0 and rec.generation == 0 and rec.timer == "cpu"
@@ -262,7 +262,7 @@ def test_records_are_built_off_the_training_thread(tmp_path):
     assert clock.waits == 0
     prof.close()
     assert [r.step for r in prof.records] == [0, 1, 2, 3, 4]
-    assert [l["step"] for l in read_jsonl(prof.jsonl_path)] == [0, 1, 2, 3, 4]
+    assert [rec["step"] for rec in read_jsonl(prof.jsonl_path)] == [0, 1, 2, 3, 4]
 
 
 def test_without_an_exchange_no_window_statistics_pile_up(tmp_path):
@@ -552,7 +552,7 @@ def _run_with_nvml(env_extra, fake=True):
 def test_without_a_driver_it_falls_back_to_psutil_with_one_notice():
     res = _run_with_nvml({"FAKE_NVML_INIT_ERROR": "9"})
     assert res.returncode == 0, res.stderr
-    notices = [l for l in res.stderr.splitlines() if "NVML unavailable" in l]
+    notices = [line for line in res.stderr.splitlines() if "NVML unavailable" in line]
     assert notices == ["profiler: NVML unavailable (NVMLError_DriverNotLoaded: Driver Not Loaded); "
                        "sampling CPU and process metrics with psutil instead"]
     assert "SOURCE psutil ['cpu_util_pct', 'mem_used_pct', 'proc_cpu_pct', 'rss_bytes']" in res.stdout
@@ -580,7 +580,7 @@ def test_real_pynvml_samples_the_gpu_or_falls_back_without_one():
     gpu = _nvml_has_device_0()
     res = _run_with_nvml({}, fake=False)
     assert res.returncode == 0, res.stderr
-    notices = sum("NVML unavailable" in l for l in res.stderr.splitlines())
+    notices = sum("NVML unavailable" in line for line in res.stderr.splitlines())
     if gpu:
         assert "SOURCE nvml" in res.stdout, res.stdout
         assert notices == 0, res.stderr
@@ -672,7 +672,7 @@ def test_store_exchange_names_the_slow_rank():
     kvs, _ = store.get_prefix("/elastic-prof/storejob/g0/rank/")
     assert len(kvs) == world_size and json.loads(kvs[1].value)["rank"] == 1
     rank0_lines = read_jsonl(profs[0].jsonl_path)
-    assert any(l["kind"] == "stragglers" and l["stragglers"] == [1] for l in rank0_lines)
+    assert any(rec["kind"] == "stragglers" and rec["stragglers"] == [1] for rec in rank0_lines)
 
 
 class FakeExchange(StatsExchange):

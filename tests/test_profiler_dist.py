@@ -48,12 +48,12 @@ def test_slow_rank_is_named_and_report_summarises_the_run(procs, tmp_path):
 
     # the live reports (one all_gather every 10 steps) are in rank 0's JSON lines
     with open(run_dir / "rank-00000.jsonl") as f:
-        lines = [json.loads(l) for l in f]
-    reports = [l for l in lines if l["kind"] == "stragglers"]
+        lines = [json.loads(line) for line in f]
+    reports = [rec for rec in lines if rec["kind"] == "stragglers"]
     assert len(reports) == 4
     assert all(r["stragglers"] == [slow_rank] for r in reports), reports
     assert all(r["source"] == "collective" and len(r["ranks"]) == world_size for r in reports)
-    steps = [l for l in lines if l["kind"] == "step"]
+    steps = [rec for rec in lines if rec["kind"] == "step"]
     assert len(steps) == 40
     assert {"data", "forward", "backward", "optimizer", "comm"} <= set(steps[-1]["phases_s"])
 
@@ -129,6 +129,6 @@ def test_keras_callback_makes_each_batch_a_step(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "STEPS 20 64" in res.stdout
     with open(tmp_path / "rank-00000.jsonl") as f:
-        steps = [json.loads(l) for l in f]
+        steps = [json.loads(line) for line in f]
     assert [s["step"] for s in steps] == list(range(20))
     assert all(s["step_time_s"] > 0 and s["samples"] == 64 for s in steps)

@@ -79,7 +79,7 @@ class ForkedProcess:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.returncode is None:
             left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
+            if timeout is not None and left is not None and left <= 0:  # left is set only with a timeout
                 raise subprocess.TimeoutExpired(self.args, timeout)
             self._read(left)
         return self.returncode
@@ -252,13 +252,13 @@ def serve(path: str, preload: List[str]) -> int:
                 break
             if pid == 0:
                 break
-            conn = children.pop(pid, None)
-            if conn is not None:
+            exited = children.pop(pid, None)
+            if exited is not None:
                 try:
-                    conn.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+                    exited.sendall(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
                 except OSError:
                     pass
-                conn.close()
+                exited.close()
 
 
 def main(args: List[str]) -> int:

@@ -13,9 +13,12 @@ import sys
 import tempfile
 import threading
 import time
-from typing import IO, Deque, Dict, List, Mapping, Optional
+from typing import IO, TYPE_CHECKING, Deque, Dict, List, Mapping, Optional, Union
 
 from .api import WorkerExit, WorkerSpec
+
+if TYPE_CHECKING:  # forkserver is imported by the agent, which picks one kind of standbys
+    from .forkserver import ForkedProcess, ForkServer
 
 __all__ = ["StandbyPool", "WorkerGroup"]
 
@@ -33,7 +36,7 @@ def _bind(pid: int, cpus) -> None:
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        tids = [pid]
+        tids = [str(pid)]
     for tid in tids:
         try:
             os.sched_setaffinity(int(tid), cpus)
@@ -106,8 +109,11 @@ class StandbyPool:
         if cpus is not None:
             _bind(proc.pid, cpus)  # before the script starts
         spec = {"argv": list(argv), "module": module, "env": dict(env), "cwd": cwd}
-        proc.stdin.write((json.dumps(spec) + "\n").encode())
-        proc.stdin.close()
+        stdin = proc.stdin
+        if stdin is None:  # every standby is started with stdin=PIPE
+            raise RuntimeError(f"standby {proc.pid} has no stdin pipe to send its script on")
+        stdin.write((json.dumps(spec) + "\n").encode())
+        stdin.close()
         self._fill()
         return proc
 
@@ -123,12 +129,13 @@ class StandbyPool:
         for proc in ready:
             proc.wait()
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                pipe.close()
+                if pipe is not None:  # all three are pipes for a standby (see _popen, _fill)
+                    pipe.close()
         shutil.rmtree(os.path.dirname(self._marker), ignore_errors=True)
 
 
 class _Worker:
-    def __init__(self, proc: subprocess.Popen, rank: int, local_rank: int, error_file: str,
+    def __init__(self, proc: Union[subprocess.Popen, ForkedProcess], rank: int, local_rank: int, error_file: str,
                  out_dir: Optional[str], tee: bool) -> None:
         self.proc = proc
         self.rank = rank
@@ -176,7 +183,7 @@ class _Worker:
 class WorkerGroup:
     """The ``nproc_per_node`` workers of one round on this node."""
 
-    def __init__(self, spec: WorkerSpec, standbys: Optional[StandbyPool]) -> None:
+    def __init__(self, spec: WorkerSpec, standbys: Optional[Union[StandbyPool, ForkServer]]) -> None:
         self.spec = spec
         self._standbys = standbys
         self.workers: List[_Worker] = []
@@ -202,6 +209,7 @@ class WorkerGroup:
             env = {**env, "TORCHELASTIC_ERROR_FILE": error_file}
             argv = list(self.spec.entrypoint)
             cpus = self.spec.cpu_affinity[local_rank] if self.spec.cpu_affinity is not None else None
+            proc: Union[subprocess.Popen, ForkedProcess]
             if self.spec.no_python:
                 with _bound(cpus):
                     proc = _popen(argv, env, cwd)
@@ -232,8 +240,8 @@ class WorkerGroup:
         """Exits seen so far (each reported once it happens, in the order seen)."""
         now = time.monotonic()
         for w in self.workers:
-            if w.exit is None and w.proc.poll() is not None:
-                code = w.proc.returncode
+            code = w.proc.poll() if w.exit is None else None  # poll() answers the returncode
+            if code is not None:
                 if code != 0:
                     for t in w.readers:
                         t.join(timeout=2)  # let the traceback reach the tail

@@ -28,7 +28,7 @@ import json
 import os
 import ssl
 import struct
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, overload
 
 from ..errors import ConfigError
 from .api import Event, KeyValue, StoreArgumentError, StoreError
@@ -117,7 +117,14 @@ def kv_to_wire(kv: Optional[KeyValue]) -> Optional[Dict[str, Any]]:
     return {"k": kv.key, "v": value_to_wire(kv.value), "r": kv.mod_revision, "l": kv.lease}
 
 
+@overload
+def kv_from_wire(data: Dict[str, Any]) -> KeyValue: ...
+@overload
+def kv_from_wire(data: None) -> None: ...
+@overload
+def kv_from_wire(data: Optional[Dict[str, Any]]) -> Optional[KeyValue]: ...
 def kv_from_wire(data: Optional[Dict[str, Any]]) -> Optional[KeyValue]:
+    """The key-value a peer sent (None for None: a missing key)."""
     if data is None:
         return None
     return KeyValue(data["k"], value_from_wire(data["v"]), int(data["r"]), int(data["l"]))
@@ -221,7 +228,7 @@ def client_ssl_context(ca: Optional[str] = None, cert: Optional[str] = None,
     try:
         ctx = ssl.create_default_context(cafile=_check_file(ca, "TLS CA") if ca else None)
         ctx.check_hostname = verify_hostname
-        if cert:
+        if cert and key:  # both or neither (checked above)
             ctx.load_cert_chain(_check_file(cert, "TLS certificate"), _check_file(key, "TLS key"))
     except ssl.SSLError as exc:
         raise ConfigError(f"cannot load the TLS files: {exc.reason or exc}") from None

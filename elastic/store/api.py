@@ -111,7 +111,7 @@ class Store(abc.ABC):
         Blocks until there is at least one or ``timeout_s`` passes (then returns ``[]``).
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: stores holding no connections (memory) keep it
         """Release connections; the store's data is not affected."""
 
     def __enter__(self) -> "Store":

@@ -167,7 +167,8 @@ class EmbeddedStore(Store):
         return [wire.kv_from_wire(kv) for kv in result["kvs"]], int(result["revision"])
 
     def put(self, key: str, value: bytes, lease: int = 0) -> int:
-        return int(self._call("put", key=args.key(key), value=wire.value_to_wire(args.value(value)), lease=args.count(lease)))
+        return int(self._call("put", key=args.key(key), value=wire.value_to_wire(args.value(value)),
+                              lease=args.count(lease)))
 
     def compare_and_set(self, key: str, expected_revision: Optional[int], value: bytes,
                         lease: int = 0) -> Tuple[bool, Optional[KeyValue]]:

@@ -131,6 +131,8 @@ class Connections:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """``asyncio.start_server``'s callback: serve one client until it leaves or misbehaves."""
         task = asyncio.current_task()
+        if task is None:  # asyncio.start_server runs every callback in a task of its own
+            raise RuntimeError("the connection handler runs outside an asyncio task")
         self._tasks.add(task)
         self.open += 1
         peer = writer.get_extra_info("peername")
@@ -330,7 +332,7 @@ def _int(message: Dict[str, Any], name: str, default: Optional[int] = None) -> i
 
 def _seconds(message: Dict[str, Any], name: str) -> float:
     value = message.get(name)
-    if type(value) not in (int, float) or not math.isfinite(value):
+    if not (type(value) is int or type(value) is float) or not math.isfinite(value):
         raise wire.ProtocolError(f"field {name!r} must be a finite number")
     return float(value)
 

@@ -220,9 +220,9 @@ class MemoryStore(Store):
         now = self._clock()
         if now < self._next_deadline:
             return
-        for lease in [i for i, l in self._leases.items() if l.deadline <= now]:
+        for lease in [i for i, held in self._leases.items() if held.deadline <= now]:
             self._drop_lease_locked(lease)
-        self._next_deadline = min((l.deadline for l in self._leases.values()), default=_NEVER)
+        self._next_deadline = min((held.deadline for held in self._leases.values()), default=_NEVER)
 
 
 
