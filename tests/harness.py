@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -75,6 +76,10 @@ class Procs:
         self._procs: Dict[str, subprocess.Popen] = {}
         self._logs: Dict[str, str] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="harness-")
+        # Every process this harness starts, and everything they start, inherits this mark:
+        # cleanup finds them by it, never by a process group id that may since name another
+        # test's process (pids wrap in minutes under a parallel suite; workers lead sessions).
+        self._mark = f"ELASTIC_TEST_HARNESS={uuid.uuid4().hex}"
 
     def start(self, name: str, argv: Sequence[str], env: Optional[Mapping[str, str]] = None,
               python: bool = False) -> subprocess.Popen:
@@ -87,7 +92,8 @@ class Procs:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**self._env, **(env or {})}, cwd=self._cwd, start_new_session=True,
+                env={**self._env, **(env or {}), "ELASTIC_TEST_HARNESS": self._mark.split("=", 1)[1]},
+                cwd=self._cwd, start_new_session=True,
             )
         self._procs[name] = proc
         return proc
@@ -173,14 +179,28 @@ class Procs:
 
     def close(self) -> None:
         for proc in self._procs.values():
-            if proc.poll() is None:
+            if proc.poll() is None:  # alive: its process group id is still its own
                 self._kill_tree(proc)
-            else:
-                # The leader exited; its children (same session) may still run.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        for pid in self._marked():  # what they started, whichever session it moved to
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _marked(self) -> List[int]:
+        """Live processes that carry this harness's mark in their environment."""
+        mark = self._mark.encode() + b"\0"
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if mark in f.read() + b"\0":
+                        found.append(int(entry))
+            except OSError:
+                continue
+        return found
 
     def __enter__(self) -> "Procs":
         return self
