@@ -58,6 +58,21 @@ def _bound(cpus):
         os.sched_setaffinity(0, before)
 
 
+def _group_has_members(pgid: int) -> bool:
+    """Whether process group ``pgid`` still has a process. A finished worker's pid may name
+    someone else's process by now (pids wrap); while its group has a member the kernel cannot
+    hand the pid out again, so only then is ``killpg`` sure to reach what the worker left."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[2]) == pgid:
+                        return True
+            except (OSError, IndexError, ValueError):
+                continue
+    return False
+
+
 class StandbyPool:
     """Interpreters that have already imported the framework, waiting for a script to run.
 
@@ -287,10 +302,11 @@ class WorkerGroup:
             except subprocess.TimeoutExpired:
                 pass
         for w in self.workers:
-            try:
-                os.killpg(w.proc.pid, signal.SIGKILL)  # also reaps grandchildren of finished ones
-            except (ProcessLookupError, PermissionError):
-                pass
+            if w.proc.poll() is None or _group_has_members(w.proc.pid):  # grandchildren of finished ones too
+                try:
+                    os.killpg(w.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             try:
                 w.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
