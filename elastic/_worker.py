@@ -93,7 +93,8 @@ class WorkerLink:
         """Publish this worker's last committed / checkpointed step for ``JobController.status()``
         (at most once per ``min_interval_s`` unless a checkpoint step is new)."""
         news = {k: int(v) for k, v in (("step", step), ("checkpoint_step", checkpoint_step)) if v is not None}
-        fresh_checkpoint = "checkpoint_step" in news and news["checkpoint_step"] != self._progress.get("checkpoint_step")
+        fresh_checkpoint = ("checkpoint_step" in news
+                            and news["checkpoint_step"] != self._progress.get("checkpoint_step"))
         self._progress.update(news)
         if fresh_checkpoint:
             self._progress["checkpoint_time"] = time.time()

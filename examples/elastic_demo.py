@@ -399,7 +399,8 @@ class Demo:
 
         self.say(f"starting node a (it hosts the rendezvous store on {self.endpoint}) and node b")
         self.start_agent("a")
-        self.wait_for("node a's rendezvous store", lambda: any("listening" in line for line in self.agents["a"].lines), 60)
+        self.wait_for("node a's rendezvous store",
+                      lambda: any("listening" in line for line in self.agents["a"].lines), 60)
         self.start_agent("b")
         self.ctl = JobController.connect(self.endpoint, run_id=self.run_id)
         threading.Thread(target=self.follow_events, name="events", daemon=True).start()

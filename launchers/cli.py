@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="seconds between worker health checks (default 0.1)")
     _flag(p, "--start-method", "--start_method", dest="start_method", default="spawn",
           choices=["spawn", "fork", "forkserver"],
-          help="accepted for torchrun compatibility; changes nothing: workers come from the node's fork server, warm standbys or fresh interpreters")
+          help="accepted for torchrun compatibility; changes nothing: workers come from the node's "
+               "fork server, warm standbys or fresh interpreters")
     _flag(p, "--event-log-handler", "--event_log_handler", dest="event_log_handler", default="null",
           help="accepted for torchrun compatibility; changes nothing: the agent's events go to its log")
     _flag(p, "--role", dest="role", default="default", help="worker role name (ROLE_NAME)")

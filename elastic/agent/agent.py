@@ -212,7 +212,8 @@ class ElasticAgent:
         if stop:
             drain = Drain(DrainReason.STOP, drain.deadline, drain.at)
         deadline = drain.deadline or time.time() + self.drain_grace_s
-        log.warning("%s: workers save and leave (deadline in %.1fs)", "job stop" if stop else f"drain ({drain.reason.value})",
+        log.warning("%s: workers save and leave (deadline in %.1fs)",
+                    "job stop" if stop else f"drain ({drain.reason.value})",
                     deadline - time.time())
         self._notice = -1  # a drain signal from now on (a kubelet's SIGTERM after preStop) changes nothing
         self.reporter.update(NodeState.DRAINING, drain=drain)

@@ -115,7 +115,8 @@ def render(agent, status: Optional[JobStatus], healthy: bool, checkpoint_time: O
         by_name[name] = by_name.get(name, 0) + n
     for name in sorted(by_name):
         m.add("elastic_events_total", by_name[name], event=name)
-    m.declare("elastic_drains_total", "counter", "Drains of this node, by reason (preemption, maintenance, scale_down).")
+    m.declare("elastic_drains_total", "counter",
+              "Drains of this node, by reason (preemption, maintenance, scale_down).")
     for (name, reason), n in sorted(counts.items()):
         if name == "drain":
             m.add("elastic_drains_total", n, reason=reason or "unknown")

@@ -2,7 +2,7 @@
 
 Keys of a job live under ``/elastic/<run_id>/``:
 
-``round``                        the current round: ``{"generation", "state": "open"|"closed"|"failed", "nodes": [row...]}``
+``round``                        the current round (:class:`~elastic.rendezvous.state.RoundState`)
 ``join/<gen>/<node>``            a node joining round ``gen`` (leased: a dead joiner disappears)
 ``coordinator/<gen>``            the node that closes round ``gen`` (leased: taken over if it dies)
 ``alive/<node>``                 a node's liveness (leased, kept alive by a heartbeat thread)
