@@ -13,7 +13,7 @@ from harness import Procs  # noqa: E402
 from needs import check
 from services import EtcdServer, S3Server  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 
 
 def pytest_configure(config):

@@ -18,7 +18,6 @@ import functools
 import importlib
 import os
 import shutil
-import sys
 from typing import Iterable, Optional
 
 import pytest
@@ -26,7 +25,7 @@ import pytest
 __all__ = ["CI", "needs", "require", "require_tool", "missing", "tool_path", "check"]
 
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
-BIN = os.path.dirname(sys.executable)
+from paths import BIN  # noqa: E402
 
 
 def missing(what: str, why: str = "") -> None:

@@ -9,11 +9,10 @@ import stat
 import subprocess
 import tarfile
 
-import pytest
 
 from needs import missing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 
 # $FAKE_MODE: "no-tf-half" (Horovod imports, its TensorFlow half does not) or "build-fails"
 # (no Horovod installed, no cached wheel, the wheel build fails).

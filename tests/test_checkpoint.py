@@ -21,7 +21,7 @@ from checkpoint import (CheckpointCorruptError, CheckpointError, CheckpointNotFo
 from elastic.errors import ConfigError, UserError
 from needs import require
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 
 
 @pytest.fixture

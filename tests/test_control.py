@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import sys
 import threading
 
 import pytest
@@ -17,8 +16,7 @@ import pytest
 from elastic.control import EXIT_DRAINED, JobController, JobState, NodeState
 from services import free_port
 
-BIN = os.path.dirname(sys.executable)
-ELASTIC_RUN = os.path.join(BIN, "elastic-run")
+from paths import ELASTIC_RUN  # noqa: E402
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "control_train.py")
 FAST = "last_call_timeout=0.5,lease_ttl=3,join_timeout=60"
 

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -24,8 +23,7 @@ from elastic.control.http import ControlServer, is_loopback
 from elastic.errors import ConfigError
 from launchers import LaunchConfig, start
 
-BIN = os.path.dirname(sys.executable)
-ELASTIC_RUN = os.path.join(BIN, "elastic-run")
+from paths import ELASTIC_RUN  # noqa: E402
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "control_worker.py")
 LISTENING = re.compile(r"control port listening on 127\.0\.0\.1:(\d+)")
 

@@ -9,16 +9,13 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 
 from elastic.control import EXIT_DRAINED
 from services import free_port
 
-BIN = os.path.dirname(sys.executable)
-ELASTIC_RUN = os.path.join(BIN, "elastic-run")
+from paths import ELASTIC_RUN, REPO  # noqa: E402
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "rank_info.py")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = "last_call_timeout=0.5,lease_ttl=2,join_timeout=60"
 RUN_ID = "ctljob"
 CTL_TIMEOUT_S = 60

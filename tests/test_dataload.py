@@ -19,7 +19,7 @@ from elastic import World
 from elastic.errors import UserError
 from needs import require
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 
 
 def _columns(n: int) -> dict:

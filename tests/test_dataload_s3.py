@@ -14,7 +14,7 @@ from dataload import (ChecksumError, ElasticNumpyLoader, ShardCache, ShardedData
 from needs import needs
 
 pytestmark = needs("s3fs", "boto3", tools=["moto_server"], why="the s3 extra and the test extra's moto")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 
 
 @pytest.mark.parametrize("fmt", ["npy", "parquet"])

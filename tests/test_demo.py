@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 DEMO = os.path.join(REPO, "examples", "elastic_demo.py")
 
 

@@ -10,8 +10,7 @@ import pytest
 
 from elastic.agent.forkserver import ForkServer
 
-ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ELASTIC_RUN, REPO  # noqa: E402
 
 
 @pytest.fixture

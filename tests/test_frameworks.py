@@ -18,9 +18,7 @@ import pytest
 from needs import needs, require
 from services import free_port
 
-BIN = os.path.dirname(sys.executable)
-ELASTIC_RUN = os.path.join(BIN, "elastic-run")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ELASTIC_RUN, REPO  # noqa: E402
 
 
 def make_round(nprocs, node_rank=0, generation=3, host="127.0.0.1"):

@@ -9,7 +9,6 @@ rendezvous server and is never the one that goes away.
 import os
 import re
 import signal
-import sys
 import time
 
 import pytest
@@ -17,9 +16,7 @@ import pytest
 from needs import needs
 from services import free_port
 
-BIN = os.path.dirname(sys.executable)
-ELASTIC_RUN = os.path.join(BIN, "elastic-run")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import ELASTIC_RUN, REPO  # noqa: E402
 EXAMPLES = os.path.join(REPO, "examples")
 FAST = "last_call_timeout=0.5,lease_ttl=2,join_timeout=120"
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2", "ELASTIC_LOG_LEVEL": "INFO"}

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.py")
 
 

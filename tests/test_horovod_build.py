@@ -8,7 +8,7 @@ import pytest
 
 from needs import missing, needs
 
-BIN = os.path.dirname(sys.executable)
+from paths import BIN  # noqa: E402
 HOROVODRUN = os.path.join(BIN, "horovodrun")
 
 pytestmark = needs(tools=["horovodrun"], why="Horovod built by make setup")

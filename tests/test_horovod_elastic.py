@@ -14,7 +14,7 @@ import pytest
 from inproc_checks import STEPS, assert_same_params, steps
 from needs import needs
 
-ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
+from paths import ELASTIC_RUN  # noqa: E402
 WORKERS = os.path.join(os.path.dirname(__file__), "workers")
 TORCH_SCRIPT = os.path.join(WORKERS, "hvd_elastic_torch.py")
 KERAS_SCRIPT = os.path.join(WORKERS, "hvd_elastic_keras.py")

@@ -1,5 +1,4 @@
 """The five packages import without any optional extra, cheaply, and name missing extras."""
-import os
 import subprocess
 import sys
 import textwrap
@@ -7,7 +6,7 @@ import venv
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 PACKAGES = ["elastic", "launchers", "checkpoint", "dataload", "profiler"]
 HEAVY = ["torch", "tensorflow", "horovod", "pyetcd", "s3fs", "pynvml", "pyarrow",
          "prometheus_client", "matplotlib", "tensorboard", "boto3", "botocore"]

@@ -3,7 +3,6 @@ fault-free run ends; new workers get their state from peers by broadcast."""
 import os
 import re
 import signal
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +11,7 @@ from inproc_checks import STEPS, assert_same_params, steps
 from needs import needs
 from services import free_port
 
-ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
+from paths import ELASTIC_RUN  # noqa: E402
 TRAIN = os.path.join(os.path.dirname(__file__), "workers", "inproc_train.py")
 HVD_TRAIN = os.path.join(os.path.dirname(__file__), "workers", "inproc_hvd_train.py")
 SAMPLER = os.path.join(os.path.dirname(__file__), "workers", "inproc_sampler.py")

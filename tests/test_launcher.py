@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import time
 
 import pytest
@@ -14,10 +13,8 @@ import pytest
 from elastic.control import EXIT_DRAINED
 from services import free_port
 
-BIN = os.path.dirname(sys.executable)
-ELASTIC_RUN = os.path.join(BIN, "elastic-run")
+from paths import ELASTIC_RUN, REPO  # noqa: E402
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "rank_info.py")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = "last_call_timeout=0.5,lease_ttl=2,join_timeout=60"
 
 

@@ -2,13 +2,12 @@
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
 from services import free_port
 
-ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
+from paths import ELASTIC_RUN  # noqa: E402
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "rank_info.py")
 
 

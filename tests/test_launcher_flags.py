@@ -3,15 +3,13 @@
 the embedded store through --rdzv-conf. (Parsing of every torchrun flag: test_torchrun_compat.)"""
 import os
 import re
-import sys
 
 import pytest
 
 from needs import require
 from services import free_port
 
-BIN = os.path.dirname(sys.executable)
-ELASTIC_RUN = os.path.join(BIN, "elastic-run")
+from paths import ELASTIC_RUN  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPORT = os.path.join(HERE, "workers", "env_report.py")
 RANK_INFO = os.path.join(HERE, "workers", "rank_info.py")

@@ -2,14 +2,13 @@
 import os
 import re
 import signal
-import sys
 
 import pytest
 
 from needs import require
 from services import free_port
 
-ELASTIC_RUN = os.path.join(os.path.dirname(sys.executable), "elastic-run")
+from paths import ELASTIC_RUN  # noqa: E402
 STEPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "_ddp_steps.py")
 
 

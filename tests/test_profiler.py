@@ -23,7 +23,7 @@ from profiler import (EXCHANGES, PHASES, NvmlSampler, ProfilerConfigError, Profi
                       StragglerReport, create_sampler, detect_stragglers)
 from needs import require
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 FAKE_NVML = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_nvml")
 
 

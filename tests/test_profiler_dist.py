@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +11,7 @@ import textwrap
 from needs import require
 from services import free_port  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 EXAMPLE = os.path.join(REPO, "examples", "profiled_train.py")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

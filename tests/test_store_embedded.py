@@ -5,7 +5,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 
 import pytest
 

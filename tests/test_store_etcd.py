@@ -1,7 +1,4 @@
 """The etcd v3 backend against a real etcd: the contract suite, failover, errors, auth, TLS."""
-import os
-import shutil
-import socket
 import time
 
 import pytest

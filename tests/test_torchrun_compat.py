@@ -8,7 +8,6 @@ import argparse
 import os
 import re
 import signal
-import sys
 import tempfile
 
 import pytest
@@ -18,8 +17,7 @@ from launchers.config import LaunchConfig, store_conf
 from launchers.launch import rendezvous_settings
 from launchers.numa import bind_cpus, format_cpu_list, parse_cpu_list
 
-BIN = os.path.dirname(sys.executable)
-ELASTIC_RUN = os.path.join(BIN, "elastic-run")
+from paths import ELASTIC_RUN  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPORT = os.path.join(HERE, "workers", "env_report.py")
 FAKE_NVML = os.path.join(HERE, "fake_nvml")

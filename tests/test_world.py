@@ -11,7 +11,7 @@ from elastic import World
 from needs import require, require_tool
 
 REPORT = os.path.join(os.path.dirname(__file__), "workers", "world_report.py")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from paths import REPO  # noqa: E402
 
 
 @pytest.mark.parametrize("env, want", [
