@@ -453,13 +453,13 @@ def main(argv=None) -> int:
     blocks: Dict[str, List[Measured]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bench-profiler-") as tmp:
         ours = Ours(w, tmp)
-        for name, fn in CONFIGS:  # warm-up of every path (imports, allocator, first trace)
+        for _name, fn in CONFIGS:  # warm-up of every path (imports, allocator, first trace)
             fn(w, 10, ours)
         _torch_exit_s.clear()
         ours.prof.flush()
         ours.steps, ours.sampler_s, ours.writer_s = 0, 0.0, 0.0
         rng = random.Random(0)
-        for r in range(rounds):
+        for _round in range(rounds):
             order = list(CONFIGS)
             rng.shuffle(order)  # a new order every round: no configuration always follows another
             for name, fn in order:
@@ -468,7 +468,7 @@ def main(argv=None) -> int:
         writer_s = ours.writer_s
         floor_s = _meter_floor_s()
         raw, calls, cold = [], [], []  # per block: metered CPU and calls per step; control
-        for r in range(max(10, rounds // 3)):  # after the timed rounds, with real steps between
+        for _block in range(max(10, rounds // 3)):  # after the timed rounds, with real steps between
             _settle(w)
             meter = _Meter()
             block_ours_metered(w, steps, ours, meter)
@@ -520,7 +520,8 @@ def main(argv=None) -> int:
     aa = thread["none again (A/A)"]
     print(f"ours, split: training thread {t[0] * 1e6:.1f} us/step [{t[1] * 1e6:.1f}, {t[2] * 1e6:.1f}] "
           f"(paired cheapest steps; the A/A row's: {aa[0] * 1e6:.1f} [{aa[1] * 1e6:.1f}, "
-          f"{aa[2] * 1e6:.1f}]; torch.profiler's: {thread['torch.profiler'][0] * 1e6:.1f}), its writer thread {writer_s / ours.steps * 1e6:.1f} us/step and sampler "
+          f"{aa[2] * 1e6:.1f}]; torch.profiler's: {thread['torch.profiler'][0] * 1e6:.1f}), "
+          f"its writer thread {writer_s / ours.steps * 1e6:.1f} us/step and sampler "
           f"thread {ours.sampler_s / ours.steps * 1e6:.1f} us/step (measured: {writer_s * 1e3:.1f} "
           f"and {ours.sampler_s * 1e3:.1f} ms CPU for {ours.steps} steps; {records} records)")
     if _torch_exit_s:

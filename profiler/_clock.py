@@ -1,8 +1,9 @@
 """Step clocks: the monotonic wall clock on a CPU, a pool of CUDA events on a GPU.
 
 Both hand out opaque *marks* (the profiler pairs each device mark with a ``perf_counter()``
-time for wall times, device samples and communication: :func:`host_paired`). A CPU mark is a ``perf_counter()`` float, ready at once. A CUDA
-mark is an event recorded on the current stream: recording it costs microseconds and never
+time for wall times, device samples and communication: :func:`host_paired`). A CPU mark is a
+``perf_counter()`` float, ready at once. A CUDA mark is an event recorded on the current
+stream: recording it costs microseconds and never
 synchronises; the profiler asks ``ready()`` of a step's last mark at later step ends and only
 then reads the elapsed times, so the hot path never waits for the GPU. Those reads happen on
 the profiler's writer thread, which calls ``bind_thread()`` first (CUDA's current device is

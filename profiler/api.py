@@ -191,13 +191,13 @@ class Sink(abc.ABC):
         for record, intervals in items:
             self.write_step(record, intervals)
 
-    def write_report(self, report: StragglerReport) -> None:
+    def write_report(self, report: StragglerReport) -> None:  # noqa: B027 - optional hook: a sink may ignore reports
         """Called with each straggler report (possibly from a background thread)."""
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - optional hook: a sink without a buffer
         """Push buffered output to its destination."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: a sink holding nothing
         """Flush and release resources."""
 
 
@@ -255,8 +255,8 @@ class StatsExchange(abc.ABC):
         """Publish this rank's stats for a window and return every rank's (those in by the
         timeout), or None when closed before the window completed."""
 
-    def publish(self, report: StragglerReport) -> None:
+    def publish(self, report: StragglerReport) -> None:  # noqa: B027 - optional hook: an exchange may not publish
         """Called with the report built from what :meth:`exchange` returned."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: an exchange holding nothing
         """Stop waiting (a pending :meth:`exchange` returns soon) and release resources."""

@@ -144,7 +144,12 @@ class StepProfiler:
             self.sampler.start()
         self._writer = Writer(self._sinks, self._collect, getattr(self._clock, "bind_thread", None))
         ref = weakref.ref(self)
-        self._atexit = lambda: (ref() is not None and ref().close())
+
+        def close_at_exit() -> None:
+            prof = ref()
+            if prof is not None:
+                prof.close()
+        self._atexit = close_at_exit
         atexit.register(self._atexit)
 
     @property
@@ -357,7 +362,11 @@ class StepProfiler:
         """Call ``hook(report)`` with every straggler report (from the training thread with a
         process group, from a background thread with a store). Returns a remover."""
         self._straggler_hooks.append(hook)
-        return lambda: hook in self._straggler_hooks and self._straggler_hooks.remove(hook)
+
+        def remove() -> None:
+            if hook in self._straggler_hooks:
+                self._straggler_hooks.remove(hook)
+        return remove
 
     # -- integrations --------------------------------------------------------------------
     def attach(self, model: Any = None, optimizer: Any = None, comm_hook: Any = None) -> None:

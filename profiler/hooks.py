@@ -6,8 +6,9 @@ gradient (added the cheapest way that works, see :func:`_grad_hook_adder`) marks
 of ``backward`` and queues an autograd-engine callback that
 runs when the backward pass ends (before DDP's own end-of-backward wait, so gradient
 synchronisation is not counted as backward); the phase's own begin/end, registered directly
-as optimizer step pre/post hooks, time ``optimizer``; a DDP communication hook wrapping allreduce times ``comm`` (the wall time with
-any gradient bucket in flight, which is where fast ranks wait for slow ones).
+as optimizer step pre/post hooks, time ``optimizer``; a DDP communication hook wrapping
+allreduce times ``comm`` (the wall time with any gradient bucket in flight, which is where
+fast ranks wait for slow ones).
 """
 from __future__ import annotations
 
@@ -194,7 +195,9 @@ def keras_callback(prof: "StepProfiler", batch_size: Optional[int] = None) -> An
     keras = require("tensorflow", "the Keras profiler callback").keras
     step_ctx = {}
 
-    class ProfilerCallback(keras.callbacks.Callback):
+    callback_base: Any = keras.callbacks.Callback  # tensorflow ships no stubs: the base is Any
+
+    class ProfilerCallback(callback_base):
         """Times every training batch as a profiler step; closes nothing (the profiler's owner does)."""
 
         def on_train_batch_begin(self, batch, logs=None):

@@ -147,7 +147,7 @@ def summarize(run_dir: str, threshold_frac: float = 0.1, warmup_steps: int = 2) 
         with_samples = [r for r in recs if r.samples]
         sps = None
         if with_samples:
-            sps = sum(r.samples for r in with_samples) / sum(r.step_time_s for r in with_samples)
+            sps = sum(r.samples or 0 for r in with_samples) / sum(r.step_time_s for r in with_samples)
             throughput += sps
             any_samples = True
         mfus = [r.mfu for r in recs if r.mfu is not None]

@@ -114,7 +114,8 @@ class NvmlSampler(_ThreadSampler):
     def __init__(self, device_index: int = 0, hz: float = 5.0, nvml=None) -> None:
         super().__init__(hz)
         if nvml is None:
-            import pynvml as nvml  # the caller (create_sampler) handles ImportError
+            import pynvml  # the caller (create_sampler) handles ImportError
+            nvml = pynvml
         self._nvml = nvml
         nvml.nvmlInit()
         try:
@@ -130,7 +131,7 @@ class NvmlSampler(_ThreadSampler):
         """Metric groups, one NVML call each; a group the board does not support is dropped."""
         nv, h = self._nvml, self._handle
         throttle = getattr(nv, "nvmlDeviceGetCurrentClocksThrottleReasons", None) or \
-            getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons")
+            nv.nvmlDeviceGetCurrentClocksEventReasons
 
         def utilization() -> Dict[str, float]:
             u = nv.nvmlDeviceGetUtilizationRates(h)

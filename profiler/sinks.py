@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import types
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, TextIO, Tuple
 
 from .api import PHASES, PhaseInterval, Sink, StepRecord, StragglerReport
 
@@ -64,7 +64,7 @@ class JsonlSink(Sink):
     def __init__(self, path: str, flush_every_s: float = 1.0) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
-        self._file = open(path, "a", buffering=_BUFFER_BYTES, encoding="utf-8")
+        self._file: Optional[TextIO] = open(path, "a", buffering=_BUFFER_BYTES, encoding="utf-8")
         self._lock = threading.Lock()
         self._flush_every_s = flush_every_s
         self._last_flush = time.monotonic()
@@ -115,7 +115,7 @@ class ChromeTraceSink(Sink):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.path = path
         self._pid = int(rank)
-        self._file = open(path, "w", buffering=_BUFFER_BYTES, encoding="utf-8")
+        self._file: Optional[TextIO] = open(path, "w", buffering=_BUFFER_BYTES, encoding="utf-8")
         self._lock = threading.Lock()
         meta = [
             {"name": "process_name", "ph": "M", "pid": self._pid, "tid": 0,
