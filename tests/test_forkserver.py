@@ -48,6 +48,21 @@ def test_exit_codes_signals_and_output_reach_the_caller(server, tmp_path):
     assert h.wait(30) == -signal.SIGKILL
 
 
+def test_each_exit_reaches_its_own_caller_while_others_run(server, tmp_path):
+    """Workers that end one by one while others still run: every caller gets its own worker's
+    exit code, and an exit never closes another worker's connection (read as a SIGKILL)."""
+    wait_for = script(tmp_path, "wait.py", "import os, sys, time\nflag = sys.argv[1]\n"
+                                            "while not os.path.exists(flag):\n    time.sleep(0.01)\n"
+                                            "raise SystemExit(int(sys.argv[2]))\n")
+    env = dict(os.environ)
+    workers = [server.take([wait_for, str(tmp_path / f"go{i}"), str(10 + i)], False, env, str(tmp_path))
+               for i in range(4)]
+    for i in (2, 0, 3, 1):  # out of order, each while the others are still running
+        (tmp_path / f"go{i}").write_text("")
+        assert workers[i].wait(30) == 10 + i
+        assert all(w.poll() is None for j, w in enumerate(workers) if not (tmp_path / f"go{j}").exists())
+
+
 def test_the_forked_worker_is_bound_to_its_cpus(server, tmp_path):
     show = script(tmp_path, "cpus.py", "import os\nprint(sorted(os.sched_getaffinity(0)))\n")
     proc = server.take([show], False, dict(os.environ), str(tmp_path), cpus=(0,))
