@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any, Callable
 
+from .errors import one_line
+
 __all__ = ["install"]
 
 log = logging.getLogger("elastic.recovery")
@@ -75,7 +77,7 @@ def _run(link, state, reset: Callable, func: Callable, args, kwargs) -> Any:
             except HorovodInternalError as exc:
                 if not is_recoverable(exc):
                     raise
-                reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                reason = one_line(exc)
                 link.report_lost_peer(reason)
                 state.restore()
                 skip_sync = False

@@ -18,7 +18,7 @@ import time
 from typing import Any, Callable, List, Optional, Tuple
 
 from ..lazy import require
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..settings import parse_bool, parse_seconds
 from . import _args as args
 from .api import (BackendSpec, Event, KeyValue, LeaseNotFoundError, Store, StoreAuthError, StoreCompactedError,
@@ -343,7 +343,4 @@ def _grpc_details(exc: BaseException) -> str:
 
 
 def _describe(exc: Optional[BaseException]) -> str:
-    if exc is None:
-        return "no attempt made"
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+    return "no attempt made" if exc is None else one_line(exc)
