@@ -48,6 +48,8 @@ class WorkerLink:
         self.generation = generation
         self._changed = threading.Event()
         self._drain = threading.Event()  # our node drains, or the job stops: set once, for good
+        self._closed = threading.Event()
+        self._control_watcher: Optional[threading.Thread] = None
         self._progress: Dict[str, float] = {}  # step, checkpoint_step, checkpoint_time
         self._progress_at = 0.0
         self.on_change: Optional[Callable[[], None]] = None  # called once per change, from the watch
@@ -136,38 +138,51 @@ class WorkerLink:
         self._watcher = threading.Thread(target=self._watch, args=(self.generation, self._stop),
                                          name="elastic-membership", daemon=True)
         self._watcher.start()
+        if self._control_watcher is None:  # one for the link's life: a drain outlasts rounds
+            self._control_watcher = threading.Thread(target=self._watch_control, name="elastic-drain",
+                                                     daemon=True)
+            self._control_watcher.start()
 
     def _watch(self, generation: int, stop: threading.Event) -> None:
-        """Set the flags once the round moves past ``generation`` (reopened or replaced), or our
-        node is asked to drain, or the job to stop (the control keys sit under the job prefix)."""
-        k = self.keys
-        reported = False
+        """Set the flag once the round moves past ``generation`` (reopened or replaced)."""
+        key = self.keys.round()
         while not stop.is_set():
             try:
-                kvs, rev = self.store.get_prefix(k.prefix)
-                by_key = {kv.key: kv for kv in kvs if kv.key in (k.round(), k.drain(self.node_id), k.stop())}
-                if k.drain(self.node_id) in by_key or k.stop() in by_key:
-                    self._drain.set()
-                kv = by_key.get(k.round())
+                kv = self.store.get(key)
                 state = RoundState.from_json(kv.value) if kv else None
-                over = state is None or state.generation != generation or not state.is_closed
-                if (over or self._drain.is_set()) and not reported:
+                if state is None or state.generation != generation or not state.is_closed:
                     if stop.is_set():  # replaced by a newer round's watcher: its news, not ours
                         return
-                    reported = True
                     self._changed.set()
                     if self.on_change is not None:
                         self.on_change()
-                if self._drain.is_set():
-                    return  # a drain may still follow a round change: until then, keep watching
-                self.store.wait(k.prefix, rev, timeout_s=5.0)
+                    return
+                self.store.wait(key, kv.mod_revision, timeout_s=5.0)
             except Exception as exc:  # the store going away ends the job anyway
                 if stop.wait(0.5):
                     return
                 log.debug("membership watch: %s", exc)
 
+    def _watch_control(self) -> None:
+        """Set the drain flag once this node is asked to drain or the job to stop. Only the
+        scheduler's rare ``ctl/`` keys wake it, not every join of a large job."""
+        k = self.keys
+        mine = (k.drain(self.node_id), k.stop())
+        while not self._closed.is_set():
+            try:
+                kvs, rev = self.store.get_prefix(k.control())
+                if any(kv.key in mine for kv in kvs):
+                    self._drain.set()
+                    return
+                self.store.wait(k.control(), rev, timeout_s=5.0)
+            except Exception as exc:  # the store going away ends the job anyway
+                if self._closed.wait(0.5):
+                    return
+                log.debug("drain watch: %s", exc)
+
     def close(self) -> None:
         self._stop.set()
+        self._closed.set()
         try:
             self.store.delete(self.keys.inproc(self.node_id, self.local_rank))
         except Exception:
