@@ -140,7 +140,8 @@ class JobStatus:
 @dataclass(frozen=True)
 class JobEvent:
     """One thing that happened: a round, a join, a leave, a failure, a restart, a drain, a
-    scale or a stop. ``seq`` orders events (pass the last one seen as ``since``)."""
+    scale or a stop. ``seq`` is the store revision that recorded it: it orders events as the
+    store took them (pass the last one seen as ``since``)."""
 
     seq: str
     name: str

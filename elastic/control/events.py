@@ -2,12 +2,14 @@
 scheduler reads (``JobController.events``, ``elastic-run ctl events --follow``)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
 import time
 from typing import Any, Callable, Iterator, List, Optional
 
+from ..errors import ConfigError
 from ..rendezvous.keys import JobKeys
 from ..store import Store, StoreCompactedError, StoreError
 from .api import JobEvent
@@ -39,13 +41,14 @@ class EventLog:
         now = time.time()
         with self._lock:
             self._emitted += 1
-            seq = f"{time.time_ns():020d}-{self._emitted:06d}-{self.node or 'ctl'}"
+            key = f"{time.time_ns():020d}-{self._emitted:06d}-{self.node or 'ctl'}"
             trim = self._emitted % _TRIM_EVERY == 0
-        event = JobEvent(seq, name, now, self.node, generation, details)
+        event = JobEvent("", name, now, self.node, generation, details)
         log.info("event %s%s%s", name, f" (round {generation})" if generation else "",
                  "".join(f" {k}={v}" for k, v in details.items()))
         try:
-            self.store.put(self.keys.events(seq), json.dumps(event.to_json()).encode())
+            revision = self.store.put(self.keys.events(key), json.dumps(event.to_json()).encode())
+            event = dataclasses.replace(event, seq=str(revision))
             if trim:
                 self.trim()
         except StoreError as exc:
@@ -59,27 +62,34 @@ class EventLog:
 
     def trim(self) -> None:
         kvs, _ = self.store.get_prefix(self.keys.events())
-        for kv in kvs[: max(0, len(kvs) - self.capacity)]:
+        for kv in sorted(kvs, key=lambda kv: kv.mod_revision)[: max(0, len(kvs) - self.capacity)]:
             self.store.delete(kv.key)
 
     def read(self, since: str = "") -> List[JobEvent]:
-        """Events after ``since`` (a ``seq``; "" for all kept), oldest first."""
+        """Events after ``since`` (a ``seq``; "" for all kept), in the order the store took them."""
+        after = _revision(since)
         kvs, _ = self.store.get_prefix(self.keys.events())
-        return [_event(kv.value) for kv in kvs if kv.key[len(self.keys.events()):] > since]
+        return [_event(kv.value, kv.mod_revision)
+                for kv in sorted(kvs, key=lambda kv: kv.mod_revision) if kv.mod_revision > after]
 
     def follow(self, since: str = "", timeout_s: Optional[float] = None) -> Iterator[JobEvent]:
-        """Events after ``since`` as they come; ends after ``timeout_s`` without one (None: never)."""
+        """Events after ``since`` as they come; ends after ``timeout_s`` without one (None: never).
+
+        Events are ordered by the store's revision, the order they arrived in: two nodes' clocks
+        (the time in an event) may disagree, the store's order cannot."""
         prefix = self.keys.events()
+        after = _revision(since)
         kvs, rev = self.store.get_prefix(prefix)
-        for kv in kvs:
-            if kv.key[len(prefix):] > since:
-                since = kv.key[len(prefix):]
-                yield _event(kv.value)
+        for kv in sorted(kvs, key=lambda kv: kv.mod_revision):
+            if kv.mod_revision > after:
+                after = kv.mod_revision
+                yield _event(kv.value, kv.mod_revision)
+        rev = max(rev, after)
         while True:
             try:
                 events = self.store.wait(prefix, rev, timeout_s=5.0 if timeout_s is None else timeout_s)
             except StoreCompactedError:
-                events, rev = [], self.store.get_prefix(prefix)[1]
+                rev = self.store.get_prefix(prefix)[1]
                 continue
             if not events:
                 if timeout_s is not None:
@@ -87,12 +97,20 @@ class EventLog:
                 continue
             rev = events[-1].revision
             for e in events:
-                if e.kind == "put" and e.key[len(prefix):] > since:
-                    since = e.key[len(prefix):]
-                    yield _event(e.value)
+                if e.kind == "put" and e.revision > after:
+                    after = e.revision
+                    yield _event(e.value, e.revision)
 
 
-def _event(value: bytes) -> JobEvent:
+def _revision(seq: str) -> int:
+    """An event's ``seq`` is the store revision that recorded it ("" or "0": from the start)."""
+    try:
+        return int(seq or 0)
+    except ValueError:
+        raise ConfigError(f"not an event seq: {seq!r} (give the seq of an event, e.g. 1042)") from None
+
+
+def _event(value: bytes, revision: int) -> JobEvent:
     data = json.loads(value)
-    return JobEvent(str(data["seq"]), str(data["name"]), float(data["time"]), str(data.get("node", "")),
+    return JobEvent(str(revision), str(data["name"]), float(data["time"]), str(data.get("node", "")),
                     int(data.get("generation", 0)), dict(data.get("details") or {}))
