@@ -54,7 +54,7 @@ class AgentHandle:
 
     def drain(self, deadline_s: Optional[float] = None, reason: Any = DrainReason.MAINTENANCE) -> None:
         """Drain this node: its workers save at their next safe point and it leaves (exit 75)."""
-        self.controller._request_drain(self.node_id, DrainReason.parse(reason), deadline_s)
+        self.controller.request_drain(self.node_id, reason, deadline_s)
 
     def stop(self, graceful: bool = True) -> None:
         """Stop the whole job (every node saves and exits 0)."""

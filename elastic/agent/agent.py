@@ -31,6 +31,7 @@ from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, Re
 from ..rendezvous.protocol import LOST_PEER_REASON
 from ..rendezvous.state import ChangeReason, RoundState
 from ..control.api import EXIT_DRAINED, Drain, DrainReason, JobEvent, NodeState
+from ..control.controller import JobController
 from .api import AgentError, FrameworkAdapter, RunOutcome, RunResult, WorkerExit, WorkerSpec
 from .forkserver import FORK_SAFE_PRELOADS, ForkServer
 from .reporter import NodeReporter
@@ -443,6 +444,6 @@ class ElasticAgent:
     def _notice_to_drain(self) -> None:
         """A drain signal: ask for this node's drain on the store, as a scheduler would."""
         log.warning("agent received %s: draining this node", signal.Signals(self._notice).name)
-        drain = Drain(DrainReason.PREEMPTION, time.time() + self.drain_grace_s, time.time())
-        self.handler.store.put(self.handler.keys.drain(self.handler.node.node_id), json.dumps(drain.to_json()).encode())
+        JobController(self.handler.store, self.settings.run_id).request_drain(
+            self.handler.node.node_id, DrainReason.PREEMPTION, self.drain_grace_s)
         self._notice = -1

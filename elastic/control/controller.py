@@ -153,7 +153,7 @@ class JobController:
         if deadline_s is not None and deadline_s < 0:
             raise ConfigError(f"deadline_s must be >= 0, got {deadline_s}")
         target = self.status().node(str(node))
-        self._request_drain(target.node_id, DrainReason.parse(reason), deadline_s)
+        self.request_drain(target.node_id, reason, deadline_s)
         return target
 
     def undrain(self, node: str) -> NodeStatus:
@@ -171,12 +171,17 @@ class JobController:
         self._put(self.keys.stop(), {"graceful": graceful, "at": now, "deadline": None if graceful else now})
         self._events.emit("stop_requested", status.generation, graceful=graceful)
 
-    # -- helpers ---------------------------------------------------------------------------
-    def _request_drain(self, node_id: str, reason: DrainReason, deadline_s: Optional[float]) -> None:
+    def request_drain(self, node_id: str, reason: Any, deadline_s: Optional[float] = None) -> Drain:
+        """:meth:`drain` by node id, without looking the node up: for a node asking for its own
+        drain (its agent on a signal, its control port, its handle), which may not have
+        published its status yet."""
         now = time.time()
-        drain = Drain(reason, None if deadline_s is None else now + deadline_s, now)
+        drain = Drain(DrainReason.parse(reason), None if deadline_s is None else now + deadline_s, now)
         self._put(self.keys.drain(node_id), drain.to_json())
-        self._events.emit("drain_requested", node=node_id, reason=reason.value, deadline_s=deadline_s)
+        self._events.emit("drain_requested", node=node_id, reason=drain.reason.value, deadline_s=deadline_s)
+        return drain
+
+    # -- helpers ---------------------------------------------------------------------------
 
     def _drain_down_to(self, status: JobStatus, n: int, reason: DrainReason) -> None:
         live = [s for s in status.nodes if s.node_rank is not None and s.state is not NodeState.DRAINED]
@@ -186,7 +191,7 @@ class JobController:
             return
         candidates = sorted((s for s in live if not s.draining), key=lambda s: -(s.node_rank or 0))
         for s in candidates[:excess]:
-            self._request_drain(s.node_id, reason, None)
+            self.request_drain(s.node_id, reason)
 
     def _put(self, key: str, value: Dict[str, Any]) -> None:
         self.store.put(key, json.dumps(value).encode())

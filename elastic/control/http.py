@@ -218,12 +218,11 @@ class ControlServer:
             raise _HTTPError(409, f"node {self.node_id} has ended ({reporter.state.value}); nothing to drain")
         if reporter.state is NodeState.DRAINING and reporter.drain is not None:
             return 202, {"node_id": self.node_id, "already_draining": True, **reporter.drain.to_json()}
-        self.controller._request_drain(self.node_id, reason, deadline_s)
-        now = time.time()
+        drain = self.controller.request_drain(self.node_id, reason, deadline_s)
         log.warning("control port: drain of this node asked (%s, deadline %s)", reason.value,
                     "none" if deadline_s is None else f"{deadline_s:g}s")
-        return 202, {"node_id": self.node_id, "already_draining": False, "reason": reason.value,
-                     "deadline_s": deadline_s, "deadline": None if deadline_s is None else now + deadline_s, "at": now}
+        return 202, {"node_id": self.node_id, "already_draining": False, "deadline_s": deadline_s,
+                     **drain.to_json()}
 
 
 class _HTTPError(Exception):
