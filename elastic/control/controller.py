@@ -72,7 +72,9 @@ class JobController:
     def status(self) -> JobStatus:
         k = self.keys
         job, _ = self.store.get_prefix(k.prefix)
-        reports, _ = self.store.get_prefix(k.report_prefix)
+        # the reports a status needs, not the event ring beside them (up to a thousand values)
+        reports = [kv for prefix in (k.node_status(), k.progress()) for kv in self.store.get_prefix(prefix)[0]]
+        reports += [kv for kv in (self.store.get(k.settings()), self.store.get(k.straggler())) if kv is not None]
         by_key = {kv.key: kv.value for kv in job + reports}
         if k.round() not in by_key and k.settings() not in by_key:
             raise NoSuchJobError(f"no job {self.run_id!r} on this store (wrong --rdzv-id or endpoint?)")
