@@ -14,16 +14,19 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 stamp_now() { cat .ci/bootstrap.sh .ci/constraints.txt setup.py | sha256sum | cut -d' ' -f1; }
-if [ -f "$VENV/.stamp" ] && [ "$(cat "$VENV/.stamp")" = "$(stamp_now)" ] && command -v etcd >/dev/null; then
+if [ -f "$VENV/.stamp" ] && [ "$(cat "$VENV/.stamp")" = "$(stamp_now)" ] && command -v etcd >/dev/null && command -v nft >/dev/null; then
   log "environment up to date ($VENV)"; exit 0
 fi
 SECONDS=0
 
 # 1. System packages: etcd (server for the etcd backend and its tests), Debian's cmake (Horovod's
-#    gloo build refuses cmake 4 from PyPI).
+#    gloo build refuses cmake 4 from PyPI), nftables and iptables (the chaos harness's partitions
+#    and packet loss between network-namespace hosts).
 need=()
 command -v etcd >/dev/null || need+=(etcd-server)
 [ -x /usr/bin/cmake ] || need+=(cmake)
+command -v nft >/dev/null || need+=(nftables)
+command -v iptables >/dev/null || need+=(iptables)
 if [ ${#need[@]} -gt 0 ]; then
   log "apt-get install ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
