@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest -n auto
 
-.PHONY: setup lint test test-slow demo demo-simple bench clean
+.PHONY: setup lint test test-slow chaos demo demo-simple bench clean
 
 setup:
 	@bash .ci/bootstrap.sh
@@ -18,6 +18,11 @@ test: setup
 
 test-slow: setup
 	$(PYTEST) -m slow tests
+
+# Multi-host chaos on network-namespace hosts (root): the smoke tests, then the goodput benchmark.
+chaos: setup
+	$(PY) -m pytest -m chaos tests/chaos
+	$(PY) benchmarks/goodput.py
 
 # The elastic story (examples/elastic_demo.py): two nodes train; a worker is killed, a node is
 # drained through the control plane, a third joins; each event, the pause it caused, the accuracy.
