@@ -9,7 +9,8 @@ Pure functions of the records; nothing here starts a process. Definitions:
 - *Kept* executions: the run's final trajectory, walked backwards from the execution that ended
   last: for each step below, the latest execution of it that ended before the kept execution
   of the next step started. A step redone after a rollback counts only its last execution;
-  work that a rollback threw away is never kept.
+  work that a rollback threw away is never kept. ("Before" compares starts: one rank may
+  start step s+1 while another still ends step s.)
 - ``goodput``: the time covered by kept executions (the union of their ``[min t_start,
   max t_end]``) / (end of the last kept step - launch).
 - ``goodput_vs_fault_free``: the fault-free run's wall time to the same step / this run's.
@@ -42,7 +43,7 @@ from .steplog import Record
 
 __all__ = ["Execution", "Reformation", "FaultFigures", "Audit", "RunFigures", "executions",
            "kept_executions", "reformations", "goodput", "wall_to_step", "goodput_vs_fault_free",
-           "audit", "checksum_mismatches", "fault_figures", "projected_goodput", "analyze",
+           "audit", "checksum_mismatches", "stale_manifests", "fault_figures", "projected_goodput", "analyze",
            "NO_REFORM_KINDS", "REFORM_GAP_S"]
 
 #: start/reform records closer than this are one re-formation.
@@ -119,8 +120,8 @@ class RunFigures:
     faults: tuple
     reformations: int  # after the launch's
     ckpt_published: int
-    stale_publishes: int  # published with a generation older than one already seen
-    partitioned_publishes: int  # published by a host while it was cut off
+    stale_publishes: int  # manifests older than one published before them (stale_manifests)
+    partitioned_publishes: int  # published from a save a host began while it was cut off
 
 
 def _as_fault(f):
@@ -173,10 +174,12 @@ def kept_executions(execs: Sequence[Execution]) -> list:
     last = max(execs, key=lambda e: (e.t_end, e.step))
     kept = [last]
     for s in range(last.step - 1, 0, -1):
-        before = [e for e in by_step.get(s, ()) if e.t_end <= kept[-1].t_start]
+        # ranks overlap steps (one starts step s+1 while another still ends s), so "before" is
+        # by start: the latest execution of s that started before the kept one of s+1
+        before = [e for e in by_step.get(s, ()) if e.t_start < kept[-1].t_start]
         if not before:
             continue  # a gap: counted by the audit as a missing step
-        kept.append(max(before, key=lambda e: e.t_end))
+        kept.append(max(before, key=lambda e: e.t_start))
     kept.reverse()
     return kept
 
@@ -320,32 +323,38 @@ def steady_goodput(kept: Sequence[Execution]) -> Optional[float]:
     return _union_s((e.t_start, e.t_end) for e in kept) / wall if wall > 0 else None
 
 
-def _publish_checks(records: Sequence[Record], faults: Sequence) -> tuple:
-    published = [r for r in records if r.kind == "ckpt" and r.published]
-    stale = 0
-    seen_gen = 0
-    for r in sorted(records, key=lambda r: r.t):
-        if r.kind in ("step", "start", "reform"):
-            seen_gen = max(seen_gen, r.generation)
-        elif r.kind == "ckpt" and r.published and r.generation < seen_gen:
+def stale_manifests(manifests: Iterable[tuple]) -> int:
+    """Published checkpoints (``(step, generation, created_unix_s)``, from their manifests) whose
+    generation is older than that of one published before them: a stale writer that got
+    through the fence."""
+    stale, newest = 0, -1
+    for _step, gen, _t in sorted(manifests, key=lambda m: (m[2], m[0])):
+        if gen < newest:
             stale += 1
+        newest = max(newest, gen)
+    return stale
+
+
+def _publish_checks(records: Sequence[Record], faults: Sequence) -> tuple:
+    """(checkpoints published, those whose save began on a host while it was cut off)."""
+    published = [r for r in records if r.kind == "ckpt" and r.published]
     cut = 0
     for f in map(_as_fault, faults):
         if "partition" not in f.kind.lower() or f.t_end is None:
             continue
-        cut += sum(1 for r in published if r.host == f.host and f.t_inject <= r.t <= f.t_end)
-    return len(published), stale, cut
+        cut += sum(1 for r in published if r.host == f.host and f.t_inject <= r.t_start <= f.t_end)
+    return len(published), cut
 
 
 def analyze(records: Sequence[Record], faults: Sequence, t_launch: float, *, num_samples: int,
-            steps_per_epoch: int, check_generations: bool = True) -> RunFigures:
-    """Every figure of one run. ``check_generations``: count stale publishes (elastic-run's
-    generations are job-wide; torchrun's restart counts are per node, so not for torchrun)."""
+            steps_per_epoch: int, manifests: Iterable[tuple] = ()) -> RunFigures:
+    """Every figure of one run. ``manifests``: ``(step, generation, created_unix_s)`` of the
+    published checkpoints, when the run used ``checkpoint.Checkpointer``."""
     execs = executions(records)
     kept = kept_executions(execs)
     reforms = reformations(records)
     checked, bad = checksum_mismatches(execs)
-    n_pub, stale, cut = _publish_checks(records, faults)
+    n_pub, cut = _publish_checks(records, faults)
     return RunFigures(
         goodput=goodput(kept, t_launch),
         wall_s=kept[-1].t_end - t_launch if kept else 0.0,
@@ -353,4 +362,29 @@ def analyze(records: Sequence[Record], faults: Sequence, t_launch: float, *, num
         audit=audit(kept, num_samples, steps_per_epoch), checksums_checked=checked,
         checksum_mismatches=bad, faults=tuple(fault_figures(faults, kept, execs, reforms)),
         reformations=max(0, len(reforms) - 1), ckpt_published=n_pub,
-        stale_publishes=stale if check_generations else 0, partitioned_publishes=cut)
+        stale_publishes=stale_manifests(manifests), partitioned_publishes=cut)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m benchmarks.chaos.goodput LOG_DIR``: the figures of one run's step logs
+    (launch = the first record; no faults)."""
+    import argparse
+    import dataclasses
+    import json
+
+    from . import workload
+    from .steplog import read_dir
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("log_dir")
+    args = p.parse_args(argv)
+    recs = read_dir(args.log_dir)
+    if not recs:
+        raise SystemExit(f"no records under {args.log_dir}")
+    fig = analyze(recs, [], recs[0].t, num_samples=workload.NUM_SAMPLES,
+                  steps_per_epoch=workload.STEPS_PER_EPOCH)
+    print(json.dumps(dataclasses.asdict(fig), default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,8 @@ Records (``kind``):
 - ``reform``: an in-process re-formation finished (``@elastic.run``'s reset): new rank,
   world size and generation, the step rolled back to.
 - ``ckpt``: a checkpoint of ``step`` was published (``published=True``) by this rank, or a
-  publish was refused (``published=False``, ``detail`` says why: a stale generation).
+  publish was refused (``published=False``, ``detail`` says why: a stale generation);
+  ``t_start`` is when its save began, ``t`` when the outcome was known.
 
 Every record also carries ``host``, ``pid`` and ``t`` (for ``step``: ``t_end``).
 """
@@ -98,8 +99,8 @@ class StepLog:
                      "samples": [int(s) for s in samples], "checksum": checksum})
 
     def ckpt(self, *, step: int, generation: int, rank: int, world_size: int, published: bool,
-             detail: str = "") -> None:
-        self._write({"kind": "ckpt", "t": time.time(), "step": step, "generation": generation,
+             t_save: float, detail: str = "") -> None:
+        self._write({"kind": "ckpt", "t": time.time(), "t_start": t_save, "step": step, "generation": generation,
                      "rank": rank, "world_size": world_size, "published": published, "detail": detail})
 
     def close(self) -> None:

@@ -79,19 +79,19 @@ if ck.latest_step() is not None:  # a fresh process; its peers' state, if any, w
     source = "checkpoint"
 log.start(rank=env_int("RANK", 0), world_size=world0, generation=workload.generation(), step=state.step,
           source=source)
-pending: list = []  # (checkpointer, step) of the save in flight
+pending: list = []  # (checkpointer, step, time the save began) of the save in flight
 
 
-def settle(ckp: Checkpointer, step: int) -> None:
+def settle(ckp: Checkpointer, step: int, t_save: float) -> None:
     """Wait for a save and log (rank 0) whether it was published or refused."""
     try:
         ckp.wait()
         if ckp.rank == 0:
             log.ckpt(step=step, generation=ckp.generation, rank=ckp.rank, world_size=ckp.world_size,
-                     published=True)
+                     published=True, t_save=t_save)
     except CheckpointError as exc:
         log.ckpt(step=step, generation=ckp.generation, rank=ckp.rank, world_size=ckp.world_size,
-                 published=False, detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+                 published=False, t_save=t_save, detail=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 def on_reset() -> None:
@@ -99,8 +99,7 @@ def on_reset() -> None:
     world = env_int("WORLD_SIZE", 1)
     state.loader.set_world(batch_size=workload.per_rank_batch(world))
     if pending:  # the old round's save finishes (or is fenced) on its own
-        old, step = pending.pop()
-        threading.Thread(target=settle, args=(old, step), daemon=True).start()
+        threading.Thread(target=settle, args=pending.pop(), daemon=True).start()
     ck = make_checkpointer()
     log.reform(rank=env_int("RANK", 0), world_size=world, generation=workload.generation(), step=state.step)
 
@@ -133,13 +132,14 @@ def train(state):
             if state.step % args.ckpt_every == 0:
                 if pending:
                     settle(*pending.pop())
+                t_save = time.time()
                 try:
                     ck.save(state.step, {"model": state.model.state_dict(), "optim": state.optimizer.state_dict(),
                                          "step": state.step, "loader": state.loader.state_dict()})
-                    pending.append((ck, state.step))
+                    pending.append((ck, state.step, t_save))
                 except CheckpointError as exc:  # the fence: a newer round exists
                     log.ckpt(step=state.step, generation=ck.generation, rank=rank, world_size=world,
-                             published=False, detail=f"{type(exc).__name__}: {str(exc)[:200]}")
+                             published=False, t_save=t_save, detail=f"{type(exc).__name__}: {str(exc)[:200]}")
             state.commit()
             if state.step >= args.total_steps:
                 break

@@ -89,9 +89,10 @@ def main() -> None:
         if rank == 0 and step % args.ckpt_every == 0:
             os.makedirs(args.ckpt_dir, exist_ok=True)
             tmp = f"{path}.tmp{os.getpid()}"
+            t_save = time.time()
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
             os.replace(tmp, path)
-            log.ckpt(step=step, generation=gen, rank=rank, world_size=world, published=True)
+            log.ckpt(step=step, generation=gen, rank=rank, world_size=world, published=True, t_save=t_save)
     dist.barrier()
     del net, opt
     dist.destroy_process_group()

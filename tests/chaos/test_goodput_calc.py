@@ -178,18 +178,18 @@ def test_checksums_across_ranks():
 
 def test_checkpoint_publishes():
     recs = clean_run()
-    recs.append(Record(kind="ckpt", t=2.5, host="h1", pid=1, step=2, generation=1, published=True))
-    recs.append(event("reform", 3.2, gen=3))
-    recs.append(Record(kind="ckpt", t=3.5, host="h1", pid=1, step=2, generation=1, published=True))  # stale
-    recs.append(Record(kind="ckpt", t=4.5, host="h0", pid=1, step=4, generation=3, published=True))
-    recs.append(Record(kind="ckpt", t=4.6, host="h1", pid=1, step=4, generation=1, published=False))
+    ck = dict(kind="ckpt", pid=1, step=2, generation=1)
+    recs.append(Record(t=2.5, t_start=2.0, host="h1", published=True, **ck))
+    recs.append(Record(t=4.2, t_start=3.5, host="h1", published=True, **ck))  # saved while cut off
+    recs.append(Record(t=4.5, t_start=3.5, host="h0", published=True, **ck))
+    recs.append(Record(t=4.6, t_start=3.6, host="h1", published=False, **ck))
     faults = [{"kind": "partition", "host": "h1", "t_inject": 3.0, "t_end": 4.0}]
-    fig = gp.analyze(recs, faults, 0.0, num_samples=N, steps_per_epoch=SPE)
+    fig = gp.analyze(recs, faults, 0.0, num_samples=N, steps_per_epoch=SPE,
+                     manifests=[(20, 1, 10.0), (40, 3, 11.0), (60, 2, 12.0), (80, 3, 13.0)])
     assert fig.ckpt_published == 3
-    assert fig.stale_publishes == 1
-    assert fig.partitioned_publishes == 1  # h1's publish at 3.5 lies inside its partition
-    assert gp.analyze(recs, faults, 0.0, num_samples=N, steps_per_epoch=SPE,
-                      check_generations=False).stale_publishes == 0
+    assert fig.partitioned_publishes == 1
+    assert fig.stale_publishes == 1  # step 60's generation 2 after step 40's 3
+    assert gp.stale_manifests([(20, 1, 10.0), (40, 2, 11.0)]) == 0
 
 
 def test_projection_and_steady_goodput():
@@ -204,7 +204,7 @@ def test_steplog_round_trip(tmp_path):
     log.start(rank=0, world_size=2, generation=1, step=0, source="scratch")
     log.step(t_start=1.0, t_end=2.0, step=1, epoch=0, generation=1, rank=0, world_size=2, samples=[3, 4],
              checksum=None)
-    log.ckpt(step=1, generation=1, rank=0, world_size=2, published=True)
+    log.ckpt(step=1, generation=1, rank=0, world_size=2, published=True, t_save=1.5)
     log.close()
     with open(log.path, "a") as f:
         f.write('{"kind":"step","t":3')  # a SIGKILL mid-write: skipped
