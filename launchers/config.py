@@ -29,7 +29,8 @@ DEFAULT_MASTER_PORT = 29500
 # long a silent node lives (torchrun's dead-node rule; our ``lease_ttl``); heartbeat_timeout is
 # accepted (the keep-alive call is bounded by read_timeout); is_host; store_type (tcp only).
 PROTOCOL_KEYS = {"join_timeout", "timeout", "last_call_timeout", "close_timeout", "read_timeout", "lease_ttl",
-                 "keep_alive_interval", "keep_alive_max_attempt", "heartbeat_timeout", "is_host", "store_type"}
+                 "keep_alive_interval", "keep_alive_max_attempt", "heartbeat_timeout", "is_host", "store_type",
+                 "store_timeout"}
 
 
 def store_conf(rdzv_conf: Dict[str, str], backend: str) -> Dict[str, str]:

@@ -149,6 +149,7 @@ def rendezvous_settings(config: LaunchConfig) -> RendezvousSettings:
         lease_ttl_s=config.conf_seconds("lease_ttl", lease_ttl) or DEFAULT_LEASE_TTL_S,
         join_timeout_s=config.conf_seconds("join_timeout", DEFAULT_JOIN_TIMEOUT_S, "timeout"),
         max_restarts=config.max_restarts,
+        store_timeout_s=config.conf_seconds("store_timeout", 0.0),
     )
 
 
@@ -281,7 +282,7 @@ class _Node:
 
 def launch(config: LaunchConfig) -> int:
     """Run this node's agent until the job ends, in this thread; returns the process exit code
-    (0 success, 1 failure, 2 bad input, 75 drained, 128+N a signal)."""
+    (0 success, 1 failure, 2 bad input, 69 the store is gone, 75 drained, 128+N a signal)."""
     return _Node(config).run()
 
 

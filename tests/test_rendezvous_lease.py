@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
+from elastic.rendezvous.api import StoreLostError
 from elastic.store import Store, StoreUnavailableError
 
 
@@ -100,11 +101,38 @@ def test_a_store_that_misses_a_few_answers_does_not_end_the_join(any_store, run_
         h.leave()
 
 
-def test_a_store_gone_for_longer_than_a_lease_is_an_error(any_store, run_id):
-    store = _Overloaded(any_store, misses=10**6)
-    h = handler(store, ttl=0.4, run_id=run_id)
+class _Gone(_Proxy):
+    """A real store that stops answering anything once ``gone`` is set (its host died)."""
+
+    gone = False
+
+    def _check(self):
+        if self.gone:
+            raise StoreUnavailableError("the store did not answer within 10s")
+
+    def get(self, key):
+        self._check()
+        return super().get(key)
+
+    def keep_alive(self, lease):
+        self._check()
+        return super().keep_alive(lease)
+
+    def revoke_lease(self, lease):
+        self._check()
+        return super().revoke_lease(lease)
+
+
+def test_a_store_silent_for_store_timeout_is_given_up(any_store, run_id):
+    """Shorter silences (a partition) are ridden out; past ``store_timeout_s`` the join ends in
+    one error that names the store and how long it was silent, and leaving waits on nothing."""
+    store = _Gone(any_store)
+    settings = RendezvousSettings(run_id=run_id, min_nodes=1, max_nodes=1, lease_ttl_s=0.4, store_timeout_s=1.0)
+    h = RendezvousHandler(store, settings, NodeInfo(node_id="a", host="127.0.0.1", nproc=1))
+    store.gone = True
     try:
-        with pytest.raises(StoreUnavailableError):
+        with pytest.raises(StoreLostError, match=r"is gone: no answer for \ds \(store_timeout 1s\)") as err:
             h.next_round()
+        assert err.value.silent_s > 1.0 and err.value.limit_s == 1.0
     finally:
         h.leave()

@@ -11,6 +11,13 @@ Workers under ``@elastic.run`` register in the store; when all live local worker
 change does not stop them: the agent joins the next round, publishes each worker's new
 place (``assign/<node>/<local_rank>``), and starts fresh workers only for dead local ranks;
 the survivors re-form their process group in place and sync state from a peer.
+
+A node cut off from the store (a partition) fences its workers the moment its lease may have
+ended (they are killed: the others re-form without this node, and no worker of the round that
+is gone steps or saves after that), rides the partition out, takes a new lease once the store
+answers again and joins the next round as a newcomer; nothing is charged to the restart budget.
+A store silent for ``store_timeout`` is given up: the workers are stopped, one line names the
+store and how long it was silent, and the agent exits with :data:`EXIT_STORE_LOST`.
 """
 from __future__ import annotations
 
@@ -24,15 +31,18 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+from ..errors import one_line
 from ..faults import looks_like_lost_peer
 from ..net import free_port, free_port_range
 from ..rendezvous import (NodeInfo, RendezvousClosedError, RendezvousHandler, RestartBudgetExceededError,
                           Round)
+from ..rendezvous.api import StoreLostError
 from ..rendezvous.protocol import LOST_PEER_REASON
 from ..rendezvous.state import ChangeReason, RoundState
 from ..control.api import EXIT_DRAINED, Drain, DrainReason, JobEvent, NodeState
 from ..control.controller import JobController
-from .api import AgentError, FrameworkAdapter, RunOutcome, RunResult, WorkerExit, WorkerSpec
+from ..store import LeaseNotFoundError, StoreUnavailableError
+from .api import EXIT_STORE_LOST, AgentError, FrameworkAdapter, RunOutcome, RunResult, WorkerExit, WorkerSpec
 from .forkserver import FORK_SAFE_PRELOADS, ForkServer
 from .reporter import NodeReporter
 from .watch import RoundWatcher
@@ -77,6 +87,7 @@ class ElasticAgent:
         self._group: Optional[WorkerGroup] = None
         self._standbys: Optional[Union[ForkServer, StandbyPool]] = None  # StandbyPool: not fork-safe
         self._watcher: Optional[RoundWatcher] = None
+        self._lease_epoch = 0  # the handler's lease epoch when this node joined the current round
         self._base_env = self._make_base_env()
 
     # -- main loop -------------------------------------------------------------------------
@@ -103,6 +114,8 @@ class ElasticAgent:
             return 128 + exc.signum
         except RendezvousClosedError as exc:
             return self._fail(str(exc))
+        except StoreLostError as exc:
+            return self._store_lost(exc)
         finally:
             if self._watcher is not None:
                 self._watcher.stop()
@@ -121,51 +134,65 @@ class ElasticAgent:
         rnd = self._next_round(None)
         self._start_workers(rnd)
         while True:
-            result = self._monitor(rnd)
-            if result.outcome is RunOutcome.SUCCEEDED:
-                log.info("all %d local workers succeeded", self.spec.nproc_per_node)
-                self.handler.mark_done(rnd)
-                self._stop_workers()
-                self.handler.leave()
-                self.reporter.update(NodeState.SUCCEEDED)
-                self.reporter.emit("succeeded")
-                return 0
-            failure = result.failure
-            in_place = self._workers_recover_in_place(exclude=[failure.local_rank] if failure else [])
-            if result.outcome is RunOutcome.LOST_PEER or (failure and self._lost_a_peer(rnd, failure)):
-                code = self._on_lost_peer(rnd, result.describe(), failure, in_place)
-                if code is not None:
-                    return code
-                continue
-            if result.change and result.change.reason in (ChangeReason.DRAIN_REQUESTED, ChangeReason.STOP_REQUESTED):
-                return self._drain(rnd, result.change.reason is ChangeReason.STOP_REQUESTED,
-                                   self._workers_recover_in_place(exclude=[]))
-            if failure:
-                log.error("%s", failure.describe())
-                self.reporter.emit("failure", rank=failure.rank, error=failure.describe())
-                self._report_failure(rnd, failure)
-                if not in_place:
-                    self._stop_workers()
-                try:
-                    self.handler.request_new_round(rnd, failure.describe(), ChangeReason.WORKER_FAILED)
-                except RestartBudgetExceededError as exc:
-                    return self._fail(str(exc))
-                self.reporter.emit("restart", restarts=self.handler.ledger.restart_count(),
-                                   max_restarts=self.settings.max_restarts)
-            else:  # the round changed
-                change = result.change
-                assert change is not None  # a RunResult of ROUND_CHANGED carries its change
-                if change.reason is ChangeReason.JOB_FAILED:
-                    return self._fail(str(change))
-                log.warning("membership changed: %s", change)
-                self.reporter.emit("membership_changed", reason=change.reason.value,
-                                   node=change.node_id or "", message=str(change))
-                if not in_place:
-                    self._stop_workers()
-            rnd = self._next_round(rnd)
-            self._resume(rnd, in_place)
+            try:
+                after = self._run_round(rnd)
+            except (StoreUnavailableError, LeaseNotFoundError) as exc:
+                # The store failed a step of this node's reaction to the round's end (a
+                # partition, a store that is gone): this node's place in the job is in doubt.
+                # (self.round: the round joined last, which may be the next one already.)
+                after = self._rejoin(self.round or rnd, f"the rendezvous store failed us: {one_line(exc)}")
+            if isinstance(after, int):
+                return after
+            rnd = after
 
-    def _on_lost_peer(self, rnd: Round, why: str, failure: Optional[WorkerExit], in_place: bool) -> Optional[int]:
+    def _run_round(self, rnd: Round) -> Union[int, Round]:
+        """Watch ``rnd`` until it ends for this node; returns the exit code, or the next round
+        (its workers started or re-formed)."""
+        result = self._monitor(rnd)
+        if result.outcome is RunOutcome.LEASE_LOST:
+            return self._rejoin(rnd, result.lease_lost)
+        if result.outcome is RunOutcome.SUCCEEDED:
+            log.info("all %d local workers succeeded", self.spec.nproc_per_node)
+            self.handler.mark_done(rnd)
+            self._stop_workers()
+            self.handler.leave()
+            self.reporter.update(NodeState.SUCCEEDED)
+            self.reporter.emit("succeeded")
+            return 0
+        failure = result.failure
+        in_place = self._workers_recover_in_place(exclude=[failure.local_rank] if failure else [])
+        if result.outcome is RunOutcome.LOST_PEER or (failure and self._lost_a_peer(rnd, failure)):
+            return self._on_lost_peer(rnd, result.describe(), failure, in_place)
+        if result.change and result.change.reason in (ChangeReason.DRAIN_REQUESTED, ChangeReason.STOP_REQUESTED):
+            return self._drain(rnd, result.change.reason is ChangeReason.STOP_REQUESTED,
+                               self._workers_recover_in_place(exclude=[]))
+        if failure:
+            log.error("%s", failure.describe())
+            self.reporter.emit("failure", rank=failure.rank, error=failure.describe())
+            self._report_failure(rnd, failure)
+            if not in_place:
+                self._stop_workers()
+            try:
+                self.handler.request_new_round(rnd, failure.describe(), ChangeReason.WORKER_FAILED)
+            except RestartBudgetExceededError as exc:
+                return self._fail(str(exc))
+            self.reporter.emit("restart", restarts=self.handler.ledger.restart_count(),
+                               max_restarts=self.settings.max_restarts)
+        else:  # the round changed
+            change = result.change
+            assert change is not None  # a RunResult of ROUND_CHANGED carries its change
+            if change.reason is ChangeReason.JOB_FAILED:
+                return self._fail(str(change))
+            log.warning("membership changed: %s", change)
+            self.reporter.emit("membership_changed", reason=change.reason.value,
+                               node=change.node_id or "", message=str(change))
+            if not in_place:
+                self._stop_workers()
+        nxt = self._next_round(rnd)
+        self._resume(nxt, in_place)
+        return nxt
+
+    def _on_lost_peer(self, rnd: Round, why: str, failure: Optional[WorkerExit], in_place: bool) -> Union[int, Round]:
         """A collective lost a peer: a node may be gone, its lease alive for seconds yet.
 
         Open the next round at once: a live node joins it, a dead one is left out. A node's
@@ -187,7 +214,34 @@ class ElasticAgent:
             except RestartBudgetExceededError as exc:
                 return self._fail(str(exc))
         self._resume(nxt, in_place)
-        return None
+        return nxt
+
+    def _rejoin(self, rnd: Round, why: str) -> Round:
+        """This node's lease may have ended (or the store failed it) while its workers ran in
+        ``rnd``: the others re-form without it. Fence the workers (SIGKILL, no final save: a
+        save of a round that is gone must not publish), wait for the store to answer again
+        (up to ``store_timeout``), take a new lease if the old one is gone and join the next
+        round as a newcomer. Nothing is charged: the node was cut off, no worker failed."""
+        log.warning("fenced round %d: %s; this node's workers are stopped and it rejoins the job", rnd.generation, why)
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._group is not None:
+            self._group.kill()
+        self._stop_workers(grace_s=0.0)
+        nxt = self._next_round(rnd)
+        self.reporter.emit("fenced", fenced_generation=rnd.generation, reason=why)
+        self._start_workers(nxt)
+        return nxt
+
+    def _store_lost(self, exc: StoreLostError) -> int:
+        """The store has been silent for ``store_timeout``: stop the workers, say so in one line
+        and exit with :data:`EXIT_STORE_LOST` (nothing to write to a store that is gone)."""
+        if self._group is not None:
+            self._group.kill()
+        self._stop_workers(grace_s=0.0)
+        print(f"elastic-run: error: {exc}; this node's workers were stopped (exit {EXIT_STORE_LOST})",
+              file=sys.stderr, flush=True)
+        return EXIT_STORE_LOST
 
     def _resume(self, rnd: Round, in_place: bool) -> None:
         if in_place:
@@ -294,6 +348,7 @@ class ElasticAgent:
         t0 = time.monotonic()
         self.reporter.update(NodeState.RENDEZVOUS)
         rnd = self.handler.next_round(prev, node)
+        self._lease_epoch = self.handler.lease_epoch
         self.round = rnd
         log.info("round %d: node rank %d of %d, world size %d (%.2fs)", rnd.generation, rnd.node_rank,
                  rnd.num_nodes, rnd.world_size, time.monotonic() - t0)
@@ -376,7 +431,14 @@ class ElasticAgent:
     def _restart_watch(self, rnd: Round) -> None:
         if self._watcher is not None:
             self._watcher.stop()
-        self._watcher = RoundWatcher(self.handler, rnd)
+        self._watcher = RoundWatcher(self.handler, rnd, lease_epoch=self._lease_epoch, fence=self._fence)
+
+    def _fence(self, why: str) -> None:
+        """From the watcher's lease thread: kill this node's workers now (the loop reaps them)."""
+        group = self._group
+        if group is not None:
+            log.warning("fencing this node's workers (pids %s): %s", group.pids, why)
+            group.kill()
 
     def _scratch_dir(self) -> str:
         path = os.path.join(tempfile.gettempdir(), f"elastic-run-{os.getuid()}")
@@ -401,6 +463,8 @@ class ElasticAgent:
         group, watcher = self._workers, self._watcher
         assert watcher is not None  # started with the workers
         while True:
+            if watcher.lease_lost:  # first: a fenced worker's SIGKILL is no failure of its own
+                return RunResult(RunOutcome.LEASE_LOST, lease_lost=watcher.lease_lost)
             self.reporter.alive()
             if self._notice > 0:
                 self._notice_to_drain()
@@ -408,10 +472,14 @@ class ElasticAgent:
             exits = group.poll()
             failed = [e for e in exits if e.returncode != 0]
             if failed:
+                if watcher.lease_lost:  # set before the fence's kill: this death may be the fence's
+                    return RunResult(RunOutcome.LEASE_LOST, lease_lost=watcher.lease_lost)
                 return RunResult(RunOutcome.FAILED, failure=failed[0])
             if exits and len(exits) == len(group.workers) and all(e.returncode == 0 for e in exits):
                 return RunResult(RunOutcome.SUCCEEDED)
             if watcher.event.wait(self.monitor_interval_s):
+                if watcher.lease_lost:
+                    return RunResult(RunOutcome.LEASE_LOST, lease_lost=watcher.lease_lost)
                 if watcher.change is not None or not watcher.lost_peer:
                     return RunResult(RunOutcome.ROUND_CHANGED, change=watcher.change)
                 # A local worker's death also breaks its peers' connections: a failure seen

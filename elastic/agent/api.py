@@ -9,7 +9,14 @@ from typing import Mapping, Optional, Sequence, Tuple
 from ..errors import ConfigError, ElasticError
 from ..rendezvous.state import RoundChange
 
-__all__ = ["WorkerSpec", "WorkerExit", "AgentError", "FrameworkAdapter", "RunOutcome", "RunResult"]
+__all__ = ["WorkerSpec", "WorkerExit", "AgentError", "FrameworkAdapter", "RunOutcome", "RunResult",
+           "EXIT_STORE_LOST"]
+
+#: The exit code of an agent that gave the job's store up (``EX_UNAVAILABLE``): it did not answer
+#: for ``store_timeout`` (a store that died with its host, or a partition longer than that); this
+#: node's workers were stopped. Distinct from a failure (1): the job may be resumed from its
+#: checkpoint once a store is back.
+EXIT_STORE_LOST = 69
 
 
 class AgentError(ElasticError):
@@ -104,6 +111,7 @@ class RunOutcome(str, Enum):
     FAILED = "failed"  # a local worker failed (a restart is charged unless a peer was lost)
     ROUND_CHANGED = "round_changed"  # the membership changed (a node joined, left or died)
     LOST_PEER = "lost_peer"  # an in-place worker reported that a collective lost a peer
+    LEASE_LOST = "lease_lost"  # this node's lease may have ended: its workers were fenced (killed)
 
 
 @dataclass(frozen=True)
@@ -114,8 +122,9 @@ class RunResult:
     failure: Optional[WorkerExit] = None  # FAILED
     change: Optional[RoundChange] = None  # ROUND_CHANGED
     lost_peer: str = ""  # LOST_PEER: the worker's report
+    lease_lost: str = ""  # LEASE_LOST: why the lease can no longer be trusted
 
     def describe(self) -> str:
         if self.failure is not None:
             return self.failure.describe()
-        return str(self.change) if self.change is not None else self.lost_peer
+        return str(self.change) if self.change is not None else self.lost_peer or self.lease_lost

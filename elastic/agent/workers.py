@@ -283,6 +283,16 @@ class WorkerGroup:
                 except ProcessLookupError:
                     pass
 
+    def kill(self) -> None:
+        """SIGKILL every worker's process group now, without waiting or reaping (safe from another
+        thread than the one that polls): a fence, so no worker gets to save or step once more."""
+        for w in self.workers:
+            if w.proc.returncode is None:
+                try:
+                    os.killpg(w.proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
     def running(self) -> bool:
         return any(w.proc.poll() is None for w in self.workers)
 

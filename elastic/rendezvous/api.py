@@ -9,7 +9,11 @@ from ..errors import ConfigError, ElasticError, UserError
 __all__ = [
     "RendezvousSettings", "NodeInfo", "NodeTable", "Round",
     "RendezvousError", "RendezvousTimeoutError", "RendezvousClosedError", "RestartBudgetExceededError",
+    "StoreLostError", "STORE_TIMEOUT_LEASES",
 ]
+
+#: Without ``store_timeout_s``, a node gives the store up after this many lease periods of silence.
+STORE_TIMEOUT_LEASES = 6
 
 
 class RendezvousError(ElasticError):
@@ -28,6 +32,21 @@ class RestartBudgetExceededError(RendezvousClosedError):
     """The job-wide restart budget (``--max-restarts``) is spent."""
 
 
+class StoreLostError(RendezvousError):
+    """The job's store has not answered for ``store_timeout_s``: this node gives it up.
+
+    A node cut off by a partition rides out anything shorter (it rejoins once the network
+    heals); past the bound it cannot tell a partition from a store that is gone for good.
+    """
+
+    def __init__(self, endpoint: str, silent_s: float, limit_s: float, cause: str = "") -> None:
+        self.endpoint = endpoint
+        self.silent_s = silent_s
+        self.limit_s = limit_s
+        super().__init__(f"the rendezvous store {endpoint} is gone: no answer for {silent_s:.0f}s "
+                         f"(store_timeout {limit_s:g}s){f'; last error: {cause}' if cause else ''}")
+
+
 @dataclass(frozen=True)
 class RendezvousSettings:
     """How rounds of one job (``run_id``) form.
@@ -44,6 +63,12 @@ class RendezvousSettings:
     lease_ttl_s: float = 5.0
     join_timeout_s: float = 600.0
     max_restarts: int = 0
+    store_timeout_s: float = 0.0
+
+    @property
+    def store_loss_s(self) -> float:
+        """How long the store may be silent before this node gives it up."""
+        return self.store_timeout_s or STORE_TIMEOUT_LEASES * self.lease_ttl_s
 
     def __post_init__(self) -> None:
         if not self.run_id or "/" in self.run_id:
@@ -51,7 +76,7 @@ class RendezvousSettings:
         if self.min_nodes < 1 or self.max_nodes < self.min_nodes:
             raise ConfigError(
                 f"invalid node range {self.min_nodes}:{self.max_nodes}: need 1 <= MIN <= MAX")
-        for name in ("last_call_s", "join_timeout_s"):
+        for name in ("last_call_s", "join_timeout_s", "store_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0")
         if self.lease_ttl_s <= 0:

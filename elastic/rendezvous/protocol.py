@@ -17,9 +17,10 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from ..errors import one_line
 from ..store import KeyValue, LeaseNotFoundError, Store, StoreCompactedError, StoreError, StoreUnavailableError
 from .api import (NodeInfo, NodeTable, RendezvousClosedError, RendezvousSettings, RendezvousTimeoutError,
-                  RestartBudgetExceededError, Round)
+                  RestartBudgetExceededError, Round, StoreLostError)
 from .keys import JobKeys
 from .ledger import JobLedger
 from .changes import why_over
@@ -46,6 +47,11 @@ class RendezvousHandler:
     """One node's side of the protocol: join rounds, watch for changes, leave.
 
     Holds a lease for the node's lifetime, renewed by a daemon thread every third of its TTL.
+    A lease that expired (a partition, a pause) is replaced by a new one: the node then joins
+    the next round as a newcomer. :attr:`lease_epoch` counts the replacements and
+    :meth:`lease_expires_at` says until when the lease surely holds, so the agent can fence
+    workers of a round it may no longer be in. A store silent for ``settings.store_loss_s`` is
+    given up (:class:`StoreLostError`).
     """
 
     def __init__(self, store: Store, settings: RendezvousSettings, node: NodeInfo) -> None:
@@ -58,8 +64,16 @@ class RendezvousHandler:
         self._round_key = self.keys.round()
         self._closed = threading.Event()
         self._opened_generation = 0  # the last round this node opened: it coordinates that one
+        self._lease_lock = threading.Lock()  # one live lease: the heartbeat and a join may both renew it
+        self._lost = False  # the store was given up: leaving does not wait on it
+        self._store_error = ""  # the heartbeat's last failure, while the store does not answer
+        sent = time.monotonic()
         self._lease = store.grant_lease(settings.lease_ttl_s)
+        self._lease_sent = sent  # when the last renewal that succeeded was sent: it holds TTL past that
+        self._contact = time.monotonic()  # the store's last answer to this node's heartbeat
+        self._lease_epoch = 0  # bumped by every new lease: a round joined under an older one is gone
         store.put(self.keys.alive(node.node_id), dumps(node.to_json()), lease=self._lease)
+        self._alive_put = True
         self._heartbeat = threading.Thread(target=self._beat, name="rdzv-heartbeat", daemon=True)
         self._heartbeat.start()
 
@@ -68,6 +82,25 @@ class RendezvousHandler:
     def lease(self) -> int:
         """This node's lease: keys put with it vanish when the node dies or leaves."""
         return self._lease
+
+    @property
+    def lease_epoch(self) -> int:
+        """How many times this node's lease was lost and replaced by a new one."""
+        return self._lease_epoch
+
+    def lease_expires_at(self) -> float:
+        """``time.monotonic()`` until which the current lease surely holds on the store (the last
+        renewal that succeeded was sent TTL before); past it this node may be dead to the others."""
+        return self._lease_sent + self.settings.lease_ttl_s
+
+    def store_silent_s(self) -> float:
+        """Seconds since the store last answered this node's heartbeat."""
+        return max(0.0, time.monotonic() - self._contact)
+
+    @property
+    def endpoint(self) -> str:
+        """Where the store is, for messages."""
+        return str(getattr(self.store, "endpoint", "") or type(self.store).__name__)
 
     def next_round(self, prev: Optional[Round] = None, node: Optional[NodeInfo] = None) -> Round:
         """Join the next round and block until it closes with us in it.
@@ -79,7 +112,6 @@ class RendezvousHandler:
             self.node = node
         deadline = time.monotonic() + self.settings.join_timeout_s
         announced_waiting = False
-        unavailable_since: Optional[float] = None
         try:
             while True:
                 if time.monotonic() >= deadline:
@@ -88,7 +120,6 @@ class RendezvousHandler:
                         f"(need {self.settings.min_nodes} node(s) for job {self.settings.run_id!r})")
                 try:
                     kv = self.store.get(self._round_key)
-                    unavailable_since = None
                     if kv is None:
                         first = RoundState(1, RoundStatus.OPEN, opener=self.node.node_id)
                         if self.store.compare_and_set(self._round_key, None, first.to_json())[0]:
@@ -114,18 +145,14 @@ class RendezvousHandler:
                     result = self._join_open_round(kv, prev, deadline)
                     if result is not None:
                         return result
-                except StoreUnavailableError as exc:
-                    # An overloaded or restarting store: every step above is safe to repeat.
-                    # Past one lease TTL our lease is gone anyway: then it is an error.
-                    now = time.monotonic()
-                    unavailable_since = unavailable_since or now
-                    if now - unavailable_since > self.settings.lease_ttl_s:
-                        raise
-                    log.warning("rendezvous store did not answer (%s); retrying", exc)
-                    time.sleep(min(0.5, self.settings.lease_ttl_s / 4))
+                except (LeaseNotFoundError, StoreUnavailableError) as exc:
+                    self._ride_out(exc)
         finally:
-            if announced_waiting:
-                self.store.delete(self.keys.waiting(self.node.node_id))
+            if announced_waiting and not self._lost:
+                try:
+                    self.store.delete(self.keys.waiting(self.node.node_id))
+                except StoreError as exc:  # leased: it goes with our lease anyway
+                    log.warning("could not withdraw the waiting mark: %s", exc)
 
     def watch(self, rnd: Round, timeout_s: float) -> Optional[RoundChange]:
         """Block up to ``timeout_s`` for a change that ends ``rnd``; returns why, or None."""
@@ -202,8 +229,13 @@ class RendezvousHandler:
                 return
 
     def leave(self) -> None:
-        """Leave cleanly: revoking the lease deletes our keys, so peers rescale at once."""
+        """Leave cleanly: revoking the lease deletes our keys, so peers rescale at once. Once is
+        enough: a second call (the launcher's, after the agent's) does nothing."""
+        if self._closed.is_set():
+            return
         self._closed.set()
+        if self._lost:
+            return  # the store is gone: nothing to revoke, and no answer to wait for
         try:
             self.store.revoke_lease(self._lease)
         except StoreError as exc:
@@ -409,28 +441,86 @@ class RendezvousHandler:
         if reason:
             raise RendezvousClosedError(f"job failed: {reason}")
 
+    def _ride_out(self, exc: StoreError) -> None:
+        """A join step failed on the store; every step is safe to repeat. A lease that ended (a
+        partition, a pause past the TTL) is replaced, and the next round admits this node as a
+        newcomer; a store that does not answer (overloaded, restarting, or a partition) is tried
+        again, until it has been silent for ``store_loss_s``."""
+        try:
+            if isinstance(exc, LeaseNotFoundError):
+                self._renew_lease()
+                return
+        except StoreUnavailableError as again:
+            exc = again
+        self._give_up_if_lost(exc)
+        log.warning("rendezvous store did not answer (%s); retrying", exc)
+        time.sleep(min(0.5, self.settings.lease_ttl_s / 4))
+
+    def _give_up_if_lost(self, exc: BaseException) -> None:
+        """Raise :class:`StoreLostError` once the store has been silent for ``store_loss_s``."""
+        silent, limit = self.store_silent_s(), self.settings.store_loss_s
+        if silent > limit:
+            self._lost = True
+            raise StoreLostError(self.endpoint, silent, limit, one_line(exc)) from None
+
+    def _renew_lease(self) -> None:
+        """Make sure this node holds a live lease and its ``alive`` key: renew the current lease,
+        or, if it is gone, take a new one (this node was declared dead: it comes back as a newcomer)."""
+        with self._lease_lock:
+            if self._closed.is_set():
+                return
+            lease, sent = self._lease, time.monotonic()
+            try:
+                self.store.keep_alive(lease)
+                self._lease_sent, self._contact = sent, time.monotonic()
+            except LeaseNotFoundError:
+                self._contact = time.monotonic()  # an answer: the store is there, our lease is not
+                if self._closed.is_set():
+                    return  # leave() revoked it meanwhile: nothing is wrong
+                sent = time.monotonic()
+                self._lease = self.store.grant_lease(self.settings.lease_ttl_s)
+                self._lease_sent, self._alive_put = sent, False
+                self._lease_epoch += 1
+                log.warning("rendezvous lease %d expired; this node rejoins as a newcomer with lease %d",
+                            lease, self._lease)
+            if not self._alive_put:
+                self.store.put(self.keys.alive(self.node.node_id), dumps(self.node.to_json()), lease=self._lease)
+                self._alive_put = True
+
     def _beat(self) -> None:
         """Renew the lease every third of its TTL; after a failed renewal try again soon, not a
-        whole interval later (on a loaded machine a late beat must not become a false death)."""
+        whole interval later (on a loaded machine a late beat must not become a false death).
+        A lease found gone is replaced (see :meth:`_renew_lease`); the store's silence is timed
+        for :meth:`store_silent_s`."""
         interval = self.settings.lease_ttl_s / 3
         wait = interval
         while not self._closed.wait(wait):
             wait = interval
+            lease, sent = self._lease, time.monotonic()
             try:
-                self.store.keep_alive(self._lease)
+                self.store.keep_alive(lease)
+                with self._lease_lock:
+                    if lease == self._lease:
+                        self._lease_sent = max(self._lease_sent, sent)
+                now = time.monotonic()
+                if self._store_error:
+                    log.warning("rendezvous store answers again (silent for %.1fs)", now - self._contact)
+                    self._store_error = ""
+                self._contact = now
+                if not self._alive_put:
+                    self._renew_lease()
             except LeaseNotFoundError:
+                self._contact = time.monotonic()
                 if self._closed.is_set():
                     return  # leave() revoked it while this renewal was in flight: nothing is wrong
-                # We were declared dead (e.g. paused past the TTL): take a new lease so the
-                # next round can admit us as a newcomer.
-                log.warning("rendezvous lease expired; rejoining with a new one")
                 try:
-                    self._lease = self.store.grant_lease(self.settings.lease_ttl_s)
-                    self.store.put(self.keys.alive(self.node.node_id), dumps(self.node.to_json()),
-                                   lease=self._lease)
+                    self._renew_lease()
                 except StoreError as exc:
                     log.warning("rendezvous heartbeat could not rejoin: %s", exc)
                     wait = min(interval, 0.2)
             except StoreError as exc:
+                if self._closed.is_set():
+                    return
+                self._store_error = one_line(exc)
                 log.warning("rendezvous heartbeat failed: %s", exc)
                 wait = min(interval, 0.2)
