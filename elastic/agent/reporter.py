@@ -98,8 +98,8 @@ class NodeReporter:
         self._published_at = time.monotonic()
 
     def _put(self, key: str, value: dict, lease: bool = True) -> None:
-        if self.handler.store_silent_s() > self.handler.settings.lease_ttl_s:
-            return  # the store does not answer this node (a partition): do not block the loop on it
+        if self.handler.store_silent_s() > self.handler.settings.lease_ttl_s / 2:
+            return  # the store misses this node's heartbeats (a partition): do not block the loop on it
         try:
             self.handler.store.put(key, json.dumps(value).encode(), lease=self.handler.lease if lease else 0)
         except StoreError as exc:  # reports are for schedulers' eyes; the job goes on without them

@@ -50,13 +50,17 @@ class RoundWatcher:
         self._stop.set()
 
     def _watch_round(self) -> None:
+        failing = False
         while not self._stop.is_set():
             try:
                 change = self.handler.watch(self.round, timeout_s=1.0)
+                failing = False
             except Exception as exc:  # a store hiccup: keep watching, the lease decides liveness
                 if self._stop.is_set():
                     return
-                log.warning("watching the round failed: %s", exc)
+                # once per spell of failures: the heartbeat tells how long the store is silent
+                (log.debug if failing else log.warning)("watching the round failed: %s", exc)
+                failing = True
                 self._stop.wait(0.5)
                 continue
             if change and not self._stop.is_set():

@@ -67,6 +67,7 @@ class RendezvousHandler:
         self._lease_lock = threading.Lock()  # one live lease: the heartbeat and a join may both renew it
         self._lost = False  # the store was given up: leaving does not wait on it
         self._store_error = ""  # the heartbeat's last failure, while the store does not answer
+        self._warned: Dict[str, float] = {}  # when each kind of store warning was last logged
         sent = time.monotonic()
         self._lease = store.grant_lease(settings.lease_ttl_s)
         self._lease_sent = sent  # when the last renewal that succeeded was sent: it holds TTL past that
@@ -112,6 +113,7 @@ class RendezvousHandler:
             self.node = node
         deadline = time.monotonic() + self.settings.join_timeout_s
         announced_waiting = False
+        known: Optional[KeyValue] = None  # the round as a compare-and-set just returned it
         try:
             while True:
                 if time.monotonic() >= deadline:
@@ -119,10 +121,13 @@ class RendezvousHandler:
                         f"no round formed within {self.settings.join_timeout_s:.0f}s "
                         f"(need {self.settings.min_nodes} node(s) for job {self.settings.run_id!r})")
                 try:
-                    kv = self.store.get(self._round_key)
+                    kv, known = (known, None) if known is not None else (self.store.get(self._round_key), None)
                     if kv is None:
+                        # The first round: whoever writes it first opens it; the others (a
+                        # crowd, when a whole job starts at once) get it back from the same call.
                         first = RoundState(1, RoundStatus.OPEN, opener=self.node.node_id)
-                        if self.store.compare_and_set(self._round_key, None, first.to_json())[0]:
+                        opened, known = self.store.compare_and_set(self._round_key, None, first.to_json())
+                        if opened:
                             self._opened_generation = 1
                         continue
                     state = RoundState.from_json(kv.value)
@@ -315,7 +320,7 @@ class RendezvousHandler:
         settings = self.settings
         kvs, rev = self.store.get_prefix(join_prefix)
         joins: Dict[str, KeyValue] = {kv.key: kv for kv in kvs}
-        alive_prefix, drain_prefix = self.keys.alive(), self.keys.drain()
+        alive_prefix, drain_prefix, control_prefix = self.keys.alive(), self.keys.drain(), self.keys.control()
         alive = {kv.key[len(alive_prefix):] for kv in self.store.get_prefix(alive_prefix)[0]}
         draining = {kv.key[len(drain_prefix):] for kv in self.store.get_prefix(drain_prefix)[0]}
         limits = self.limits()
@@ -337,16 +342,22 @@ class RendezvousHandler:
                 min_reached_at = None
             elif min_reached_at is None:
                 min_reached_at = now
-            joined = {k[len(join_prefix):] for k in joins}
-            living = alive - draining
-            prev = set(state.prev_nodes)
-            everyone = bool(prev) and n >= limits.min_nodes and living <= joined
-            patient = state.cause is not ChangeReason.LOST_PEER
-            last_call_over = min_reached_at is not None and now - min_reached_at >= settings.last_call_s
-            awaited = (patient and bool((prev & living) - joined)
-                       and now - (min_reached_at or now) < settings.last_call_s + REJOIN_GRACE_S)
-            if n >= limits.target or everyone or (last_call_over and not awaited):
-                self._close(kv, state, sorted(joins.values(), key=lambda j: j.mod_revision))
+            close = n >= limits.target
+            last_call_over = False
+            if not close and min_reached_at is not None:
+                # Below MIN nothing else can close the round: the sets below are built only
+                # from MIN on (a 1024-node round would otherwise rebuild them per event batch).
+                joined = {k[len(join_prefix):] for k in joins}
+                living = alive - draining
+                prev = set(state.prev_nodes)
+                everyone = bool(prev) and living <= joined
+                patient = state.cause is not ChangeReason.LOST_PEER
+                last_call_over = now - min_reached_at >= settings.last_call_s
+                awaited = (patient and bool((prev & living) - joined)
+                           and now - min_reached_at < settings.last_call_s + REJOIN_GRACE_S)
+                close = everyone or (last_call_over and not awaited)
+            if close:
+                self._close(kv, state, sorted(joins.values(), key=lambda j: j.mod_revision), limits)
                 kv = None
                 continue
             timeout = self._poll_s(deadline)
@@ -375,7 +386,7 @@ class RendezvousHandler:
                     (alive.add if event.kind == "put" else alive.discard)(event.key[len(alive_prefix):])
                 elif event.key.startswith(drain_prefix):
                     (draining.add if event.kind == "put" else draining.discard)(event.key[len(drain_prefix):])
-                elif event.key.startswith(self.keys.control()):
+                elif event.key.startswith(control_prefix):
                     limits = self.limits()
                 elif event.key == self._round_key:
                     kv = None
@@ -387,7 +398,7 @@ class RendezvousHandler:
                 f"round {gen} did not close within {self.settings.join_timeout_s:.0f}s "
                 f"(need {self.settings.min_nodes} node(s) for job {self.settings.run_id!r})")
 
-    def _close(self, kv: KeyValue, state: RoundState, joins: List[KeyValue]) -> None:
+    def _close(self, kv: KeyValue, state: RoundState, joins: List[KeyValue], limits: NodeLimits) -> None:
         prev_order = {node_id: i for i, node_id in enumerate(state.prev_nodes)}
         infos = [json.loads(j.value) for j in joins]  # already in join order
 
@@ -400,7 +411,7 @@ class RendezvousHandler:
             return (2, join_idx, 0)  # newcomers are appended in join order
 
         ranked = [info for _, info in sorted(enumerate(infos), key=order)]
-        chosen = ranked[: self.limits().max_nodes]
+        chosen = ranked[: limits.max_nodes]
         closed = RoundState(state.generation, RoundStatus.CLOSED,
                             nodes=NodeTable.of([NodeInfo.from_json(i) for i in chosen]),
                             restart_count=self.ledger.restart_count())
@@ -453,8 +464,24 @@ class RendezvousHandler:
         except StoreUnavailableError as again:
             exc = again
         self._give_up_if_lost(exc)
-        log.warning("rendezvous store did not answer (%s); retrying", exc)
+        self._warn("join", "rendezvous store did not answer (%s); retrying%s", exc, self._silence())
         time.sleep(min(0.5, self.settings.lease_ttl_s / 4))
+
+    def _silence(self) -> str:
+        silent = self.store_silent_s()
+        if silent < self.settings.lease_ttl_s:
+            return ""
+        return f" (silent for {silent:.0f}s; given up after {self.settings.store_loss_s:g}s)"
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        """A warning about the store, logged at most once per lease period per ``kind`` (a store
+        that is gone fails every retry, several a second), the rest at debug level."""
+        now = time.monotonic()
+        if now - self._warned.get(kind, float("-inf")) >= max(1.0, self.settings.lease_ttl_s):
+            self._warned[kind] = now
+            log.warning(message, *args)
+        else:
+            log.debug(message, *args)
 
     def _give_up_if_lost(self, exc: BaseException) -> None:
         """Raise :class:`StoreLostError` once the store has been silent for ``store_loss_s``."""
@@ -516,11 +543,11 @@ class RendezvousHandler:
                 try:
                     self._renew_lease()
                 except StoreError as exc:
-                    log.warning("rendezvous heartbeat could not rejoin: %s", exc)
+                    self._warn("beat", "rendezvous heartbeat could not rejoin: %s", exc)
                     wait = min(interval, 0.2)
             except StoreError as exc:
                 if self._closed.is_set():
                     return
                 self._store_error = one_line(exc)
-                log.warning("rendezvous heartbeat failed: %s", exc)
+                self._warn("beat", "rendezvous heartbeat failed: %s%s", exc, self._silence())
                 wait = min(interval, 0.2)
