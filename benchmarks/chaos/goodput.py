@@ -12,7 +12,8 @@ Pure functions of the records; nothing here starts a process. Definitions:
   work that a rollback threw away is never kept. ("Before" compares starts: one rank may
   start step s+1 while another still ends step s.)
 - ``goodput``: the time covered by kept executions (the union of their ``[min t_start,
-  max t_end]``) / (end of the last kept step - launch).
+  max t_end]``) / (end of the last kept step - launch); a run stopped from outside at
+  ``t_stop`` after it stopped stepping is charged until ``t_stop``.
 - ``goodput_vs_fault_free``: the fault-free run's wall time to the same step / this run's.
 - A *re-formation*: ``start`` and ``reform`` records (a worker started, or re-formed in place)
   clustered in time (records less than ``REFORM_GAP_S`` apart are one re-formation).
@@ -198,10 +199,12 @@ def _union_s(intervals: Iterable[tuple]) -> float:
     return total
 
 
-def goodput(kept: Sequence[Execution], t_launch: float) -> float:
+def goodput(kept: Sequence[Execution], t_launch: float, t_stop: Optional[float] = None) -> float:
+    """``t_stop``: when the run was stopped from outside (a job stopped at a deadline that had
+    stopped stepping long before is charged the time it hung)."""
     if not kept:
         return 0.0
-    wall = kept[-1].t_end - t_launch
+    wall = max(kept[-1].t_end, t_stop or 0.0) - t_launch
     return _union_s((e.t_start, e.t_end) for e in kept) / wall if wall > 0 else 0.0
 
 
@@ -222,11 +225,11 @@ def wall_to_step(kept: Sequence[Execution], t_launch: float, step: int) -> Optio
 
 
 def goodput_vs_fault_free(kept: Sequence[Execution], t_launch: float, ff_kept: Sequence[Execution],
-                          ff_launch: float) -> Optional[float]:
+                          ff_launch: float, t_stop: Optional[float] = None) -> Optional[float]:
     if not kept or not ff_kept:
         return None
     ff = wall_to_step(ff_kept, ff_launch, kept[-1].step)
-    wall = kept[-1].t_end - t_launch
+    wall = max(kept[-1].t_end, t_stop or 0.0) - t_launch
     return ff / wall if ff is not None and wall > 0 else None
 
 
@@ -347,17 +350,18 @@ def _publish_checks(records: Sequence[Record], faults: Sequence) -> tuple:
 
 
 def analyze(records: Sequence[Record], faults: Sequence, t_launch: float, *, num_samples: int,
-            steps_per_epoch: int, manifests: Iterable[tuple] = ()) -> RunFigures:
+            steps_per_epoch: int, manifests: Iterable[tuple] = (), t_stop: Optional[float] = None) -> RunFigures:
     """Every figure of one run. ``manifests``: ``(step, generation, created_unix_s)`` of the
-    published checkpoints, when the run used ``checkpoint.Checkpointer``."""
+    published checkpoints, when the run used ``checkpoint.Checkpointer``. ``t_stop``: when the
+    run was stopped from outside (its wall time runs to then if it stepped no more)."""
     execs = executions(records)
     kept = kept_executions(execs)
     reforms = reformations(records)
     checked, bad = checksum_mismatches(execs)
     n_pub, cut = _publish_checks(records, faults)
     return RunFigures(
-        goodput=goodput(kept, t_launch),
-        wall_s=kept[-1].t_end - t_launch if kept else 0.0,
+        goodput=goodput(kept, t_launch, t_stop),
+        wall_s=max(kept[-1].t_end, t_stop or 0.0) - t_launch if kept else 0.0,
         last_step=kept[-1].step if kept else 0, kept_steps=len(kept), executed_steps=len(execs),
         audit=audit(kept, num_samples, steps_per_epoch), checksums_checked=checked,
         checksum_mismatches=bad, faults=tuple(fault_figures(faults, kept, execs, reforms)),

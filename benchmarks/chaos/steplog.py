@@ -12,7 +12,8 @@ Records (``kind``):
   ``epoch``, ``generation``, ``rank``, ``world_size``, ``samples`` (this rank's sample ids),
   ``checksum`` (a CRC32 of the parameters' bytes after the step, every 10th step, else None).
 - ``start``: a worker process began (``t``; its rank, world size, generation, the step it
-  resumes from and where that came from: ``scratch``, ``checkpoint`` or ``peers``).
+  resumes from and where that came from: ``scratch`` or ``checkpoint``; ``launch`` with step
+  -1 for a line written before the process group formed).
 - ``reform``: an in-process re-formation finished (``@elastic.run``'s reset): new rank,
   world size and generation, the step rolled back to.
 - ``ckpt``: a checkpoint of ``step`` was published (``published=True``) by this rank, or a

@@ -42,13 +42,17 @@ def main() -> None:
     p.add_argument("--launcher", default=os.environ.get("CHAOS_LAUNCHER", ""))
     args = p.parse_args()
 
+    gen = workload.generation()
+    log = StepLog(args.log_dir, launcher=args.launcher)
+    # a worker process started: the launcher formed a new round (logged before the group forms,
+    # so a round whose group never forms is seen too)
+    log.start(rank=int(os.environ.get("RANK", -1)), world_size=int(os.environ.get("WORLD_SIZE", 0)),
+              generation=gen, step=-1, source="launch")
     if args.pg_timeout_s > 0:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.pg_timeout_s))
     else:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    gen = workload.generation()
-    log = StepLog(args.log_dir, launcher=args.launcher)
     batch = workload.per_rank_batch(world)
 
     cols = workload.arrays()

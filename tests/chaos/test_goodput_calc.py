@@ -90,6 +90,15 @@ def test_redone_steps_count_only_their_last_execution():
     assert fig.reformations == 1
 
 
+def test_a_run_that_hung_is_charged_until_it_was_stopped():
+    kept = gp.kept_executions(gp.executions(clean_run()))  # last step ends at 7
+    assert gp.goodput(kept, 0.0, t_stop=12.0) == pytest.approx(6 / 12)
+    assert gp.goodput(kept, 0.0, t_stop=5.0) == pytest.approx(6 / 7)
+    fig = gp.analyze(clean_run(), [], 0.0, num_samples=N, steps_per_epoch=SPE, t_stop=12.0)
+    assert fig.wall_s == 12.0 and fig.goodput == pytest.approx(0.5)
+    assert gp.goodput_vs_fault_free(kept, 0.0, kept, 0.0, t_stop=14.0) == pytest.approx(0.5)
+
+
 def test_goodput_vs_fault_free():
     chaos = gp.kept_executions(gp.executions(rollback_run()))
     ff = gp.kept_executions(gp.executions(clean_run()))
