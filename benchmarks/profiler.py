@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
+import itertools
 import json
 import math
 import os
@@ -76,6 +78,7 @@ import torch  # noqa: E402
 from profiler import StepProfiler  # noqa: E402
 
 TARGET_STEP_S = 0.010
+PHASE_EVERY = inspect.signature(StepProfiler).parameters["phase_every"].default
 
 
 class Block(torch.nn.Module):
@@ -142,18 +145,34 @@ class Workload:
 
 class Measured:
     """One block's measurements: wall and training-thread CPU time of each step, and the CPU
-    time per step of the process's other threads that the configuration is charged with."""
+    time per step of the process's other threads that the configuration is charged with.
+    ``sampled``: ours' blocks only, which of its steps had the automatic phase hooks on."""
 
-    __slots__ = ("steps_s", "step_cpu_s", "other_cpu_s")
+    __slots__ = ("steps_s", "step_cpu_s", "other_cpu_s", "sampled")
 
     def __init__(self, steps_s: List[float], step_cpu_s: List[float], other_cpu_s: float) -> None:
         self.steps_s = steps_s
         self.step_cpu_s = step_cpu_s
         self.other_cpu_s = other_cpu_s / len(steps_s)
+        self.sampled: List[bool] = []
 
-    def cpu_stat(self) -> float:
+    def thread_stat(self, sampled: List[bool]) -> float:
+        """The training thread's CPU per step, one statistic for every configuration: the
+        cheapest step at the positions where ours' block of the same round sampled its phases,
+        weighted by their share of the block, plus the cheapest step at the other positions,
+        weighted by theirs. With the phases on every step it is the block's cheapest step;
+        with one step in N sampled it charges ours' sampled step, amortized over N steps,
+        and the other configurations the step at the same position."""
+        on = [c for c, s in zip(self.step_cpu_s, sampled) if s]
+        off = [c for c, s in zip(self.step_cpu_s, sampled) if not s]
+        if not on or not off:
+            return min(self.step_cpu_s)
+        share = len(on) / len(sampled)
+        return min(on) * share + min(off) * (1.0 - share)
+
+    def cpu_stat(self, sampled: List[bool]) -> float:
         """The CPU statistic every configuration is compared by (see the module's doc)."""
-        return min(self.step_cpu_s) + self.other_cpu_s
+        return self.thread_stat(sampled) + self.other_cpu_s
 
 
 def _timed_loop(n: int, it, run_step, ours: "Ours") -> Measured:
@@ -179,9 +198,10 @@ class Ours:
     detached after, so the other configurations run the bare model. Its own threads' CPU
     time is read from their per-thread clocks (Linux)."""
 
-    def __init__(self, w: Workload, tmp: str) -> None:
+    def __init__(self, w: Workload, tmp: str, phase_every: int) -> None:
         self.prof = StepProfiler(os.path.join(tmp, "ours"), exchange="none",
-                                 flops_per_step=6.0 * w.params * w.batch, peak_flops=1e12)
+                                 flops_per_step=6.0 * w.params * w.batch, peak_flops=1e12,
+                                 phase_every=phase_every)
         self.steps = 0
         self.sampler_s = 0.0
         self.writer_s = 0.0
@@ -228,18 +248,26 @@ def block_ours(w: Workload, n: int, ours: Ours) -> Measured:
     block.other_cpu_s += (writer_s + sampler_s) / n
     prof.detach()
     ours.steps += n
-    last = prof.last_record
-    assert last is not None and {"data", "forward", "backward", "optimizer"} <= set(last.phases_s)
+    records = list(prof.records)[-n:]
+    # every step is a record with its step time; the sampled ones carry every phase
+    assert len(records) == n and all(r.step_time_s > 0 and "data" in r.phases_s for r in records)
+    assert sum(r.sampled for r in records) == n // prof.phase_every
+    assert all({"forward", "backward", "optimizer"} <= set(r.phases_s) for r in records if r.sampled)
+    block.sampled = [r.sampled for r in records]
     return block
 
 
 class _Meter:
     """The training thread's CPU time inside the profiler's own code, from the thread's CPU
-    clock around each outermost call into it (nested calls are not counted twice)."""
+    clock around each outermost call into it (nested calls are not counted twice). The
+    loader's fetches go to ``fetch_s`` (see :meth:`iterate`), every other call to
+    ``total_s``."""
 
     def __init__(self) -> None:
         self.total_s = 0.0
         self.calls = 0
+        self.fetch_s = 0.0
+        self.fetches = 0
         self._depth = 0
 
     def wrap(self, fn):
@@ -276,8 +304,11 @@ class _Meter:
         return timed
 
     def iterate(self, iterator, inner):
-        """Iterate ``iterator`` (the profiler's loader wrapper) metering each ``next`` of it,
-        less the time spent in ``next`` of ``inner`` (the user's loader) inside it."""
+        """Iterate ``iterator(source)`` (the profiler's loader wrapper, or :func:`plain` for
+        the control) metering each ``next`` of it into ``fetch_s``, less the time spent in
+        ``next`` of ``inner`` (the user's loader) inside it. What is left includes the
+        meter's own clock reads and the call into its ``Inner`` through the iterator slot,
+        as a ``for`` loop calls a loader: the control measures exactly that."""
         clock = time.thread_time
         meter = self
 
@@ -290,35 +321,49 @@ class _Meter:
                 try:
                     return next(inner)
                 finally:
-                    meter.total_s -= clock() - t0
-                    meter.calls += 1  # two more clock reads inside the outer window
+                    meter.fetch_s -= clock() - t0
 
-        step = self.wrap(iterator(Inner()).__next__)
+        fetch = iterator(Inner()).__next__
         while True:
+            t0 = clock()
             try:
-                yield step()
+                item = fetch()
             except StopIteration:
                 return
+            finally:
+                meter.fetch_s += clock() - t0
+                meter.fetches += 1
+            yield item
 
 
-def _meter_floor_s(reps: int = 20000) -> float:
-    """What the meter reads around an empty call (its own clock reads): subtracted per call."""
+def plain(source):
+    """The control of the loader wrapper: the loader as a ``for`` loop iterates it (through
+    its iterator slot, from C), passed through unchanged (``islice`` without a stop)."""
+    return itertools.islice(source, None)
+
+
+def _meter_floor_s(reps: int = 20000) -> Tuple[float, float]:
+    """What the meter reads warm around an empty call and around a fetch of the control
+    (its own clock reads and its ``Inner``): the warm floors, per call and per fetch."""
     m = _Meter()
     f = m.wrap(lambda *a: None)
     for _ in range(reps):
         f()
-    return m.total_s / m.calls
+    for _ in m.iterate(plain, iter(range(reps))):
+        pass
+    return m.total_s / m.calls, m.fetch_s / m.fetches
 
 
 def block_control_metered(w: Workload, n: int, meter: _Meter) -> None:
     """A block of plain steps with the meter's control at the sites where ours is called:
-    forward pre/post hooks, optimizer pre/post hooks, before and after the step, and after
-    each fetch: what the meter reads around a call into nothing, with the caches as cold."""
+    forward pre/post hooks, optimizer pre/post hooks, before and after the step (a call
+    into nothing), and around each fetch (the loader's metering without the profiler's
+    wrapper): what the meter reads, with the caches as cold."""
     hook = meter.wrap_noop()
     handles = [w.model.register_forward_pre_hook(hook), w.model.register_forward_hook(hook),
                w.opt.register_step_pre_hook(hook), w.opt.register_step_post_hook(hook)]
     try:
-        for x, y in w.stream(n):
+        for x, y in meter.iterate(plain, w.stream(n)):
             hook()
             hook()
             w.step(x, y)
@@ -328,31 +373,40 @@ def block_control_metered(w: Workload, n: int, meter: _Meter) -> None:
             handle.remove()
 
 
-def block_ours_metered(w: Workload, n: int, ours: Ours, meter: _Meter) -> None:
+def block_ours_metered(w: Workload, n: int, ours: Ours, meter: _Meter) -> List[tuple]:
     """A block of ours in which every entry of the training thread into the profiler is
-    metered: ``step()`` and the step context, the loader wrapper (less the loader itself),
-    the module hooks, the backward start and end, and the optimizer hooks."""
+    metered: ``step()`` and the step context (which puts the sampled phases' hooks in and
+    takes them out), the loader wrapper (less the loader itself), the module hooks, the
+    backward start and end, and the optimizer hooks. Returns, per step, ``(sampled, CPU s
+    in calls, calls, CPU s in fetches, fetches)`` from its fetch to the end of the step."""
     from profiler import _stamps, core, hooks
 
-    saved = {(cls, name): getattr(cls, name) for cls, name in (
+    saved = {(cls, name): cls.__dict__[name] for cls, name in (
         (_stamps.Step, "__enter__"), (_stamps.Step, "__exit__"), (core.StepProfiler, "step"))}
-    for (cls, name), fn in saved.items():
-        setattr(cls, name, meter.wrap(fn))
+    for (cls, name), attr in saved.items():
+        if isinstance(attr, staticmethod):  # entering a step runs C only; metered all the same
+            setattr(cls, name, staticmethod(meter.wrap(attr.__func__)))
+        else:
+            setattr(cls, name, meter.wrap(attr))
     prof = ours.prof
+    per_step: List[tuple] = []
     try:
-        prof._hook_handles.extend(hooks.attach_torch(prof, w.model, w.opt, instrument=meter.wrap))
-        step, batch, train = prof.step, w.batch, w.step
-
-        def run_step(x, y):
+        for handle in hooks.attach_torch(prof, w.model, w.opt, instrument=meter.wrap):
+            prof._add_hook_handle(handle)  # as attach() does: paused off the sampled steps
+        step, batch, train, ctx = prof.step, w.batch, w.step, prof._step_ctx
+        last = (0.0, 0, 0.0, 0)
+        for x, y in meter.iterate(prof.wrap_loader, w.stream(n)):
+            sampled = ctx.code is _stamps.STEP
             with step(samples=batch):
                 train(x, y)
-
-        for x, y in meter.iterate(prof.wrap_loader, w.stream(n)):
-            run_step(x, y)
+            now = (meter.total_s, meter.calls, meter.fetch_s, meter.fetches)
+            per_step.append((sampled,) + tuple(b - a for a, b in zip(last, now)))
+            last = now
         prof.detach()
     finally:
-        for (cls, name), fn in saved.items():
-            setattr(cls, name, fn)
+        for (cls, name), attr in saved.items():
+            setattr(cls, name, attr)
+    return per_step
 
 
 _torch_exit_s: List[float] = []
@@ -391,7 +445,7 @@ CONFIGS = [("none", block_plain), ("ours (hooks on)", block_ours),
            ("torch.profiler", block_torch_profiler), ("none again (A/A)", block_plain)]
 
 
-def direct_cost_us(reps: int = 30, n: int = 200) -> Dict[str, float]:
+def direct_cost_us(phase_every: int, reps: int = 30, n: int = 200) -> Dict[str, float]:
     """The profiler's own cost per step on a near-empty step (tiny model, hooks on): best of
     ``reps`` runs, against the same loop without the profiler. Warm caches make this a lower
     bound: after a real step the profiler's code runs with cold caches, several times slower."""
@@ -401,7 +455,7 @@ def direct_cost_us(reps: int = 30, n: int = 200) -> Dict[str, float]:
     x = torch.randn(4, 8)
     data = [x] * n
     with tempfile.TemporaryDirectory(prefix="bench-profiler-") as tmp:
-        prof = StepProfiler(tmp, exchange="none")
+        prof = StepProfiler(tmp, exchange="none", phase_every=phase_every)
         prof.attach(tiny_p, opt_p)
         best_plain = best_prof = float("inf")
         for _ in range(reps):
@@ -441,9 +495,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (quick 40, full 150)")
     parser.add_argument("--steps", type=int, default=None, help="steps per block (default 10)")
+    parser.add_argument("--phase-every", type=int, default=PHASE_EVERY,
+                        help="ours' StepProfiler(phase_every=): the automatic phases on one step "
+                             f"in N (default {PHASE_EVERY}, the profiler's own default)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (40 if args.quick else 150)
     steps = args.steps or 10
+    every = args.phase_every
+    if every < 1 or steps % every:
+        parser.error(f"--steps ({steps}) must be a multiple of --phase-every ({every}), "
+                     "so that every block holds the same number of sampled steps")
     torch.set_num_threads(1)
     import logging
     logging.getLogger("profiler").setLevel(logging.ERROR)  # the no-GPU notice, once per run
@@ -452,9 +513,9 @@ def main(argv=None) -> int:
     names = [name for name, _ in CONFIGS]
     blocks: Dict[str, List[Measured]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bench-profiler-") as tmp:
-        ours = Ours(w, tmp)
+        ours = Ours(w, tmp, every)
         for _name, fn in CONFIGS:  # warm-up of every path (imports, allocator, first trace)
-            fn(w, 10, ours)
+            fn(w, steps, ours)
         _torch_exit_s.clear()
         ours.prof.flush()
         ours.steps, ours.sampler_s, ours.writer_s = 0, 0.0, 0.0
@@ -466,46 +527,66 @@ def main(argv=None) -> int:
                 _settle(w)
                 blocks[name].append(fn(w, steps, ours))
         writer_s = ours.writer_s
-        floor_s = _meter_floor_s()
-        raw, calls, cold = [], [], []  # per block: metered CPU and calls per step; control
+        floor_s, fetch_floor_s = _meter_floor_s()
+        # per metered step: (sampled, CPU s in calls, calls, CPU s in fetches, fetches)
+        per_step: List[tuple] = []
+        cold, cold_fetch = [], []  # per control block: the meter's cost per call, per fetch
         for _block in range(max(10, rounds // 3)):  # after the timed rounds, with real steps between
             _settle(w)
-            meter = _Meter()
-            block_ours_metered(w, steps, ours, meter)
-            raw.append(meter.total_s / steps)
-            calls.append(meter.calls / steps)
+            per_step += block_ours_metered(w, steps, ours, _Meter())
             _settle(w)
             control = _Meter()
             block_control_metered(w, steps, control)
             cold.append(control.total_s / control.calls)
-        cold_floor_s = statistics.median(cold)
-        metered = [t - c * cold_floor_s for t, c in zip(raw, calls)]
-        warm = [t - c * floor_s for t, c in zip(raw, calls)]
-        per_step_cpu_s = statistics.median(metered)
-        metered_steps = steps * len(metered)
+            cold_fetch.append(control.fetch_s / control.fetches)
+        cold_floor_s, cold_fetch_s = statistics.median(cold), statistics.median(cold_fetch)
+
+        def net(row, call_floor, fetch_floor):
+            _, calls_s, calls, fetch_s, fetches = row
+            return calls_s - calls * call_floor + fetch_s - fetches * fetch_floor
+
+        def amortized(values):
+            """Per step over a run: the sampled steps' median for 1 step in ``every``, the
+            others' median for the rest."""
+            on = [v for (sampled, *_), v in zip(per_step, values) if sampled]
+            off = [v for (sampled, *_), v in zip(per_step, values) if not sampled]
+            if not on or not off:
+                return statistics.median(values)
+            return statistics.median(on) / every + statistics.median(off) * (every - 1) / every
+
+        metered = [net(r, cold_floor_s, cold_fetch_s) for r in per_step]
+        warm = [net(r, floor_s, fetch_floor_s) for r in per_step]
+        per_step_cpu_s = amortized(metered)
+        on_steps = [v for r, v in zip(per_step, metered) if r[0]]
+        off_steps = [v for r, v in zip(per_step, metered) if not r[0]]
+        on_calls = [r[2] for r in per_step if r[0]]
+        off_calls = [r[2] for r in per_step if not r[0]]
         ours.prof.close()
         records = len(ours.prof.records)
 
     base = blocks["none"]
+    masks = [b.sampled for b in blocks["ours (hooks on)"]]  # ours' sampled steps, per round
     all_steps = {n: [s for b in blocks[n] for s in b.steps_s] for n in names}
 
     def paired(name, stat):
-        return median_ci([stat(b) / stat(a) - 1.0 for b, a in zip(blocks[name], base)])
+        return median_ci([stat(b, m) / stat(a, m) - 1.0
+                          for b, a, m in zip(blocks[name], base, masks)])
 
-    wall = {n: paired(n, lambda b: statistics.median(b.steps_s)) for n in names}
+    wall = {n: paired(n, lambda b, m: statistics.median(b.steps_s)) for n in names}
     # one CPU statistic for every configuration (Measured.cpu_stat)
     cpu = {n: paired(n, Measured.cpu_stat) for n in names}
-    # the training thread's own cost: its cheapest step, ours minus plain, per round
-    thread = {n: median_ci([min(b.step_cpu_s) - min(a.step_cpu_s) for b, a in zip(blocks[n], base)])
-              for n in names}
-    base_cpu_s = statistics.median(b.cpu_stat() for b in base)
+    # the training thread's own cost: its statistic, ours minus plain, per round
+    thread = {n: median_ci([b.thread_stat(m) - a.thread_stat(m)
+                            for b, a, m in zip(blocks[n], base, masks)]) for n in names}
+    base_cpu_s = statistics.median(b.cpu_stat(m) for b, m in zip(base, masks))
 
     def ci(m):
         return f"{m[0] * 100:>6.2f}% [{m[1] * 100:>6.2f}, {m[2] * 100:>6.2f}]"
 
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}; torch.profiler "
           f"with activities=[CPU], record every step; ours: StepProfiler(exchange='none', psutil "
-          f"sampler at its default rate, JSON lines, trace) with hooks")
+          f"sampler at its default rate, JSON lines, trace, phase_every={every}) with hooks: every "
+          f"step recorded, forward/backward/optimizer on 1 step in {every}")
     print(f"profiler overhead on a PyTorch training step ({w.depth} pre-norm MLP blocks of width "
           f"{w.width}, AdamW, batch {w.batch}, 1 thread; {base_cpu_s * 1e3:.1f} ms CPU per plain "
           f"step): {rounds} rounds x {steps} steps per configuration, interleaved, a new random "
@@ -519,7 +600,7 @@ def main(argv=None) -> int:
     t = thread["ours (hooks on)"]
     aa = thread["none again (A/A)"]
     print(f"ours, split: training thread {t[0] * 1e6:.1f} us/step [{t[1] * 1e6:.1f}, {t[2] * 1e6:.1f}] "
-          f"(paired cheapest steps; the A/A row's: {aa[0] * 1e6:.1f} [{aa[1] * 1e6:.1f}, "
+          f"(paired thread statistic; the A/A row's: {aa[0] * 1e6:.1f} [{aa[1] * 1e6:.1f}, "
           f"{aa[2] * 1e6:.1f}]; torch.profiler's: {thread['torch.profiler'][0] * 1e6:.1f}), "
           f"its writer thread {writer_s / ours.steps * 1e6:.1f} us/step and sampler "
           f"thread {ours.sampler_s / ours.steps * 1e6:.1f} us/step (measured: {writer_s * 1e3:.1f} "
@@ -531,20 +612,28 @@ def main(argv=None) -> int:
           "same of the plain block of the same round) - 1, with a distribution-free 95% CI of "
           "that median; other processes on the machine make it noisy. CPU overhead: the same "
           "for one statistic, the training thread's CPU time of the block's cheapest step (other "
-          "processes only add to it, a profiler's cost is in every step) plus the CPU per step of "
+          "processes only add to it, a profiler's cost is in every step; with sampled phases the "
+          "cheapest at ours' sampled positions weighted 1/N and the cheapest elsewhere (N-1)/N, "
+          "for every configuration alike) plus the CPU per step of "
           "the process's other threads during the block, the profiler's writer and sampler "
           "charged to its blocks only (conservative: that work overlaps the step on a free core). "
           "The A/A row is the noise floor. overhead_frac is ours' CPU figure, "
           "torch_profiler_overhead_frac torch.profiler's; per_step_cpu_us the training thread's "
           "added CPU per step (target <= 10 us).")
     print(f"per_step_cpu_us: the training thread's CPU time inside the profiler's code, metered "
-          f"by its thread clock around every call into it: {per_step_cpu_s * 1e6:.1f} us/step "
-          f"(median of {len(metered)} blocks, {min(metered) * 1e6:.1f}-{max(metered) * 1e6:.1f}; "
-          f"target <= 10; {statistics.median(calls):.1f} calls per step over {metered_steps} real "
-          f"steps, less {cold_floor_s * 1e6:.2f} us per call that the meter reads around a C "
-          f"no-op at the same sites, cold: median of {len(cold)} control blocks; less only its "
-          f"warm cost, {floor_s * 1e6:.2f} us per call: {statistics.median(warm) * 1e6:.1f} us/step)")
-    direct = direct_cost_us()
+          f"by its thread clock around every call into it, per step over a run: "
+          f"{per_step_cpu_s * 1e6:.1f} us/step (target <= 10) = the sampled steps' median "
+          f"{statistics.median(on_steps) * 1e6:.1f} us ({len(on_steps)} steps, "
+          f"{statistics.median(on_calls):.0f} calls each) for 1 step in {every} + the other steps' "
+          f"median {statistics.median(off_steps) * 1e6 if off_steps else float('nan'):.1f} us "
+          f"({len(off_steps)} steps, {statistics.median(off_calls) if off_calls else 0:.0f} calls "
+          f"each and a fetch through the C loader wrapper); the mean over all {len(metered)} "
+          f"metered real steps: {statistics.mean(metered) * 1e6:.1f} us. Less what the meter reads "
+          f"at the same sites, cold: {cold_floor_s * 1e6:.2f} us per call (around a C no-op) and "
+          f"{cold_fetch_s * 1e6:.2f} us per fetch (around the plain loader), medians of "
+          f"{len(cold)} control blocks; less only its warm cost ({floor_s * 1e6:.2f} us per call, "
+          f"{fetch_floor_s * 1e6:.2f} per fetch): {amortized(warm) * 1e6:.1f} us/step")
+    direct = direct_cost_us(every)
     print(f"direct cost of ours on a near-empty step (warm caches, best of 30): "
           f"{direct['cost_us']:.1f} us/step ({direct['profiled_us']:.1f} vs "
           f"{direct['plain_us']:.1f} us); after a real step the caches are cold and the same "
@@ -553,7 +642,11 @@ def main(argv=None) -> int:
     print(json.dumps({"overhead_frac": round(cpu["ours (hooks on)"][0], 5),
                       "torch_profiler_overhead_frac": round(cpu["torch.profiler"][0], 5),
                       "per_step_cpu_us": round(per_step_cpu_s * 1e6, 2),
-                      "per_step_cpu_us_warm_floor": round(statistics.median(warm) * 1e6, 2)}),
+                      "per_step_cpu_us_warm_floor": round(amortized(warm) * 1e6, 2),
+                      "phase_every": every,
+                      "per_step_cpu_us_sampled_step": round(statistics.median(on_steps) * 1e6, 2),
+                      "per_step_cpu_us_other_steps": round(
+                          statistics.median(off_steps) * 1e6, 2) if off_steps else None}),
           flush=True)
     return 0
 

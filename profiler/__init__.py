@@ -6,7 +6,7 @@ registered by name in ``EXCHANGES``; ``elastic-prof report RUN_DIR`` summarises 
 Importing this package imports no framework: torch, pynvml, prometheus_client, tensorboard
 and matplotlib are loaded when a feature needs them.
 """
-from .api import (PHASES, ExchangeSettings, PhaseInterval, RankStats, Sampler, Sink,
+from .api import (PHASES, SAMPLED_PHASES, ExchangeSettings, PhaseInterval, RankStats, Sampler, Sink,
                   StatsExchange, StepRecord, StragglerReport)
 from .core import PEAK_FLOPS, StepProfiler
 from .errors import (ExchangeError, NoRecordsError, ProfilerConfigError, ProfilerError,
@@ -16,7 +16,8 @@ from .sampler import NvmlSampler, PsutilSampler, create_sampler
 from .sinks import ChromeTraceSink, JsonlSink, PrometheusSink, TensorBoardSink
 
 __all__ = [
-    "StepProfiler", "StepRecord", "PhaseInterval", "RankStats", "StragglerReport", "PHASES", "PEAK_FLOPS",
+    "StepProfiler", "StepRecord", "PhaseInterval", "RankStats", "StragglerReport", "PHASES", "SAMPLED_PHASES",
+    "PEAK_FLOPS",
     "Sink", "Sampler", "JsonlSink", "ChromeTraceSink", "PrometheusSink", "TensorBoardSink",
     "NvmlSampler", "PsutilSampler", "create_sampler", "detect_stragglers",
     "StatsExchange", "ExchangeSettings", "EXCHANGES",

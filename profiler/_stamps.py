@@ -6,32 +6,53 @@ appends one small tuple to a deque, whatever thread it runs on (``deque.append``
 no lock, no dict, no nesting bookkeeping, no record. :mod:`profiler._steps` turns the stamps
 into steps on the writer thread.
 
-An event is ``(code, mark)``; a step's start is ``(STEP, mark, (samples, flops, number))``. A
-code is a constant tuple ``(op, name)``. A mark is a ``perf_counter()`` float on a CPU and a
+An event is ``(code, mark)``; a step's start is ``(STEP, mark, (samples, flops, number))``
+(``STEP_UNSAMPLED`` for a step on which the automatic hooks are off, see
+:class:`Step`). A code is a constant tuple ``(op, name)``. A mark is a ``perf_counter()`` float on a CPU and a
 ``(CUDA event, perf_counter())`` pair on a GPU (see :mod:`profiler._clock`); communication
 stamps are always ``perf_counter()`` floats.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from itertools import repeat, starmap
+from typing import Any, Callable, Iterator, Optional, Tuple
 
-__all__ = ["BEGIN", "END", "CANCEL", "STEP", "STEP_END", "STEP_FAILED", "COMM_BEGIN",
-           "COMM_END", "phase_codes", "stamper", "Phase", "Step"]
+__all__ = ["BEGIN", "END", "CANCEL", "FETCH_BEGIN", "FETCH_END", "FETCH_CANCEL", "STEP",
+           "STEP_UNSAMPLED", "STEP_END", "STEP_FAILED", "COMM_BEGIN", "COMM_END", "phase_codes",
+           "fetch_codes", "stamper", "stamps", "Phase", "Step"]
 
 # ops (the first item of a code)
-BEGIN, END, CANCEL, STEP_OP, STEP_END_OP, STEP_FAILED_OP, COMM_BEGIN_OP, COMM_END_OP = range(8)
-STEP = (STEP_OP, None)
-STEP_END = (STEP_END_OP, None)
-STEP_FAILED = (STEP_FAILED_OP, None)
-COMM_BEGIN = (COMM_BEGIN_OP, None)
-COMM_END = (COMM_END_OP, None)
-
+(BEGIN, END, CANCEL, STEP_OP, STEP_END_OP, STEP_FAILED_OP, COMM_BEGIN_OP, COMM_END_OP,
+ FETCH_BEGIN, FETCH_END, FETCH_CANCEL) = range(11)
 Code = Tuple[int, Optional[str]]
+
+STEP: Code = (STEP_OP, None)
+STEP_UNSAMPLED: Code = (STEP_OP, "unsampled")  # a step without the automatic (hook) phases
+STEP_END: Code = (STEP_END_OP, None)
+STEP_FAILED: Code = (STEP_FAILED_OP, None)
+COMM_BEGIN: Code = (COMM_BEGIN_OP, None)
+COMM_END: Code = (COMM_END_OP, None)
 
 
 def phase_codes(name: str) -> Tuple[Code, Code, Code]:
     """The begin, end and cancel codes of a phase."""
     return (BEGIN, name), (END, name), (CANCEL, name)
+
+
+def fetch_codes(name: str) -> Tuple[Code, Code, Code]:
+    """The begin, end and cancel codes of a loader's fetch timed as phase ``name``: like a
+    phase's, except that a fetch begun while an earlier one of the phase never ended (the
+    loader raised) restarts it instead of nesting in it."""
+    return (FETCH_BEGIN, name), (FETCH_END, name), (FETCH_CANCEL, name)
+
+
+def stamps(append: Callable[[Any], None], mark: Callable[[], Any], code: Code,
+           times: Optional[int] = None) -> Iterator[None]:
+    """An iterator each ``next`` of which stamps ``code`` and yields None, ``times`` times
+    (None: without end), all in C when ``mark`` is: no Python frame on the training thread
+    (what the loader wrapper is built from)."""
+    no_args = repeat(()) if times is None else repeat((), times)
+    return map(append, zip(repeat(code), starmap(mark, no_args)))
 
 
 def stamper(append: Callable[[Any], None], mark: Callable[[], Any], code: Code) -> Callable[..., None]:
@@ -81,27 +102,35 @@ IDLE, OPEN, CLOSED = 0, 1, 2
 
 
 class Step:
-    """The step context manager: a state check, a stamp and, every ``exchange_every`` steps,
-    the window's exchange (``on_boundary``). A failed step is stamped as such and dropped."""
+    """The step context manager, opened by ``StepProfiler.step()`` (a state check and a
+    stamp there: entering the context is a C no-op, one Python call per step fewer); leaving
+    it stamps the end and, every ``exchange_every`` steps, runs the window's exchange
+    (``on_boundary``). A failed step is stamped as such and dropped.
 
-    __slots__ = ("state", "args", "left", "_append", "_mark", "_refuse", "_on_boundary")
+    It also counts steps for the sampled phases: when ``phase_left`` steps have ended,
+    ``on_phase`` runs (the profiler puts its automatic hooks in or takes them out, sets the
+    next countdown and ``code``: ``STEP``, or ``STEP_UNSAMPLED`` for steps without the
+    hooks). A failed step does not count.
+    """
+
+    __slots__ = ("state", "left", "phase_left", "code", "_append", "_mark", "_on_boundary",
+                 "_on_phase")
 
     def __init__(self, append: Callable[[Any], None], mark: Callable[[], Any], every: int,
-                 refuse: Callable[[], None], on_boundary: Callable[[], None]) -> None:
+                 on_boundary: Callable[[], None], on_phase: Callable[[], None],
+                 phase_left: int) -> None:
         self.state = IDLE
-        self.args: Tuple[Optional[int], Optional[float], Optional[int]] = (None, None, None)
         self.left = every  # steps to the end of the exchange window
+        self.phase_left = phase_left  # steps to the next on_phase (never when it starts < 1)
+        self.code = STEP
         self._append = append
         self._mark = mark
-        self._refuse = refuse
         self._on_boundary = on_boundary
+        self._on_phase = on_phase
 
-    def __enter__(self) -> "Step":
-        if self.state:
-            self._refuse()
-        self.state = OPEN
-        self._append((STEP, self._mark(), self.args))
-        return self
+    # ``with`` looks ``__enter__`` up on the type: a staticmethod of a C callable runs no
+    # Python (NoneType() returns None; ``with prof.step() as s`` binds None)
+    __enter__: "staticmethod[[], None]" = staticmethod(type(None))
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self.state != OPEN:
@@ -109,6 +138,9 @@ class Step:
         self.state = IDLE
         if exc_type is None:
             self._append((STEP_END, self._mark()))
+            self.phase_left -= 1
+            if not self.phase_left:
+                self._on_phase()
             self.left -= 1
             if not self.left:
                 self._on_boundary()

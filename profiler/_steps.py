@@ -3,8 +3,10 @@
 :class:`StepAssembler` reads the stamp stream in order and keeps the bookkeeping the training
 thread no longer does: it pairs the outermost begin and end of each phase, counts phases timed
 before a step towards it (the step starts where the first of them started), numbers the
-steps, drops failed ones, and merges the communication intervals stamped by any thread. What it
-yields is one raw tuple per finished step; the profiler turns those into records once their
+steps, drops failed ones, and merges the communication intervals stamped by any thread. A
+loader's fetch is a phase whose begin, when an earlier fetch of it never ended (the loader
+raised), restarts that fetch rather than nesting in it. What it yields is one raw tuple per
+finished step; the profiler turns those into records once their
 marks can be read (on a GPU, once their events have completed).
 """
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional
 
-from ._stamps import (BEGIN, CANCEL, COMM_BEGIN_OP, COMM_END_OP, END, STEP_END_OP,
-                      STEP_FAILED_OP, STEP_OP)
+from ._stamps import (BEGIN, CANCEL, COMM_BEGIN_OP, COMM_END_OP, END, FETCH_BEGIN,
+                      STEP_END_OP, STEP_FAILED_OP, STEP_OP)
 
 __all__ = ["StepAssembler", "MAX_CARRY"]
 
@@ -24,10 +26,12 @@ class StepAssembler:
     """Turns stamps into finished steps, in order; not thread-safe (the profiler's collect
     lock guards it).
 
-    A finished step is ``(number, start, end, intervals, samples, flops, comm, spare)``:
+    A finished step is ``(number, start, end, intervals, samples, flops, comm, spare,
+    sampled)``:
     ``start``/``end`` marks, ``intervals`` a list of ``(phase, begin mark, end mark)``,
     ``comm`` a list of ``(begin, end)`` ``perf_counter()`` times or None, ``spare`` a mark the
-    step stamped but did not use (its start, when a phase before it started it), or None.
+    step stamped but did not use (its start, when a phase before it started it), or None;
+    ``sampled`` False when the automatic (hook) phases were off for the step.
     ``release(marks)`` gets the marks of failed steps (pooled CUDA events go back).
     """
 
@@ -37,13 +41,15 @@ class StepAssembler:
         self.ended = 0  # finished steps so far
         self._depth: Dict[str, int] = {}
         self._open: Dict[str, Any] = {}  # phase -> mark of its outermost begin
+        self._fetching: Dict[str, bool] = {}  # phase -> a loader's fetch of it is open
         self._carry_start: Any = None
         self._intervals: List[tuple] = []  # the open step's, or the carry before a step
         self._comm: List[tuple] = []
         self._comm_inflight = 0
         self._comm_start = 0.0
         self._next_step = 0
-        self._step: tuple = (0, None, None, None, None)  # (number, start, samples, flops, spare)
+        # (number, start, samples, flops, spare, sampled)
+        self._step: tuple = (0, None, None, None, None, True)
 
     def feed(self, events: Deque[tuple], out: Deque[tuple]) -> None:
         """Consume every stamp in ``events`` (oldest first); append finished steps to ``out``."""
@@ -56,6 +62,12 @@ class StepAssembler:
                 return
             op, name = event[0]
             mark = event[1]
+            if op >= FETCH_BEGIN:  # a loader's fetch (the highest ops)
+                if op == FETCH_BEGIN and self._fetching.get(name) and depth.get(name):
+                    self._restart_fetch(name, mark)
+                    continue
+                self._fetching[name] = op == FETCH_BEGIN
+                op -= FETCH_BEGIN - BEGIN  # then as a phase's own begin, end or cancel
             if op == BEGIN:
                 level = depth.get(name, 0)
                 depth[name] = level + 1
@@ -75,15 +87,16 @@ class StepAssembler:
                 if not self.in_step and len(intervals) > MAX_CARRY:  # phases but never a step
                     del intervals[:-MAX_CARRY // 2]
             elif op == STEP_OP:
-                self._begin_step(mark, event[2])
+                self._begin_step(mark, event[2], name is None)
             elif op == STEP_END_OP:
                 if self.in_step:
                     self.in_step = False
-                    number, start, samples, flops, spare = self._step
+                    number, start, samples, flops, spare, sampled = self._step
                     comm = self._comm or None
                     if comm:
                         self._comm = []
-                    out.append((number, start, mark, self._intervals, samples, flops, comm, spare))
+                    out.append((number, start, mark, self._intervals, samples, flops, comm, spare,
+                                sampled))
                     self._intervals = []
                     self.ended += 1
             elif op == STEP_FAILED_OP:
@@ -106,7 +119,19 @@ class StepAssembler:
                     if not self._comm_inflight:
                         self._comm.append((self._comm_start, mark))
 
-    def _begin_step(self, mark: Any, args: tuple) -> None:
+    def _restart_fetch(self, name: str, mark: Any) -> None:
+        """A fetch begins while the previous one never ended (the loader raised): it starts
+        the phase anew where the phase is not nested in an outer one; the old begin is dropped."""
+        if self._depth.get(name) != 1:
+            return  # inside the same phase timed around it: the outer begin stands
+        old = self._open[name]
+        self._open[name] = mark
+        if self._carry_start is old:
+            self._carry_start = mark
+        if self._release is not None:
+            self._release([old])
+
+    def _begin_step(self, mark: Any, args: tuple, sampled: bool = True) -> None:
         samples, flops, number = args
         if number is not None:
             self._next_step = number
@@ -118,14 +143,14 @@ class StepAssembler:
             self._carry_start = None
         else:
             start, spare = mark, None
-        self._step = (current, start, samples, flops, spare)
+        self._step = (current, start, samples, flops, spare, sampled)
 
     def _fail_step(self, mark: Any) -> None:
         """A failed step is not a measurement: drop it, and the phases it left open."""
         if not self.in_step:
             return
         self.in_step = False
-        _, start, _, _, spare = self._step
+        _, start, _, _, spare, _ = self._step
         if self._release is not None:
             marks = [start, mark] + [m for _, a, b in self._intervals for m in (a, b)]
             marks.extend(self._open.values())
@@ -135,6 +160,7 @@ class StepAssembler:
         self._intervals = []
         self._depth.clear()
         self._open.clear()
+        self._fetching.clear()
 
 
 def new_stamp_queue() -> Deque[tuple]:

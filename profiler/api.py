@@ -12,11 +12,14 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-__all__ = ["PHASES", "StepRecord", "PhaseInterval", "RankStats", "StragglerReport", "Sink",
-           "Sampler", "ExchangeSettings", "StatsExchange"]
+__all__ = ["PHASES", "SAMPLED_PHASES", "StepRecord", "PhaseInterval", "RankStats",
+           "StragglerReport", "Sink", "Sampler", "ExchangeSettings", "StatsExchange"]
 
 #: The standard phases, in the order they are packed for the cross-rank exchange.
 PHASES: Tuple[str, ...] = ("data", "forward", "backward", "optimizer", "comm", "checkpoint")
+
+#: The phases the automatic PyTorch hooks time, on the sampled steps only (``phase_every``).
+SAMPLED_PHASES: Tuple[str, ...] = ("forward", "backward", "optimizer")
 
 
 class PhaseInterval(NamedTuple):
@@ -33,7 +36,14 @@ class PhaseInterval(NamedTuple):
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One step of one rank: wall time, phase times, throughput and device averages."""
+    """One step of one rank: wall time, phase times, throughput and device averages.
+
+    ``sampled`` is False on a step for which the automatic PyTorch hooks were off (they time
+    ``forward``, ``backward`` and ``optimizer`` on every ``phase_every``-th step only): its
+    step time, samples, FLOPs, device metrics and the phases timed on every step (``data``
+    from the loader wrapper, ``comm`` from the DDP hook, those in ``phase()`` blocks) are
+    there, the automatic phases are not. A step with every phase timed is ``sampled``.
+    """
 
     step: int
     rank: int
@@ -47,6 +57,7 @@ class StepRecord:
     mfu: Optional[float] = None
     device: Mapping[str, float] = field(default_factory=dict)
     timer: str = "cpu"
+    sampled: bool = True
 
     @property
     def busy_s(self) -> float:
@@ -57,7 +68,7 @@ class StepRecord:
         out: Dict[str, Any] = {
             "kind": "step", "step": self.step, "rank": self.rank, "generation": self.generation,
             "wall_time_s": self.wall_time_s, "step_time_s": self.step_time_s,
-            "phases_s": dict(self.phases_s), "timer": self.timer,
+            "phases_s": dict(self.phases_s), "timer": self.timer, "sampled": self.sampled,
         }
         for name in ("samples", "samples_per_s", "flops", "mfu"):
             value = getattr(self, name)
@@ -76,7 +87,7 @@ class StepRecord:
             samples=obj.get("samples"), samples_per_s=obj.get("samples_per_s"),
             flops=obj.get("flops"), mfu=obj.get("mfu"),
             device={str(k): float(v) for k, v in (obj.get("device") or {}).items()},
-            timer=str(obj.get("timer", "cpu")),
+            timer=str(obj.get("timer", "cpu")), sampled=bool(obj.get("sampled", True)),
         )
 
 

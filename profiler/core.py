@@ -9,6 +9,17 @@ buffered JSON line, trace events, gauges). On a GPU it reads a step's events onl
 have completed, so nothing synchronises with the device, except the training thread once per
 exchange window, which reads every finished step before the cross-rank exchange
 (:mod:`profiler.windows`).
+
+Sampled phases: each Python function that a framework calls on the training thread costs
+microseconds after a real step (cold caches), so the automatic PyTorch hooks (``forward``,
+``backward``, ``optimizer``) time one step in ``phase_every``: they are put into the module's
+and optimizer's hook dicts at the end of the step before a sampled step and taken out at the
+end of the sampled step, and between those steps the model runs hook-free. Every step is still
+a record with its step time (what the straggler detection compares), samples, FLOPs, device
+metrics and the phases timed on every step (``data``, ``comm``, ``phase()`` blocks); a record
+says whether it carries the sampled phases (``sampled``). Aggregates (the exchange windows,
+``elastic-prof report``) take an automatic phase's mean over the sampled steps and any other
+phase's over all steps (:func:`profiler.windows.phase_means`).
 """
 from __future__ import annotations
 
@@ -20,12 +31,15 @@ import re
 import threading
 import time
 import weakref
+from itertools import chain
+from operator import itemgetter
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence
 
 from elastic.world import World
 
 from ._clock import PEAK_FLOPS, CpuClock, host_paired, known_peak, make_clock
-from ._stamps import COMM_BEGIN, COMM_END, CLOSED, Phase, Step, phase_codes
+from ._stamps import (COMM_BEGIN, COMM_END, CLOSED, OPEN, STEP, STEP_UNSAMPLED, Phase,
+                      Step, fetch_codes, stamps)
 from ._steps import StepAssembler, new_stamp_queue
 from ._writer import Writer
 from .api import ExchangeSettings, Sampler, Sink, StepRecord, StragglerReport
@@ -52,6 +66,10 @@ class StepProfiler:
     ``rank-NNNNN.jsonl`` (always) and a Chrome trace (``trace=True``). ``exchange`` names a
     :class:`~profiler.api.StatsExchange` registered in ``profiler.exchange.EXCHANGES``
     (``collective``, ``store``, or a third party's), or ``auto`` or ``none``.
+    ``phase_every``: the automatic hooks time ``forward``, ``backward`` and ``optimizer`` on
+    every ``phase_every``-th step (the ``phase_every``-th, the ``2 * phase_every``-th, ...);
+    1 times them on every step, at a few tens of microseconds of the training thread's time
+    per step; every step is recorded either way.
     """
 
     def __init__(self, run_dir: Optional[str] = None, *, world: Optional[World] = None,
@@ -63,12 +81,15 @@ class StepProfiler:
                  straggler_threshold: float = 0.1, store: Any = None,
                  store_prefix: str = "/elastic-prof/", exchange_timeout_s: float = 60.0,
                  peak_flops: Optional[float] = None, flops_per_step: Optional[float] = None,
-                 history: int = 1024, sinks: Sequence[Sink] = ()) -> None:
+                 history: int = 1024, sinks: Sequence[Sink] = (),
+                 phase_every: int = 10) -> None:
         check_exchange_name(exchange)
         if isinstance(timer, str) and timer not in ("auto", "cpu", "cuda"):
             raise ProfilerConfigError(f"unknown timer {timer!r}; known: auto, cpu, cuda")
         if exchange_every < 1:
             raise ProfilerConfigError(f"exchange_every must be >= 1, got {exchange_every}")
+        if isinstance(phase_every, bool) or not isinstance(phase_every, int) or phase_every < 1:
+            raise ProfilerConfigError(f"phase_every must be an integer >= 1, got {phase_every!r}")
         if not straggler_threshold >= 0:
             raise ProfilerConfigError(
                 f"straggler_threshold must be >= 0, got {straggler_threshold}")
@@ -93,10 +114,16 @@ class StepProfiler:
 
         # the hot path (the training thread's): stamps into a deque, see _stamps
         self._stamps: Deque[tuple] = new_stamp_queue()
+        self._append = self._stamps.append
         self._mark: Callable[[], Any] = host_paired(self._clock) if self._paired else _perf
         self._phases: Dict[str, Phase] = {}
+        # sampled phases: the hooks are in for one step in phase_every (all of them if 1)
+        self.phase_every = phase_every
+        self._phase_on = phase_every == 1
+        self._pausable: List[tuple] = []  # (hooks dict, key, hook) of the automatic hooks
         self._step_ctx = Step(self._stamps.append, self._mark, exchange_every,
-                              self._refuse_step, self._at_boundary)
+                              self._at_boundary, self._toggle_phases,
+                              phase_every - 1 if phase_every > 1 else 0)
 
         # the reading side (writer thread, or on demand), under _collect_lock
         self._collect_lock = threading.Lock()
@@ -169,9 +196,15 @@ class StepProfiler:
         ``samples``: how many samples the step processed (throughput); ``flops``: the step's
         FLOPs (MFU, with ``peak_flops``); ``step``: an explicit step number (default: counts
         from 0, or on from the last explicit one).
+
+        The call opens the step (entering the context does nothing, binds nothing, and costs
+        no Python call): use it as ``with prof.step(...):``.
         """
         ctx = self._step_ctx
-        ctx.args = (samples, flops, step)
+        if ctx.state:
+            self._refuse_step()
+        ctx.state = OPEN
+        self._append((ctx.code, self._mark(), (samples, flops, step)))
         return ctx
 
     def phase(self, name: str) -> Phase:
@@ -195,28 +228,25 @@ class StepProfiler:
         self._stamps.append((COMM_END, _perf()))
 
     def wrap_loader(self, iterable: Iterable) -> Iterator:
-        """Yield from ``iterable``, timing each fetch as the ``data`` phase of the next step."""
+        """Iterate ``iterable``, timing each fetch as the ``data`` phase of the next step.
+
+        Built of C iterators only, so a fetch adds no Python call on the training thread. When
+        ``iterable`` is exhausted the open begin is cancelled; when it raises, the next fetch
+        restarts the phase.
+        """
         self.phase("data")
-        begin, end, cancel = phase_codes("data")
+        begin, end, cancel = fetch_codes("data")
         append, mark = self._stamps.append, self._mark
-        iterator = iter(iterable)
-        while True:
-            append((begin, mark()))
-            try:
-                item = next(iterator)
-            except StopIteration:
-                append((cancel, mark()))
-                return
-            except BaseException:
-                append((cancel, mark()))
-                raise
-            append((end, mark()))
-            yield item
+        # zip pulls a begin stamp, the item, an end stamp; when the loader is exhausted it
+        # stops before the end stamp, and one cancel stamp follows (filter drops its None)
+        timed = map(itemgetter(1), zip(stamps(append, mark, begin), iter(iterable),
+                                       stamps(append, mark, end)))
+        return chain(timed, filter(None, stamps(append, mark, cancel, 1)))
 
     def _refuse_step(self) -> None:
         if self._step_ctx.state == CLOSED:
             raise ProfilerUsageError("the profiler is closed")
-        raise ProfilerUsageError("step() entered while a step is open; steps do not nest")
+        raise ProfilerUsageError("step() called while a step is open; steps do not nest")
 
     def _at_boundary(self) -> None:
         """Every ``exchange_every`` steps, on the training thread: read every finished step
@@ -274,7 +304,7 @@ class StepProfiler:
         self._clock.release(list({id(m[0]): m[0] for m in marks}.values()))
 
     def _finalize(self, item: tuple) -> None:
-        step, start, end, raw_intervals, samples, flops, comm, spare = item
+        step, start, end, raw_intervals, samples, flops, comm, spare, sampled = item
         intervals: Optional[list] = [] if self._want_intervals else None
         phases: Dict[str, float] = {}
         if self._paired:
@@ -317,12 +347,12 @@ class StepProfiler:
         record = StepRecord(step, self.world.rank, self.world.generation,
                             self._wall_offset + start_perf, step_time, phases, samples, sps,
                             flops, mfu, self.sampler.window(end_perf) if self.sampler else {},
-                            self._clock.kind)
+                            self._clock.kind, sampled)
         self._writer.put(record, intervals or ())
         self._done.append(record)
         self._last = record
         if self._window.active:
-            self._window.add(step_time, phases, samples)
+            self._window.add(step_time, phases, samples, sampled)
 
     # -- cross-rank exchange -------------------------------------------------------------
     def _resolve_exchange(self) -> None:
@@ -371,16 +401,50 @@ class StepProfiler:
     # -- integrations --------------------------------------------------------------------
     def attach(self, model: Any = None, optimizer: Any = None, comm_hook: Any = None) -> None:
         """Automatic PyTorch phases: forward/backward from module hooks, ``optimizer`` from
-        optimizer step hooks, ``comm`` from a DDP communication hook when ``model`` is a
-        ``DistributedDataParallel`` (wrapping ``comm_hook``, default allreduce)."""
+        optimizer step hooks (on one step in ``phase_every``), ``comm`` from a DDP
+        communication hook when ``model`` is a ``DistributedDataParallel`` (wrapping
+        ``comm_hook``, default allreduce; on every step)."""
         from .hooks import attach_torch
 
-        self._hook_handles.extend(attach_torch(self, model, optimizer, comm_hook))
+        for handle in attach_torch(self, model, optimizer, comm_hook):
+            self._add_hook_handle(handle)
+
+    def _add_hook_handle(self, handle: Any) -> None:
+        """Keep a hook's handle for :meth:`detach`; a hook in a torch hooks dict (a
+        ``RemovableHandle``) is taken out of it and put back for the sampled steps."""
+        self._hook_handles.append(handle)
+        ref, key = getattr(handle, "hooks_dict_ref", None), getattr(handle, "id", None)
+        hooks = ref() if callable(ref) else None
+        extra = [r() for r in getattr(handle, "extra_dict_ref", ())]  # kwargs, always-called
+        if hooks is None or key not in hooks or any(d is None or key in d for d in extra):
+            return  # not ours to pause: it stays in on every step (and its phase is timed there)
+        self._pausable.append((hooks, key, hooks[key]))
+        if not self._phase_on:
+            del hooks[key]
+        self._step_ctx.code = STEP if self._phase_on else STEP_UNSAMPLED
+
+    def _toggle_phases(self) -> None:
+        """At the end of a step (training thread): before a sampled step put the automatic
+        hooks in, after it take them out (see :class:`~profiler._stamps.Step`)."""
+        ctx = self._step_ctx
+        if self._phase_on:
+            self._phase_on = False
+            ctx.phase_left = self.phase_every - 1
+            for hooks, key, _ in self._pausable:
+                hooks.pop(key, None)
+        else:
+            self._phase_on = True
+            ctx.phase_left = 1
+            for hooks, key, hook in self._pausable:
+                hooks[key] = hook
+        ctx.code = STEP if self._phase_on or not self._pausable else STEP_UNSAMPLED
 
     def detach(self) -> None:
         """Remove the hooks :meth:`attach` added (``close()`` does it too). A DDP
         communication hook stays: DDP cannot unregister one (it keeps timing ``comm``)."""
         handles, self._hook_handles = self._hook_handles, []
+        self._pausable = []
+        self._step_ctx.code = STEP
         for handle in handles:
             try:
                 handle.remove()

@@ -9,6 +9,11 @@ synchronisation is not counted as backward); the phase's own begin/end, register
 as optimizer step pre/post hooks, time ``optimizer``; a DDP communication hook wrapping
 allreduce times ``comm`` (the wall time with any gradient bucket in flight, which is where
 fast ranks wait for slow ones).
+
+The module and optimizer hooks (and a leaf output's tensor hook) are in their hook dicts for
+one step in ``phase_every`` only (the profiler takes them out and puts them back, see
+:mod:`profiler.core`); the DDP communication hook cannot be taken out and times ``comm`` on
+every step, which the straggler detection needs.
 """
 from __future__ import annotations
 
@@ -159,7 +164,7 @@ def _attach_model(prof: "StepProfiler", model: Any, torch: Any,
                 and is_grad_enabled():
             # the output is a leaf (a parameter): its hooks outlive the step, so once
             tensor._elastic_prof_hook = on_backward_start
-            prof._hook_handles.append(tensor.register_hook(on_backward_start))
+            prof._add_hook_handle(tensor.register_hook(on_backward_start))
 
     return [model.register_forward_pre_hook(pre_forward),
             model.register_forward_hook(post_forward)]

@@ -2,6 +2,12 @@
 
 Reads every ``rank-*.jsonl`` under the run directory (the profiler's JSON lines), so it works on
 a directory gathered from many nodes; used by ``elastic-prof report``.
+
+Sampled phases (the automatic hooks time one step in ``phase_every``): every step counts in
+the step time, throughput, MFU and the straggler verdict; a phase's percentiles are over the
+steps that timed it (its ``steps`` column), and its share and mean in the plots are over the
+steps that could have it: the sampled steps for an automatic phase (``SAMPLED_PHASES``), all
+steps for any other (:func:`profiler.windows.phase_means`).
 """
 from __future__ import annotations
 
@@ -11,9 +17,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .api import PHASES, RankStats, StepRecord, StragglerReport
+from .api import PHASES, SAMPLED_PHASES, RankStats, StepRecord, StragglerReport
 from .errors import NoRecordsError, ProfilerConfigError
 from .exchange import detect_stragglers
+from .windows import phase_means
 
 __all__ = ["PhaseSummary", "RankSummary", "RunSummary", "load_run", "summarize",
            "format_summary", "write_plots"]
@@ -26,7 +33,7 @@ class PhaseSummary:
     p50_s: float
     p95_s: float
     mean_s: float
-    share: float  # of all step time
+    share: float  # of the step time of the steps that could have the phase (all, or the sampled)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class RunSummary:
     live_reports: int = 0
     live_named: Dict[int, int] = field(default_factory=dict)
     device: Dict[str, float] = field(default_factory=dict)
+    sampled_steps: int = 0  # steps that carry the sampled (automatic hook) phases
 
     def to_json(self) -> dict:
         def phase(p: PhaseSummary) -> dict:
@@ -74,7 +82,7 @@ class RunSummary:
             "slowdown": {str(k): v for k, v in self.slowdown.items()},
             "live_reports": self.live_reports,
             "live_named": {str(k): v for k, v in self.live_named.items()},
-            "device": self.device,
+            "device": self.device, "sampled_steps": self.sampled_steps,
         }
 
 
@@ -119,6 +127,11 @@ def _phase(name: str, values: List[float], total_time: float) -> PhaseSummary:
                         sum(values) / len(values), sum(values) / total_time if total_time else 0.0)
 
 
+def _unsampled_seen(records: Sequence[StepRecord]) -> set:
+    """The phases seen on a step without the sampled phases (timed on every step)."""
+    return {n for r in records if not r.sampled for n in r.phases_s}
+
+
 def summarize(run_dir: str, threshold_frac: float = 0.1, warmup_steps: int = 2) -> RunSummary:
     """Summarise a run; the first ``warmup_steps`` of each rank are left out when it has more."""
     if threshold_frac < 0:
@@ -131,10 +144,14 @@ def summarize(run_dir: str, threshold_frac: float = 0.1, warmup_steps: int = 2) 
         for rank, recs in by_rank.items()}
     all_recs = [r for recs in kept.values() for r in recs]
     total_time = sum(r.step_time_s for r in all_recs)
+    sampled_time = sum(r.step_time_s for r in all_recs if r.sampled)
+    unsampled_seen = _unsampled_seen(all_recs)
     step = _phase("step", [r.step_time_s for r in all_recs], total_time)
     names = [p for p in PHASES if any(p in r.phases_s for r in all_recs)]
     names += sorted({n for r in all_recs for n in r.phases_s} - set(names))
-    phases = tuple(_phase(n, [r.phases_s[n] for r in all_recs if n in r.phases_s], total_time)
+    phases = tuple(_phase(n, [r.phases_s[n] for r in all_recs if n in r.phases_s],
+                          sampled_time if n in SAMPLED_PHASES and n not in unsampled_seen
+                          else total_time)
                    for n in names)
     ranks = []
     stats = []
@@ -181,7 +198,8 @@ def summarize(run_dir: str, threshold_frac: float = 0.1, warmup_steps: int = 2) 
         mfu_p50=_pct(mfus, 50) if mfus else None, threshold_frac=threshold_frac,
         stragglers=offline.stragglers,
         slowdown={s.rank: offline.slowdown(s.rank) for s in stats},
-        live_reports=len(reports), live_named=named, device=device)
+        live_reports=len(reports), live_named=named, device=device,
+        sampled_steps=sum(1 for r in all_recs if r.sampled))
 
 
 def _ms(seconds: float) -> str:
@@ -192,7 +210,11 @@ def format_summary(s: RunSummary) -> str:
     """The human-readable table ``elastic-prof report`` prints."""
     lines = [f"elastic-prof report: {s.run_dir}",
              f"ranks: {len(s.ranks)}  steps: {s.steps}  generations: "
-             f"{','.join(map(str, s.generations))}  timer: {','.join(s.timers)}", ""]
+             f"{','.join(map(str, s.generations))}  timer: {','.join(s.timers)}"]
+    if s.sampled_steps < s.steps:
+        lines.append(f"automatic phases sampled on {s.sampled_steps} of {s.steps} steps; a "
+                     "phase's share is of the steps that could time it")
+    lines.append("")
     lines.append(f"{'phase':<12} {'steps':>7} {'p50 ms':>10} {'p95 ms':>10} {'mean ms':>10} {'share':>7}")
     for p in (s.step,) + s.phases:
         lines.append(f"{p.name:<12} {p.steps:>7} {_ms(p.p50_s):>10} {_ms(p.p95_s):>10} "
@@ -267,8 +289,9 @@ def write_plots(run_dir: str, out_dir: str, warmup_steps: int = 0) -> List[str]:
     means = {}
     for rank in ranks:
         recs = by_rank[rank][warmup_steps:] or by_rank[rank]
-        means[rank] = {n: sum(r.phases_s.get(n, 0.0) for r in recs) / len(recs) * 1e3
-                       for n in names + ["comm"]}
+        totals = {n: sum(r.phases_s.get(n, 0.0) for r in recs) for n in names + ["comm"]}
+        means[rank] = {n: v * 1e3 for n, v in phase_means(
+            totals, len(recs), sum(1 for r in recs if r.sampled), _unsampled_seen(recs)).items()}
         means[rank]["step"] = sum(r.step_time_s for r in recs) / len(recs) * 1e3
     xs = list(range(len(ranks)))
     for name in names + ["other"]:

@@ -42,7 +42,7 @@ def step_json(record: StepRecord) -> str:
              '"step_time_s":%s,"phases_s":{' % (r.step, r.rank, r.generation,
                                                 _num(r.wall_time_s), _num(r.step_time_s)),
              ",".join([f"{_key(k)}:{_num(v)}" for k, v in r.phases_s.items()]),
-             '},"timer":', _key(r.timer)]
+             '},"timer":', _key(r.timer), ',"sampled":true' if r.sampled else ',"sampled":false']
     if r.samples is not None:
         parts.append(',"samples":%d' % r.samples)
     if r.samples_per_s is not None:
@@ -106,7 +106,8 @@ class JsonlSink(Sink):
 
 class ChromeTraceSink(Sink):
     """Trace Event Format (``chrome://tracing``, Perfetto): one complete event per step and
-    per phase interval; pid is the rank, so the files of all ranks can be merged.
+    per phase interval; pid is the rank, so the files of all ranks can be merged. A step's
+    ``args`` say whether it is ``sampled`` (carries the automatic hooks' phases).
 
     Events are streamed to the file as they come; :meth:`close` writes the closing brackets.
     """
@@ -134,9 +135,9 @@ class ChromeTraceSink(Sink):
         pid = self._pid
         # Names are validated identifiers, so plain formatting makes valid JSON without escaping.
         parts.append(',\n{"name":"step %d","cat":"step","ph":"X","pid":%d,"tid":0,"ts":%.3f,'
-                     '"dur":%.3f,"args":{"step":%d,"generation":%d}}'
+                     '"dur":%.3f,"args":{"step":%d,"generation":%d,"sampled":%s}}'
                      % (record.step, pid, t0_us, record.step_time_s * 1e6, record.step,
-                        record.generation))
+                        record.generation, "true" if record.sampled else "false"))
         for name, start_s, dur_s in intervals:
             parts.append(',\n{"name":"%s","cat":"phase","ph":"X","pid":%d,"tid":%d,"ts":%.3f,'
                          '"dur":%.3f}' % (name, pid, 2 if name == "comm" else 1,
@@ -193,7 +194,8 @@ class PrometheusSink(Sink):
         ).labels(r)
         self._last_step = prom.Gauge("elastic_prof_last_step_seconds", "Time of the last step",
                                      labels, registry=self.registry).labels(r)
-        phase = prom.Gauge("elastic_prof_phase_seconds", "Phase time in the last step",
+        phase = prom.Gauge("elastic_prof_phase_seconds",
+                           "Phase time in the latest sampled step (one with every phase timed)",
                            ["rank", "phase"], registry=self.registry)
         self._phase_gauge = phase
         self._phases = {p: phase.labels(r, p) for p in PHASES}
@@ -234,9 +236,13 @@ class PrometheusSink(Sink):
         # gauges hold the latest values: set them once per batch
         record = items[-1][0]
         self._last_step.set(record.step_time_s)
-        phases = record.phases_s
-        for name, gauge in self._phases.items():
-            gauge.set(phases.get(name, 0.0))
+        # the phases of the latest step that timed them all (a batch without one keeps the
+        # previous values: an unsampled step has no forward, backward or optimizer time)
+        sampled = next((r for r, _ in reversed(items) if r.sampled), None)
+        if sampled is not None:
+            phases = sampled.phases_s
+            for name, gauge in self._phases.items():
+                gauge.set(phases.get(name, 0.0))
         if record.samples_per_s is not None:
             self._throughput.set(record.samples_per_s)
         if record.mfu is not None:
@@ -264,7 +270,11 @@ class PrometheusSink(Sink):
 
 
 class TensorBoardSink(Sink):
-    """TensorBoard scalars every ``every`` steps, through tensorboard's own event writer."""
+    """TensorBoard scalars every ``every`` steps, through tensorboard's own event writer.
+
+    The step's scalars (time, throughput, MFU, device) at every ``every``-th step number;
+    the phases of the first sampled step (one with every phase timed) at or after it.
+    """
 
     def __init__(self, logdir: str, every: int = 10, rank: int = 0) -> None:
         from elastic.lazy import require
@@ -280,19 +290,30 @@ class TensorBoardSink(Sink):
         os.makedirs(self.logdir, exist_ok=True)
         self._writer = writer_mod.EventFileWriter(self.logdir)
         self._every = max(1, int(every))
+        self._phases_due = True  # the next sampled step writes its phases
 
     def write_step(self, record: StepRecord, intervals: Sequence[PhaseInterval]) -> None:
+        scalars: Dict[str, float] = {}
+        if not record.step % self._every:
+            self._phases_due = True
+        if record.sampled and self._phases_due:
+            self._phases_due = False
+            for name, value in record.phases_s.items():
+                scalars[f"phase/{name}_s"] = value
         if record.step % self._every:
+            if scalars:
+                self._add(record, scalars)
             return
-        scalars = {"step_time_s": record.step_time_s}
-        for name, value in record.phases_s.items():
-            scalars[f"phase/{name}_s"] = value
+        scalars["step_time_s"] = record.step_time_s
         if record.samples_per_s is not None:
             scalars["samples_per_s"] = record.samples_per_s
         if record.mfu is not None:
             scalars["mfu"] = record.mfu
         for name, value in record.device.items():
             scalars[f"device/{name}"] = value
+        self._add(record, scalars)
+
+    def _add(self, record: StepRecord, scalars: Dict[str, float]) -> None:
         summary = self._summary_pb2.Summary(value=[
             self._summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
             for tag, value in scalars.items()])

@@ -12,18 +12,33 @@ import logging
 import queue
 import statistics
 import threading
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import AbstractSet, Callable, Dict, List, Mapping, Optional, Set
 
-from .api import PHASES, RankStats, StatsExchange, StragglerReport
+from .api import PHASES, SAMPLED_PHASES, RankStats, StatsExchange, StragglerReport
 from .exchange import detect_stragglers
 
-__all__ = ["StatsWindow", "ExchangeRunner"]
+__all__ = ["StatsWindow", "ExchangeRunner", "phase_means"]
 
 log = logging.getLogger("profiler")
 
 
+def phase_means(totals: Mapping[str, float], steps: int, sampled_steps: int,
+                unsampled_seen: AbstractSet[str]) -> Dict[str, float]:
+    """Mean seconds per step of each phase from its total over ``steps`` steps, of which
+    ``sampled_steps`` carried the sampled phases: a phase of :data:`SAMPLED_PHASES` (the
+    automatic hooks') over the sampled steps only, where it could be timed, unless it was seen
+    on an unsampled step too (``unsampled_seen``: the user times it on every step); any other
+    phase over all steps. 0.0 when no step could have it."""
+    out: Dict[str, float] = {}
+    for name, total in totals.items():
+        n = sampled_steps if name in SAMPLED_PHASES and name not in unsampled_seen else steps
+        out[name] = total / n if n else 0.0
+    return out
+
+
 class StatsWindow:
-    """The current window's step times, busy times, samples and phase totals."""
+    """The current window's step times, busy times, samples and phase totals (a phase's
+    mean is over the steps that could have it, see :func:`phase_means`)."""
 
     def __init__(self) -> None:
         self.active = True  # off once it is known that there is no exchange
@@ -32,17 +47,23 @@ class StatsWindow:
         self.busy_s: List[float] = []
         self._samples = 0.0
         self._phases: Dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self._sampled = 0
+        self._unsampled_seen: Set[str] = set()
 
     def add(self, step_time_s: float, phases_s: Mapping[str, float],
-            samples: Optional[int]) -> None:
+            samples: Optional[int], sampled: bool = True) -> None:
         self.step_s.append(step_time_s)
         self.busy_s.append(step_time_s - phases_s.get("comm", 0.0))
         if samples:
             self._samples += samples
+        if sampled:
+            self._sampled += 1
         totals = self._phases
         for name, seconds in phases_s.items():
             if name in totals:
                 totals[name] += seconds
+                if not sampled:
+                    self._unsampled_seen.add(name)
 
     def take(self, rank: int, generation: int, last_step: int) -> Optional[RankStats]:
         """This window's summary (None if it has no steps); starts the next window."""
@@ -54,7 +75,7 @@ class StatsWindow:
             rank=rank, generation=generation, window=self.index, step=last_step, steps=steps,
             step_p50_s=statistics.median(self.step_s), busy_p50_s=statistics.median(self.busy_s),
             samples_per_s=self._samples / total_s if total_s > 0 else 0.0,
-            phases_s={p: v / steps for p, v in self._phases.items()})
+            phases_s=phase_means(self._phases, steps, self._sampled, self._unsampled_seen))
         self.clear()
         self.index += 1
         return stats
@@ -64,6 +85,8 @@ class StatsWindow:
         self.busy_s = []
         self._samples = 0.0
         self._phases = dict.fromkeys(PHASES, 0.0)
+        self._sampled = 0
+        self._unsampled_seen = set()
 
 
 class ExchangeRunner:

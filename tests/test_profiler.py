@@ -284,7 +284,7 @@ def test_torch_hooks_time_forward_backward_and_optimizer(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
-    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+    with StepProfiler(str(tmp_path), sampler="none", trace=False, phase_every=1) as prof:
         prof.attach(model, opt)
         for _ in range(4):
             with prof.step(samples=16):
@@ -330,7 +330,8 @@ def test_torch_hooks_find_backward_in_structured_and_leaf_outputs(tmp_path):
     x = torch.randn(5, 4)
     for model, loss_of in ((DictOut(), lambda out: out["out"][1].sum()),
                            (LeafOut(), lambda out: (out * 2).sum())):
-        with StepProfiler(str(tmp_path / type(model).__name__), sampler="none", trace=False) as prof:
+        with StepProfiler(str(tmp_path / type(model).__name__), sampler="none", trace=False,
+                          phase_every=1) as prof:
             prof.attach(model)
             for _ in range(2):
                 with prof.step():
@@ -354,7 +355,7 @@ def test_detach_removes_the_automatic_phases_and_attach_restores_them(tmp_path):
             model(x).sum().backward()
             opt.step()
 
-    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+    with StepProfiler(str(tmp_path), sampler="none", trace=False, phase_every=1) as prof:
         prof.attach(model, opt)
         train_step()
         prof.detach()
@@ -372,7 +373,7 @@ def test_torch_backward_hook_coexists_with_the_users_own(tmp_path):
     model = torch.nn.Linear(4, 2)
     x = torch.randn(3, 4)
     seen = []
-    with StepProfiler(str(tmp_path), sampler="none", trace=False) as prof:
+    with StepProfiler(str(tmp_path), sampler="none", trace=False, phase_every=1) as prof:
         prof.attach(model)
         for i in range(3):
             with prof.step():
@@ -383,6 +384,178 @@ def test_torch_backward_hook_coexists_with_the_users_own(tmp_path):
                 out.square().sum().backward()
     assert seen == [(3, 2), (3, 2)]
     assert all("backward" in r.phases_s for r in prof.records)
+
+
+def _hooks_in(model, opt):
+    """How many hooks sit in the model's forward and the optimizer's step hook dicts."""
+    return (len(model._forward_pre_hooks) + len(model._forward_hooks)
+            + len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks))
+
+
+def test_sampled_phases_keep_every_step_and_take_the_hooks_out_between(tmp_path):
+    torch = require("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 8), torch.randint(0, 2, (4,))) for _ in range(12)]
+    hooks_seen = []
+    with StepProfiler(str(tmp_path), sampler="none", phase_every=4) as prof:
+        prof.attach(model, opt)
+        for x, y in prof.wrap_loader(batches):
+            with prof.step(samples=4):
+                hooks_seen.append(_hooks_in(model, opt))
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    # the hooks are in the dicts on every 4th step only, and gone after close()
+    assert hooks_seen == [4 if i % 4 == 3 else 0 for i in range(12)]
+    assert _hooks_in(model, opt) == 0
+    records = list(prof.records)
+    # every step is a record with its step time, samples and the phase timed on every step
+    assert [r.step for r in records] == list(range(12))
+    assert all(r.step_time_s > 0 and r.samples == 4 and r.phases_s["data"] > 0 for r in records)
+    assert [r.sampled for r in records] == [i % 4 == 3 for i in range(12)]
+    for r in records:
+        if r.sampled:  # the whole breakdown, inside the step
+            assert set(r.phases_s) == {"data", "forward", "backward", "optimizer"}
+            assert all(v > 0 for v in r.phases_s.values())
+            assert sum(r.phases_s.values()) <= r.step_time_s
+        else:
+            assert set(r.phases_s) == {"data"}
+    # JSON lines and the trace say which steps are sampled; phases only where they were timed
+    lines = read_jsonl(prof.jsonl_path)
+    assert [(line["step"], line["sampled"]) for line in lines] == [(r.step, r.sampled) for r in records]
+    assert [StepRecord.from_json(line) for line in lines] == records
+    with open(prof.trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    steps = [e for e in events if e.get("cat") == "step"]
+    assert [(e["args"]["step"], e["args"]["sampled"]) for e in steps] == [(r.step, r.sampled) for r in records]
+    forward = [e for e in events if e.get("name") == "forward"]
+    assert len(forward) == 3
+    for ph in forward:
+        (owner,) = [s for s in steps if s["ts"] <= ph["ts"] <= s["ts"] + s["dur"]]
+        assert owner["args"]["sampled"] is True
+
+
+def test_sampled_phases_follow_attach_detach_and_a_failed_step(tmp_path):
+    torch = require("torch")
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(3, 4)
+    seen = []
+
+    def train_step(fail=False):
+        with prof.step():
+            seen.append(_hooks_in(model, opt))
+            model(x).sum().backward()
+            opt.step()
+            if fail:
+                raise RuntimeError("boom")
+
+    with StepProfiler(str(tmp_path), sampler="none", trace=False, phase_every=3) as prof:
+        train_step()  # step 0, nothing attached: every step carries all it times
+        prof.attach(model, opt)  # the next sampled step is the 3rd
+        train_step()  # 1
+        train_step()  # 2: sampled
+        with pytest.raises(RuntimeError):
+            train_step(fail=True)  # not a step: the count does not move
+        train_step()  # 3
+        prof.detach()
+        train_step()  # 4: no hooks, nothing sampled away
+        prof.attach(model, opt)
+        train_step()  # 5: sampled (3 steps after 2)
+    assert seen == [0, 0, 4, 0, 0, 0, 4]
+    by_step = {r.step: r for r in prof.records}
+    assert sorted(by_step) == [0, 1, 2, 4, 5, 6]  # the failed step (3) is not recorded
+    assert {s: r.sampled for s, r in by_step.items()} == {0: True, 1: False, 2: True, 4: False,
+                                                       5: True, 6: True}
+    assert [set(by_step[s].phases_s) for s in (0, 1, 4, 5)] == [set()] * 4
+    for s in (2, 6):
+        assert set(by_step[s].phases_s) == {"forward", "backward", "optimizer"}
+    with pytest.raises(ProfilerConfigError, match="phase_every must be an integer >= 1, got 0"):
+        StepProfiler(str(tmp_path), sampler="none", phase_every=0)
+
+
+def test_a_leaf_outputs_hook_is_taken_out_off_the_sampled_steps(tmp_path):
+    torch = require("torch")
+
+    class LeafOut(torch.nn.Module):  # returns its parameter: the hook lives on the leaf
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.w
+
+    model = LeafOut()
+    with StepProfiler(str(tmp_path), sampler="none", trace=False, phase_every=2) as prof:
+        prof.attach(model)
+        for _ in range(6):
+            with prof.step():
+                (model(None) * 2).sum().backward()
+    assert [r.sampled for r in prof.records] == [False, True] * 3
+    assert [("backward" in r.phases_s) for r in prof.records] == [False, True] * 3
+    assert not model.w._backward_hooks
+
+
+def test_a_fetch_after_a_loader_raised_starts_the_data_phase_anew(tmp_path):
+    clock = LaggingEventClock(lag=0)  # every mark one tick (1 ms) later: exact intervals
+
+    def broken():
+        raise OSError("connection reset")
+        yield  # a generator
+
+    with StepProfiler(str(tmp_path), timer=clock, sampler="none", trace=False) as prof:
+        for _ in prof.wrap_loader([1]):
+            with prof.step():
+                pass
+        with pytest.raises(OSError):
+            next(prof.wrap_loader(broken()))  # the data phase's begin, then the raise
+        for _ in prof.wrap_loader([2]):  # a new loader: its fetch restarts the phase
+            with prof.step():
+                pass
+    first, second = prof.records
+    # fetch begin, fetch end, step() and the step's end: one tick apart; the failed fetch's
+    # begin is neither in the second step's data phase nor in its time
+    for rec in (first, second):
+        assert rec.phases_s == {"data": pytest.approx(0.001)}
+        assert rec.step_time_s == pytest.approx(0.003)
+
+
+def test_windows_and_the_report_average_sampled_phases_over_sampled_steps(tmp_path):
+    from profiler.report import format_summary, summarize
+    from profiler.windows import StatsWindow
+
+    def rec(i, sampled, phases):
+        return StepRecord(i, 0, 0, 1000.0 + i, 0.010, phases, samples=8, sampled=sampled)
+
+    records = []
+    for i in range(20):
+        phases = {"data": 0.001}
+        if i % 10 == 9:  # the sampled steps, which also held a checkpoint
+            phases.update(forward=0.003, backward=0.004, optimizer=0.001, checkpoint=0.002)
+        records.append(rec(i, i % 10 == 9, phases))
+    window = StatsWindow()
+    for r in records:
+        window.add(r.step_time_s, r.phases_s, r.samples, r.sampled)
+    stats = window.take(0, 0, 19)
+    assert stats.steps == 20 and stats.step_p50_s == pytest.approx(0.010)
+    # forward, backward, optimizer: per sampled step; data and checkpoint: per step
+    assert stats.phases_s == pytest.approx({"data": 0.001, "forward": 0.003, "backward": 0.004,
+                                            "optimizer": 0.001, "comm": 0.0, "checkpoint": 0.0002})
+
+    with open(tmp_path / "rank-00000.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r.to_json()) + "\n")
+    summary = summarize(str(tmp_path), warmup_steps=0)
+    assert summary.steps == 20 and summary.sampled_steps == 2
+    phases = {p.name: p for p in summary.phases}
+    assert phases["forward"].steps == 2 and phases["forward"].p50_s == pytest.approx(0.003)
+    assert phases["forward"].share == pytest.approx(0.3)  # of the sampled steps' time
+    assert phases["data"].steps == 20 and phases["data"].share == pytest.approx(0.1)
+    assert phases["checkpoint"].share == pytest.approx(0.02)  # of all steps' time
+    assert "automatic phases sampled on 2 of 20 steps" in format_summary(summary)
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -470,6 +643,51 @@ def test_tensorboard_scalars_without_importing_tensorflow(tmp_path):
     assert "TAGS ['phase/forward_s', 'samples_per_s', 'step_time_s']" in res.stdout
     assert "STEPS [0, 2, 4]" in res.stdout
     assert "VALUES [True, True, True]" in res.stdout
+
+
+def test_prometheus_and_tensorboard_take_phases_from_sampled_steps(tmp_path):
+    require("prometheus_client", "the profiler extra")
+    from profiler import PrometheusSink
+
+    def rec(i, forward=None):
+        phases = {"data": 0.001} if forward is None else {"data": 0.001, "forward": forward}
+        return StepRecord(i, 0, 0, 1000.0 + i, 0.010, phases, sampled=forward is not None)
+
+    sink = PrometheusSink(0)
+    try:
+        def gauge(phase):
+            return sink.registry.get_sample_value("elastic_prof_phase_seconds",
+                                                  {"rank": "0", "phase": phase})
+        sink.write_steps([(rec(0, forward=0.003), ()), (rec(1), ())])
+        assert gauge("forward") == 0.003  # from the latest sampled step, not the last step
+        sink.write_steps([(rec(2), ())])  # a batch without a sampled step keeps the values
+        assert gauge("forward") == 0.003 and gauge("data") == 0.001
+        sink.write_steps([(rec(3, forward=0.005), ())])
+        assert gauge("forward") == 0.005
+        assert sink.registry.get_sample_value("elastic_prof_steps_total", {"rank": "0"}) == 4
+    finally:
+        sink.close()
+
+    code = textwrap.dedent(f"""
+        from profiler import StepRecord, TensorBoardSink
+        sink = TensorBoardSink({str(tmp_path / 'tb')!r}, every=2)
+        for i in range(6):  # steps 1, 3, 5 sampled (phase_every=2)
+            phases = {{"data": 0.001, "forward": 0.002}} if i % 2 else {{"data": 0.001}}
+            sink.write_step(StepRecord(i, 0, 0, 1000.0 + i, 0.01, phases, sampled=bool(i % 2)), ())
+        sink.close()
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        acc = EventAccumulator({str(tmp_path / 'tb' / 'rank-0')!r})
+        acc.Reload()
+        print("STEPS", [e.step for e in acc.Scalars("step_time_s")])
+        print("FORWARD", [e.step for e in acc.Scalars("phase/forward_s")])
+        print("DATA", [e.step for e in acc.Scalars("phase/data_s")])
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the step's scalars every 2 steps; each sampled step's whole breakdown after them
+    assert "STEPS [0, 2, 4]" in res.stdout and "FORWARD [1, 3, 5]" in res.stdout
+    assert "DATA [1, 3, 5]" in res.stdout
 
 
 # -- device samplers ------------------------------------------------------------------------
