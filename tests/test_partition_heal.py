@@ -5,12 +5,14 @@ reaches it through a small TCP forwarder (:class:`Cuttable`) that the test cuts 
 are accepted and never answered, live ones stop carrying bytes: a blackhole, as a real partition
 looks to the client) and heals (the connections held meanwhile are dropped, as after a long
 partition). While cut, the third node's lease expires: the survivors re-form at world size 2, and
-the cut node fences its old workers (they stop before the survivors' round exists, so no step or
-checkpoint of the round that is gone is published after it). After the heal it takes a new lease
-and joins as a newcomer: the job runs at world size 3 again, no restart charged, no agent exited.
+the cut node fences its old workers (frozen before the survivors' round exists, so no step or
+checkpoint of the round that is gone is published after it). After the heal their round is gone:
+they are killed, the node takes a new lease and joins as a newcomer: the job runs at world size 3
+again, no restart charged, no agent exited.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -19,7 +21,7 @@ from typing import Callable, List
 
 from services import free_port
 
-from paths import ELASTIC_RUN
+from paths import ELASTIC_RUN, REPO
 
 # The workers: no framework, no collective (on loopback the cut node's workers would still reach
 # their peers directly; a real partition cuts those too). Each appends one line per step to a file
@@ -166,12 +168,14 @@ def _wait_until(done: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _pid_alive(pid: int) -> bool:
+def _state(pid: int) -> str:
+    """The process's state letter (``T``: stopped), or ``gone`` once it has exited."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
     except OSError:
-        return False
+        return "gone"
+    return "gone" if state in ("Z", "X") else state
 
 
 def test_a_partitioned_node_is_fenced_and_rejoins_after_the_heal(procs, tmp_path):
@@ -208,7 +212,8 @@ def test_a_partitioned_node_is_fenced_and_rejoins_after_the_heal(procs, tmp_path
             procs.wait_for_output(name, "world size 2", timeout_s=120, after=before[name])
             procs.wait_for_output(name, "WORKER node=", timeout_s=120, after=before[name])
         procs.wait_for_output("cut", "fenced", timeout_s=120, after=before["cut"])
-        _wait_until(lambda: not _pid_alive(int(old["pid"])), 30, "the cut node's old worker to end")
+        # Fenced: frozen until the store answers (then killed, as its round is gone).
+        _wait_until(lambda: _state(int(old["pid"])) in ("T", "t"), 30, "the cut node's old worker to stop")
         assert procs["cut"].poll() is None, procs.output("cut")[-3000:]
         two = [w for w in _worker_lines(procs.output("a0")[before["a0"]:]) if w["world"] == "2"]
         gen2 = int(two[0]["gen"])
@@ -216,6 +221,7 @@ def test_a_partitioned_node_is_fenced_and_rejoins_after_the_heal(procs, tmp_path
         healed = {name: len(procs.output(name)) for name in ("a0", "a1", "cut")}
 
         forwarder.heal()
+        _wait_until(lambda: _state(int(old["pid"])) == "gone", 120, "the fenced worker to be killed")
         # The cut node takes a new lease and joins as a newcomer: world size 3 again.
         for name in ("a0", "a1", "cut"):
             procs.wait_for_output(name, "world size 3", timeout_s=120, after=healed[name])
@@ -262,3 +268,70 @@ def test_a_join_under_an_expired_lease_takes_a_new_one(any_store, run_id):
         assert alive is not None and alive.lease in (0, h.lease)  # etcd's client may not report it
     finally:
         h.leave()
+
+
+class _Outage:
+    """A real memory store that every node loses at once while ``down`` is set (each call waits
+    for it to come back), and whose leases outlive that (as etcd's do across a restart): the
+    handler is told a 1 s TTL, the store keeps leases for 60 s."""
+
+    def __init__(self) -> None:
+        from elastic.store import MemoryStore
+
+        self.inner = MemoryStore()
+        self.up = threading.Event()
+        self.up.set()
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+
+        def call(*args, **kwargs):
+            self.up.wait()
+            return method(*args, **kwargs)
+        return call
+
+    def grant_lease(self, ttl_s):
+        self.up.wait()
+        return self.inner.grant_lease(60.0)
+
+
+def test_workers_frozen_by_a_store_outage_go_on_when_their_round_stands(tmp_path):
+    """The fence freezes, it does not kill: when the store comes back with this node's lease and
+    its round intact (an outage every node saw), the same workers go on, with no new round."""
+    from elastic.agent import ElasticAgent, WorkerSpec
+    from elastic.rendezvous import NodeInfo, RendezvousHandler, RendezvousSettings
+
+    script = tmp_path / "steps_worker.py"
+    script.write_text(WORKER)
+    steps, finish = tmp_path / "steps.log", tmp_path / "finish"
+    store = _Outage()
+    settings = RendezvousSettings(run_id="outage", min_nodes=1, max_nodes=1, lease_ttl_s=1.0, last_call_s=0.0,
+                                  join_timeout_s=60.0, store_timeout_s=300.0)
+    handler = RendezvousHandler(store, settings, NodeInfo(node_id="n0", host="127.0.0.1", nproc=1))  # type: ignore[arg-type]
+    spec = WorkerSpec(entrypoint=(str(script), str(steps), str(finish)), standby=False, cwd=str(tmp_path),
+                      env={"PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    agent = ElasticAgent(spec, handler)
+    codes: List[int] = []
+    runner = threading.Thread(target=lambda: codes.append(agent.run()), daemon=True)
+    runner.start()
+    try:
+        _wait_until(lambda: steps.exists() and steps.read_text().count("\n") >= 3, 60, "the worker's first steps")
+        pid = int(steps.read_text().splitlines()[0].split()[4])
+        store.up.clear()  # the store is gone for everyone; the lease outlives the outage
+        _wait_until(lambda: _state(pid) in ("T", "t"), 60, "the fence to freeze the worker")
+        frozen_at = steps.read_text().count("\n")
+        store.up.set()
+        _wait_until(lambda: steps.read_text().count("\n") > frozen_at + 3, 60, "the worker to step again")
+        assert _state(pid) not in ("T", "t", "gone")
+        assert {line.split()[4] for line in steps.read_text().splitlines()} == {str(pid)}  # the same worker
+        finish.write_text("")
+        runner.join(60)
+        assert codes == [0]
+        assert {line.split()[1] for line in steps.read_text().splitlines()} == {"1"}  # no new round
+        round_kv = store.inner.get("/elastic/outage/round")
+        assert round_kv is not None and json.loads(round_kv.value)["generation"] == 1
+    finally:
+        store.up.set()
+        finish.write_text("")
+        runner.join(30)
+        handler.close()

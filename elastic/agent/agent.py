@@ -218,20 +218,41 @@ class ElasticAgent:
 
     def _rejoin(self, rnd: Round, why: str) -> Round:
         """This node's lease may have ended (or the store failed it) while its workers ran in
-        ``rnd``: the others re-form without it. Fence the workers (SIGKILL, no final save: a
-        save of a round that is gone must not publish), wait for the store to answer again
-        (up to ``store_timeout``), take a new lease if the old one is gone and join the next
-        round as a newcomer. Nothing is charged: the node was cut off, no worker failed."""
-        log.warning("fenced round %d: %s; this node's workers are stopped and it rejoins the job", rnd.generation, why)
+        ``rnd``: the others may re-form without it. The workers are fenced: frozen (SIGSTOP, by
+        the watcher already when the lease ran out), so none steps or saves. Once the store
+        answers again (up to ``store_timeout``): if the lease held and ``rnd`` still stands (a
+        store outage that every node saw, an etcd restart), they go on where they were;
+        otherwise they are killed (no final save: a save of a round that is gone must not
+        publish), and the node takes a new lease if its old one is gone and joins the next round
+        as a newcomer. Nothing is charged: the node was cut off, no worker failed."""
+        log.warning("fenced round %d: %s; this node's workers are frozen until the store answers", rnd.generation, why)
         if self._watcher is not None:
             self._watcher.stop()
-        if self._group is not None:
-            self._group.kill()
+        group = self._group
+        if group is not None:
+            group.pause()
+            self.handler.await_store()  # a StoreLostError past store_timeout: run() stops the workers
+            if group.all_alive() and self._still_in(rnd):
+                group.resume()
+                log.warning("the rendezvous store answers again and round %d stands: workers resumed (pids %s)",
+                            rnd.generation, group.pids)
+                self._restart_watch(rnd)
+                self.reporter.emit("resumed", reason=why)
+                return rnd
+            group.kill()
+        log.warning("round %d is gone for this node: its workers are stopped and it rejoins the job", rnd.generation)
         self._stop_workers(grace_s=0.0)
         nxt = self._next_round(rnd)
         self.reporter.emit("fenced", fenced_generation=rnd.generation, reason=why)
         self._start_workers(nxt)
         return nxt
+
+    def _still_in(self, rnd: Round) -> bool:
+        """Whether this node's lease never lapsed (a renewal proves it now) and ``rnd`` stands."""
+        try:
+            return self.handler.confirm_lease(self._lease_epoch) and self.handler.watch(rnd, timeout_s=0.0) is None
+        except (StoreUnavailableError, LeaseNotFoundError):
+            return False
 
     def _store_lost(self, exc: StoreLostError) -> int:
         """The store has been silent for ``store_timeout``: stop the workers, say so in one line
@@ -434,11 +455,11 @@ class ElasticAgent:
         self._watcher = RoundWatcher(self.handler, rnd, lease_epoch=self._lease_epoch, fence=self._fence)
 
     def _fence(self, why: str) -> None:
-        """From the watcher's lease thread: kill this node's workers now (the loop reaps them)."""
+        """From the watcher's lease thread: freeze this node's workers now (the loop decides)."""
         group = self._group
         if group is not None:
             log.warning("fencing this node's workers (pids %s): %s", group.pids, why)
-            group.kill()
+            group.pause()
 
     def _scratch_dir(self) -> str:
         path = os.path.join(tempfile.gettempdir(), f"elastic-run-{os.getuid()}")
@@ -468,7 +489,8 @@ class ElasticAgent:
             self.reporter.alive()
             if self._notice > 0:
                 self._notice_to_drain()
-            group.kill_stopped()  # a SIGSTOPped worker hangs its peers: treat it as dead
+            if not watcher.lease_lost:  # the fence freezes them: that is no hang
+                group.kill_stopped()  # a SIGSTOPped worker hangs its peers: treat it as dead
             exits = group.poll()
             failed = [e for e in exits if e.returncode != 0]
             if failed:

@@ -283,15 +283,26 @@ class WorkerGroup:
                 except ProcessLookupError:
                     pass
 
-    def kill(self) -> None:
-        """SIGKILL every worker's process group now, without waiting or reaping (safe from another
-        thread than the one that polls): a fence, so no worker gets to save or step once more."""
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to every worker's process group now, without waiting or reaping (safe
+        from another thread than the one that polls). SIGKILL, or SIGSTOP (:meth:`pause`): a
+        fence, so no worker gets to save or step once more until the agent decides."""
         for w in self.workers:
             if w.proc.returncode is None:
                 try:
-                    os.killpg(w.proc.pid, signal.SIGKILL)
+                    os.killpg(w.proc.pid, sig)
                 except (ProcessLookupError, PermissionError):
                     pass
+
+    def pause(self) -> None:
+        """Freeze every worker (SIGSTOP to its process group, its children and threads included)."""
+        self.kill(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.kill(signal.SIGCONT)
+
+    def all_alive(self) -> bool:
+        return bool(self.workers) and all(w.proc.poll() is None for w in self.workers)
 
     def running(self) -> bool:
         return any(w.proc.poll() is None for w in self.workers)

@@ -98,6 +98,31 @@ class RendezvousHandler:
         """Seconds since the store last answered this node's heartbeat."""
         return max(0.0, time.monotonic() - self._contact)
 
+    def await_store(self) -> None:
+        """Block until the store answers this node's heartbeat again (a renewal, or the news that
+        the lease is gone); raise :class:`StoreLostError` once it has been silent for ``store_loss_s``."""
+        since = time.monotonic()
+        while self._contact < since and not self._closed.is_set():
+            silent, limit = self.store_silent_s(), self.settings.store_loss_s
+            if silent > limit:
+                self._lost = True
+                raise StoreLostError(self.endpoint, silent, limit, self._store_error)
+            time.sleep(min(0.1, self.settings.lease_ttl_s / 10))
+
+    def confirm_lease(self, epoch: int) -> bool:
+        """Whether the lease this node held at ``epoch`` is still alive on the store, proven by a
+        renewal now (a lease found gone is left to the heartbeat or the next join to replace)."""
+        with self._lease_lock:
+            if self._lease_epoch != epoch or self._closed.is_set():
+                return False
+            sent = time.monotonic()
+            try:
+                self.store.keep_alive(self._lease)
+            except LeaseNotFoundError:
+                return False
+            self._lease_sent, self._contact = max(self._lease_sent, sent), time.monotonic()
+            return True
+
     @property
     def endpoint(self) -> str:
         """Where the store is, for messages."""
