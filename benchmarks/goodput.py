@@ -329,6 +329,33 @@ def stop_job(job: Job, cluster) -> None:
             pass
 
 
+def run_chaos(cluster, root: str, launcher: str, start_faults: Callable, duration_s: float, tail_s: float,
+              step_s: float, backend: str, token_file: str, port: int = RDZV_PORT) -> tuple:
+    """One chaos run of ``launcher`` on START_HOSTS: the schedule from the job's first full-size
+    step, ``duration_s + tail_s`` then every process killed; (job, fault records)."""
+    job = Job(launcher, cluster, os.path.join(root, f"{launcher}-chaos"), 10 ** 7, step_s, backend, token_file, port,
+              f"goodput-{launcher}-chaos-{os.getpid()}")
+    os.makedirs(job.workdir, exist_ok=True)
+    print(f"{launcher}: chaos run ({duration_s:.0f} s + {tail_s:.0f} s)", file=sys.stderr, flush=True)
+    try:
+        faults = run_job(job, START_HOSTS, duration_s + tail_s, start_faults)
+    finally:
+        stop_job(job, cluster)
+    return job, faults
+
+
+def prepare(root: str) -> str:
+    """The dataset and the token file under ``root``; returns the token file's path."""
+    os.makedirs(root, exist_ok=True)
+    workload.write_dataset(os.path.join(root, "data"))
+    token_file = os.path.join(root, "token")
+    if not os.path.exists(token_file):
+        with open(token_file, "w") as f:
+            f.write(os.urandom(16).hex())
+        os.chmod(token_file, 0o600)
+    return token_file
+
+
 # --------------------------------------------------------------------------------------- faults
 class LocalInjector:
     """``--local``: the seeded schedule's process faults, injected on loopback."""
@@ -400,42 +427,45 @@ def local_schedule(seed: int, duration_s: float, period_s: float, kinds, hosts) 
     return out
 
 
-def harness_faults(args, cluster, hosts_initial):
-    """The netns harness's schedule and injector, with our callbacks for the launcher-specific
-    kinds (scale-up starts an agent on a spare host; scale-down SIGTERMs an agent)."""
+def harness_faults(cluster, kinds, seed: int, duration_s: float, period_s: float, schedule=None):
+    """The netns harness's seeded schedule (``faults.Schedule.compressed`` over FAULT_HOSTS, h5
+    spare) or the given one, and a starter that runs it with ``faults.Injector`` against a job,
+    with the job's callbacks: the worker to kill or stop (from its step logs), a scale-up (an
+    agent on the host) and a scale-down (SIGTERM to the host's agent)."""
     from benchmarks.chaos import faults
 
-    kinds = [k for k in args.kinds if k != "etcd_kill" or args.backend == "etcd"]
-    schedule = faults.Schedule.compressed(args.seed, args.duration_s, period_s=args.period_s, kinds=kinds,
-                                          hosts=list(FAULT_HOSTS))
+    if schedule is None:
+        schedule = faults.Schedule.compressed(seed, duration_s, period_s=period_s, kinds=list(kinds),
+                                              hosts=list(FAULT_HOSTS), spare_hosts=list(SPARE_HOSTS))
 
     def start(job: Job, records: list):
-        spare = list(SPARE_HOSTS)
-
         def scale_up(host):
-            h = spare.pop(0) if spare else host
-            job.start_node(h)
-            return h
+            if not host:  # no known spare: any host of the cluster without a live agent
+                host = next((h for h in FAULT_HOSTS if h not in job.agents or job.agents[h].poll() is not None), "")
+            if host:
+                job.start_node(host)
+            return host
 
         def scale_down(host):
             proc = job.agents.get(host)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-                spare.append(host)
             return host
 
-        inj = faults.Injector(cluster, schedule, t0=job.t_launch, on_scale_up=scale_up, on_scale_down=scale_down,
-                              worker_pid=job.worker_pid, restart_etcd=None)
+        inj = faults.Injector(cluster, schedule, t0=job.t_faults, worker_pid=job.worker_pid, on_scale_up=scale_up,
+                              on_scale_down=scale_down)
         inj.start()
 
         class Handle:
             def done(self):
-                return not inj.is_alive()
+                return inj.done()
 
             def stop(self):
                 inj.stop()
-                inj.join(timeout=60)
-                records.extend(inj.records)
+                inj.join(timeout=120)
+                records.extend(inj.records())
+                for e in inj.errors:
+                    print(f"fault injection: {e}", file=sys.stderr, flush=True)
 
         return Handle()
 
@@ -549,20 +579,18 @@ def main(argv=None) -> int:
             print(f"benchmarks/goodput.py: network namespaces unavailable: {exc} (use --local for loopback)",
                   file=sys.stderr)
             return 2
-        cluster = netns.Cluster()
+        cluster = netns.Cluster(etcd_host=args.backend == "etcd",
+                                **({"workdir": args.workdir, "keep_workdir": True} if args.workdir else {}))
+        _CLUSTERS.append(cluster)
         if args.backend == "etcd":
             cluster.start_etcd()
-        sched, start_faults = harness_faults(args, cluster, START_HOSTS)
+        sched, start_faults = harness_faults(cluster, args.kinds, args.seed, args.duration_s, args.period_s)
         schedule_text = "; ".join(f"{f.t_s:.0f}s {f.kind} {f.host}" for f in sched)
-    _CLUSTERS.append(cluster)
-
-    root = args.workdir or tempfile.mkdtemp(prefix="elastic-goodput-", dir="/var/tmp")
-    os.makedirs(root, exist_ok=True)
-    workload.write_dataset(os.path.join(root, "data"))
-    token_file = os.path.join(root, "token")
-    with open(token_file, "w") as f:
-        f.write(os.urandom(16).hex())
-    os.chmod(token_file, 0o600)
+    if args.local:
+        _CLUSTERS.append(cluster)
+    root = args.workdir or (tempfile.mkdtemp(prefix="elastic-goodput-", dir="/var/tmp") if args.local
+                            else str(cluster.workdir))
+    token_file = prepare(root)
 
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}; "
           f"{'loopback (--local)' if args.local else 'network-namespace hosts'}: job on {','.join(START_HOSTS)}, "
@@ -596,14 +624,8 @@ def main(argv=None) -> int:
                         steps_per_epoch=workload.STEPS_PER_EPOCH)
         ff_kept = gp.kept_executions(gp.executions(ff_recs))
 
-        job = Job(launcher, cluster, os.path.join(root, f"{launcher}-chaos"), 10 ** 7, args.step_s, args.backend,
-                  token_file, port(), f"goodput-{launcher}-chaos-{os.getpid()}")
-        os.makedirs(job.workdir, exist_ok=True)
-        print(f"{launcher}: chaos run ({args.duration_s:.0f} s + {args.tail_s:.0f} s)", file=sys.stderr, flush=True)
-        try:
-            faults = run_job(job, START_HOSTS, args.duration_s + args.tail_s, start_faults)
-        finally:
-            stop_job(job, cluster)
+        job, faults = run_chaos(cluster, root, launcher, start_faults, args.duration_s, args.tail_s, args.step_s,
+                                args.backend, token_file, port())
         f = figures_of(job, faults, ff, ff_kept, ff_job.t_launch)
         f["t_launch"], f["t_faults"] = job.t_launch, job.t_faults
         f["checkpoint_loads"] = checkpoint_loads(job, cluster)

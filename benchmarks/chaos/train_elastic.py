@@ -6,8 +6,8 @@ and ``checkpoint.Checkpointer``.
 The same model, data, global batch and step as ``train_plain.py`` (``workload``). The loader and
 the step live in an ``elastic.TorchState``: on a lost peer or a new round the survivors roll
 back to their last ``commit()`` (every step) and go on in place; a replacement or a newcomer
-takes the state from its peers. After a re-formation each rank's batch becomes
-``GLOBAL_BATCH // WORLD_SIZE`` (the reset callback), so the global batch stays fixed and the
+takes the state from its peers. At every entry into ``train`` each rank's batch becomes
+``GLOBAL_BATCH // WORLD_SIZE``, so the global batch stays fixed and the
 loader's global position keeps every sample of an epoch exactly once.
 
 Every ``--ckpt-every`` (20) steps the state (model, optimizer, step, loader position) is saved
@@ -94,22 +94,30 @@ def settle(ckp: Checkpointer, step: int, t_save: float) -> None:
                  published=False, t_save=t_save, detail=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-def on_reset() -> None:
+entered: list = []  # the generation of each entry into train()
+
+
+def enter_round(world: int, rank: int, gen: int) -> None:
+    """At every entry into ``train`` (the first, and after each re-formation): the rank's batch
+    for the fixed global batch, and a checkpointer of this round (its rank, world size and
+    generation are fixed at construction). Done here rather than in a reset callback, which
+    runs only in workers that re-form: a worker started for one round that joins the next
+    before its first step (a newcomer whose first round broke while forming) runs none."""
     global ck
-    world = env_int("WORLD_SIZE", 1)
     state.loader.set_world(batch_size=workload.per_rank_batch(world))
-    if pending:  # the old round's save finishes (or is fenced) on its own
-        threading.Thread(target=settle, args=pending.pop(), daemon=True).start()
-    ck = make_checkpointer()
-    log.reform(rank=env_int("RANK", 0), world_size=world, generation=workload.generation(), step=state.step)
-
-
-state.register_reset_callbacks([on_reset])
+    if ck.generation != gen or ck.world_size != world or ck.rank != rank:
+        if pending:  # the old round's save finishes (or is fenced) on its own
+            threading.Thread(target=settle, args=pending.pop(), daemon=True).start()
+        ck = make_checkpointer()
+    if entered and entered[-1] != gen:
+        log.reform(rank=rank, world_size=world, generation=gen, step=state.step)
+    entered.append(gen)
 
 
 @elastic.run(timeout_s=args.timeout_s)
 def train(state):
     world, rank, gen = env_int("WORLD_SIZE", 1), env_int("RANK", 0), workload.generation()
+    enter_round(world, rank, gen)
     net = DDP(state.model) if world > 1 else state.model
     loss_fn = nn.CrossEntropyLoss()
     pacer = workload.Pacer(args.step_s)
