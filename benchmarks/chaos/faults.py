@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 
-from benchmarks.chaos.netns import CGROUP_ROOT, Cluster
+from benchmarks.chaos.netns import Cluster
 
 __all__ = ["FaultRecord", "ScheduledFault", "Schedule", "Injector", "KINDS", "DEFAULT_DURATIONS",
            "kill_worker", "stop_worker", "cont_worker", "power_off", "power_on", "partition", "heal", "degrade",
@@ -199,7 +199,7 @@ def restore(cluster: Cluster, host: str, record: Optional[FaultRecord] = None) -
 
 # --------------------------------------------------------------------------------------- cpu
 def _cpu_dir(cluster: Cluster, host: str):
-    return CGROUP_ROOT / "cpu" / cluster.tag / cluster.hosts[host].name
+    return cluster.cgroup(host, "cpu")
 
 
 def cpu_quota(cluster: Cluster, host: str, fraction: float) -> FaultRecord:

@@ -15,9 +15,10 @@ the namespace set, and refuses (:class:`UnsafeTopology`) otherwise.
 
 A host is more than a network namespace: one long-lived holder process per host, started through
 ``ip netns exec`` + ``unshare --mount --uts --ipc --propagation private``, gives it its own
-hostname, a fresh tmpfs on ``/tmp`` and ``/dev/shm`` and an ``/etc/hosts`` naming every host;
+hostname, a fresh tmpfs on ``/tmp`` and ``/dev/shm``, an ``/etc/hosts`` naming every host and an
+``/etc/resolv.conf`` pointing at the host's own loopback;
 :meth:`Cluster.spawn` enters those namespaces with ``nsenter`` and puts the process into the
-host's cgroups (v1 ``freezer`` and ``cpu``: ``/sys/fs/cgroup/<ctrl>/<tag>/<host>``), which is how
+host's cgroups (v1 ``freezer`` and ``cpu``: ``/sys/fs/cgroup/<ctrl>/elastic-chaos/<tag>/<host>``), which is how
 :meth:`Cluster.pids`, a power-off (freeze, SIGKILL, thaw) and a CPU quota find every process of a
 host. A power-off kills the holder too, so the host's ``/tmp`` and ``/dev/shm`` are lost as a
 machine's memory would be; :meth:`Cluster.power_on` starts a fresh one.
@@ -57,6 +58,7 @@ __all__ = ["NamespacesUnavailable", "UnsafeTopology", "HostDown", "Host", "Clust
 PREFIX = "ec"  # every default tag starts with it: cleanup_stale(PREFIX) finds every crashed run
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("freezer", "cpu")
+CGROUP_PARENT = "elastic-chaos"  # /sys/fs/cgroup/<ctrl>/elastic-chaos/<tag>/<host>
 OWNERS = Path("/run/elastic-chaos")
 ETCD_PORT = 2379
 ETCD_BIN = "/usr/bin/etcd"
@@ -272,11 +274,15 @@ class Cluster:
         return f"{self.tag}-{self._host(name).name}s"
 
     def cgroup(self, name: str, ctrl: str = "freezer") -> Path:
-        return CGROUP_ROOT / ctrl / self.tag / self._host(name).name
+        return cgroup_dir(ctrl, self.tag) / self._host(name).name
 
     @property
     def hosts_file(self) -> Path:
         return self.workdir / ".hosts"
+
+    @property
+    def resolv_file(self) -> Path:
+        return self.workdir / ".resolv.conf"
 
     # ------------------------------------------------------------------ build
     def _build(self) -> None:
@@ -305,12 +311,15 @@ class Cluster:
             _sh(["ip", "-n", host.netns, "addr", "add", f"{host.addr}/24", "dev", "eth0"])
             _sh(["ip", "-n", host.netns, "link", "set", "eth0", "up"])
             for ctrl in CONTROLLERS:
-                (CGROUP_ROOT / ctrl / self.tag).mkdir(exist_ok=True)
-                self.cgroup(host.name, ctrl).mkdir(exist_ok=True)
+                _mkdir_cgroup(self.cgroup(host.name, ctrl))
         lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
         lines += [f"{h.addr} {h.name}" for h in self.hosts.values()]
         self.hosts_file.write_text("\n".join(lines) + "\n")
         os.chmod(self.hosts_file, 0o644)
+        # DNS, if anything asks it, goes to the host's own loopback (nothing listens there):
+        # never to the machine's resolver, which no host could reach anyway
+        self.resolv_file.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        os.chmod(self.resolv_file, 0o644)
         self.check_routes()
         for name in self.hosts:
             self._start_holder(name)
@@ -380,7 +389,8 @@ class Cluster:
         inner = (f"echo {name} > /proc/sys/kernel/hostname && "
                  "mount -t tmpfs -o mode=1777,size=2g tmpfs /tmp && "
                  "mount -t tmpfs -o mode=1777,size=2g tmpfs /dev/shm && "
-                 f"mount --bind {self.hosts_file} /etc/hosts && echo READY && exec sleep infinity")
+                 f"mount --bind {self.hosts_file} /etc/hosts && mount --bind {self.resolv_file} /etc/resolv.conf && "
+                 "echo READY && exec sleep infinity")
         argv = ["/bin/sh", "-c", 'echo $$ > "$1" && echo $$ > "$2" && shift 2 && exec "$@"', "holder",
                 str(self.cgroup(name, "freezer") / "cgroup.procs"), str(self.cgroup(name, "cpu") / "cgroup.procs"),
                 "ip", "netns", "exec", host.netns, "unshare", "--mount", "--uts", "--ipc", "--propagation",
@@ -634,10 +644,11 @@ class Cluster:
             except Exception as exc:  # noqa: BLE001 - keep tearing down
                 errors.append(f"kill {name}: {exc}")
         errors += _teardown(self.tag, list(self.hosts), self._made_ns)
-        try:
-            self.hosts_file.unlink()
-        except OSError:
-            pass
+        for f in (self.hosts_file, self.resolv_file):
+            try:
+                f.unlink()
+            except OSError:
+                pass
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
         _LIVE.discard(self)
@@ -647,8 +658,15 @@ class Cluster:
     def __enter__(self) -> "Cluster":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.close()
+        except Exception as err:  # noqa: BLE001 - never hide the exception that ended the block
+            if exc_type is None:
+                raise
+            import logging
+
+            logging.getLogger(__name__).warning("%s", err)
 
     def __repr__(self) -> str:
         return f"Cluster(tag={self.tag!r}, hosts={list(self.hosts)}, subnet={self.subnet!r})"
@@ -679,18 +697,37 @@ def _teardown(tag: str, hosts: Sequence[str], netns: Sequence[str]) -> List[str]
             if got.returncode != 0:
                 errors.append(f"ip netns del {ns}: {got.stderr.strip()}")
     for ctrl in CONTROLLERS:
-        base = CGROUP_ROOT / ctrl / tag
+        base = cgroup_dir(ctrl, tag)
         if not base.exists():
             continue
         for sub in [d for d in base.iterdir() if d.is_dir()] + [base]:
             err = _rmdir_cgroup(sub)
             if err:
                 errors.append(err)
+        try:
+            base.parent.rmdir()  # the shared parent, once no run uses it
+        except OSError:
+            pass
     try:
         (OWNERS / f"{tag}.json").unlink()
     except OSError:
         pass
     return errors
+
+
+def cgroup_dir(ctrl: str, tag: str) -> Path:
+    """The cgroup (v1 controller ``ctrl``) holding the hosts of the run ``tag``."""
+    return CGROUP_ROOT / ctrl / CGROUP_PARENT / tag
+
+
+def _mkdir_cgroup(d: Path) -> None:
+    for _ in range(50):  # another run may remove the shared parent between our two mkdirs
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            time.sleep(0.01)
+    d.mkdir(parents=True, exist_ok=True)
 
 
 def _rmdir_cgroup(d: Path) -> Optional[str]:
@@ -728,25 +765,24 @@ def cleanup_stale(prefix: str = PREFIX, *, include_live: bool = False) -> List[s
     links, nft tables, qdiscs, cgroups. A run whose owner process is still alive is left alone
     unless ``include_live``. Returns the tags removed."""
     tags: set = set()
-    for ns in _netns_list():
-        if ns.startswith(prefix) and "-" in ns:
-            tags.add(ns.rsplit("-", 1)[0])
+    present = _netns_list()
+    for ns in present:  # a run's switch namespace names it
+        if ns.startswith(prefix) and ns.endswith("-sw"):
+            tags.add(ns[:-3])
     for ctrl in CONTROLLERS:
-        base = CGROUP_ROOT / ctrl
+        base = CGROUP_ROOT / ctrl / CGROUP_PARENT
         if base.is_dir():
-            tags.update(d.name for d in base.iterdir() if d.is_dir() and d.name.startswith(prefix)
-                        and _TAG_RE.fullmatch(d.name))
+            tags.update(d.name for d in base.iterdir() if d.is_dir() and d.name.startswith(prefix))
     if OWNERS.is_dir():
         tags.update(f.stem for f in OWNERS.glob(f"{prefix}*.json"))
     done = []
-    present = _netns_list()
     for tag in sorted(tags):
         if not _TAG_RE.fullmatch(tag) or (not include_live and _owner_alive(tag)):
             continue
         nss = [ns for ns in present if ns.rsplit("-", 1)[0] == tag]
         hosts = [ns.rsplit("-", 1)[1] for ns in nss if not ns.endswith("-sw")]
         for ctrl in CONTROLLERS:  # kill what runs in its cgroups first (a holder keeps mounts alive)
-            base = CGROUP_ROOT / ctrl / tag
+            base = cgroup_dir(ctrl, tag)
             if base.is_dir():
                 for sub in base.iterdir():
                     if sub.is_dir():

@@ -236,6 +236,39 @@ def test_hosts_reach_each_other_by_address(cluster3):
         server.wait(timeout=10)
 
 
+GLOO_ALLREDUCE = r"""
+import os, socket, torch, torch.distributed as dist
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", init_method="tcp://h1:29555", rank=rank, world_size=2)
+t = torch.tensor([rank + 1.0]); dist.all_reduce(t)
+print("RESULT", socket.gethostname(), t.item(), flush=True)
+"""
+
+
+@pytest.mark.chaos
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_torch_gloo_allreduce_across_hosts(cluster3):
+    """What the workloads do, in miniature: two hosts find each other by name and all-reduce."""
+    from needs import require
+
+    require("torch")
+    c = cluster3
+    logs = {h: Path(c.workdir) / f"gloo-{h}.log" for h in ("h1", "h2")}
+    procs = [c.spawn(h, [PY, "-c", GLOO_ALLREDUCE], env={"RANK": str(i), "OMP_NUM_THREADS": "1"}, log_path=logs[h])
+             for i, h in enumerate(("h1", "h2"))]
+    try:
+        for p in procs:
+            p.wait(timeout=100)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    for h, log in logs.items():
+        text = log.read_text(errors="replace")
+        assert f"RESULT {h} 3.0" in text, text[-2000:]
+
+
 def _log_of(c, proc) -> str:
     logs = sorted((Path(c.workdir) / "logs").glob("*"), key=lambda p: p.stat().st_mtime)
     return "".join(p.read_text(errors="replace") for p in logs)
@@ -347,7 +380,7 @@ def test_degrade_loses_some_packets_and_restore_undoes_it(cluster3):
 def test_cpu_quota_throttles_the_hosts_processes(cluster3):
     c = cluster3
     busy = c.spawn("h3", [PY, "-c", "while True: pass"])
-    cpu = Path(netns.CGROUP_ROOT) / "cpu" / c.tag / "h3"
+    cpu = c.cgroup("h3", "cpu")
 
     def throttled() -> int:
         stat = dict(line.split() for line in (cpu / "cpu.stat").read_text().splitlines())
@@ -465,7 +498,7 @@ def test_injector_runs_a_schedule_and_undoes_on_stop(cluster3):
     # stop() ended the degrade that had 300 s to go; everything is back to normal
     forward = sh("ip", "netns", "exec", c.switch, "nft", "list", "table", "bridge", c.nft_table)
     assert "numgen" not in forward and "elements" not in forward
-    assert (Path(netns.CGROUP_ROOT) / "cpu" / c.tag / "h1" / "cpu.cfs_quota_us").read_text().strip() == "-1"
+    assert (c.cgroup("h1", "cpu") / "cpu.cfs_quota_us").read_text().strip() == "-1"
 
 
 @pytest.mark.chaos
@@ -511,7 +544,7 @@ def _leftovers(tag: str) -> list:
     out += [f"netns {n}" for n in sh("ip", "netns", "list").split() if n.startswith(tag)]
     out += [f"link {ln}" for ln in sh("ip", "-o", "link", "show").splitlines() if f"{tag}-" in ln]
     out += [f"nft {t}" for t in sh("nft", "list", "tables").splitlines() if t.split()[-1:] == [tag]]
-    out += [f"cgroup {ctrl}" for ctrl in netns.CONTROLLERS if (Path(netns.CGROUP_ROOT) / ctrl / tag).exists()]
+    out += [f"cgroup {ctrl}" for ctrl in netns.CONTROLLERS if netns.cgroup_dir(ctrl, tag).exists()]
     out += [f"owner {tag}" for _ in [0] if (netns.OWNERS / f"{tag}.json").exists()]
     return out
 
@@ -564,8 +597,7 @@ def test_cleanup_stale_after_a_crash_and_never_a_live_run():
         assert out.stdout.strip() == "UP" and out.returncode == -signal.SIGKILL, out.stderr
         left = _leftovers(tag)
         assert any(x.startswith("netns") for x in left) and any(x.startswith("cgroup") for x in left)
-        sleeper = [int(x) for x in (Path(netns.CGROUP_ROOT) / "freezer" / tag / "h1" / "cgroup.procs")
-                   .read_text().split()]
+        sleeper = [int(x) for x in (netns.cgroup_dir("freezer", tag) / "h1" / "cgroup.procs").read_text().split()]
         assert sleeper
         assert netns.cleanup_stale(live.tag) == []  # its owner is alive: left alone
         assert netns.cleanup_stale(tag) == [tag]
