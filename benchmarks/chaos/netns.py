@@ -29,7 +29,10 @@ every host at the same path, like a shared NFS mount: logs, checkpoints and etcd
 :meth:`Cluster.close` (also on ``__exit__`` and at interpreter exit) kills every process of every
 host and removes every namespace, link, nft table, qdisc and cgroup it made, by name, even after a
 failure; :func:`cleanup_stale` removes what a crashed run left (an owner file under
-``/run/elastic-chaos`` says which run is still alive, so a live parallel run is never touched).
+``/run/elastic-chaos`` says which run is still alive, so a live parallel run is never touched):
+
+    python -m benchmarks.chaos.netns list            # runs that left namespaces here
+    python -m benchmarks.chaos.netns cleanup [TAG]   # remove those whose owner is dead
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["NamespacesUnavailable", "UnsafeTopology", "HostDown", "Host", "Cluster", "require_namespaces",
-           "cleanup_stale", "PREFIX", "ETCD_PORT"]
+           "cleanup_stale", "runs", "cgroup_dir", "PREFIX", "ETCD_PORT"]
 
 PREFIX = "ec"  # every default tag starts with it: cleanup_stale(PREFIX) finds every crashed run
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -802,3 +805,52 @@ def cleanup_stale(prefix: str = PREFIX, *, include_live: bool = False) -> List[s
                 _sh(["nft", "delete", "table", parts[1], tag], check=False)
         done.append(tag)
     return done
+
+
+def runs(prefix: str = PREFIX) -> List[dict]:
+    """The runs whose tag starts with ``prefix`` that left a trace here: tag, owner pid, whether
+    the owner is alive, workdir, namespaces."""
+    present = _netns_list()
+    out = []
+    tags = {ns[:-3] for ns in present if ns.startswith(prefix) and ns.endswith("-sw")}
+    if OWNERS.is_dir():
+        tags.update(f.stem for f in OWNERS.glob(f"{prefix}*.json"))
+    for tag in sorted(tags):
+        try:
+            info = json.loads((OWNERS / f"{tag}.json").read_text())
+        except (OSError, ValueError):
+            info = {}
+        out.append({"tag": tag, "owner_pid": info.get("pid"), "alive": _owner_alive(tag),
+                    "workdir": info.get("workdir"), "netns": [ns for ns in present if ns.rsplit("-", 1)[0] == tag]})
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.chaos.netns",
+                                description="List or remove what chaos-harness runs left on this machine.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("list", help="runs with namespaces or owner files here")
+    ls.add_argument("prefix", nargs="?", default=PREFIX)
+    cl = sub.add_parser("cleanup", help="remove the leftovers of runs whose owner is dead")
+    cl.add_argument("prefix", nargs="?", default=PREFIX)
+    cl.add_argument("--include-live", action="store_true", help="also runs whose owner process still lives")
+    args = p.parse_args(argv)
+    if args.cmd == "list":
+        for r in runs(args.prefix):
+            print(f"{r['tag']}  owner {r['owner_pid']} {'alive' if r['alive'] else 'dead'}  "
+                  f"{len(r['netns'])} namespaces  {r['workdir'] or ''}")
+        return 0
+    try:
+        require_namespaces()
+    except NamespacesUnavailable as exc:
+        print(f"cannot clean up: {exc}", file=sys.stderr)
+        return 2
+    removed = cleanup_stale(args.prefix, include_live=args.include_live)
+    print(f"removed {len(removed)} run(s): {' '.join(removed)}" if removed else "nothing to remove")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -201,8 +201,7 @@ def test_records_are_frozen_dataclasses():
 
 
 # --------------------------------------------------------------------------------------- hosts
-@pytest.mark.parametrize("dummy", [0])
-def test_skips_with_reason_without_namespaces(dummy, monkeypatch):
+def test_skips_with_reason_without_namespaces(monkeypatch):
     """Without root the harness names the reason (and so the chaos tests skip with it)."""
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(netns, "_PROBE", {})
@@ -577,8 +576,8 @@ sys.path.insert(0, sys.argv[1])
 from benchmarks.chaos import netns, faults
 c = netns.Cluster(("h1", "h2"), tag=sys.argv[2], workdir=sys.argv[3])
 c.spawn("h1", ["sleep", "1000"])
-faults.partition(c, "h2"); faults.degrade(c, "h1"); c.freeze("h2") if False else None
-print("UP", flush=True)
+faults.partition(c, "h2"); faults.degrade(c, "h1"); faults.cpu_quota(c, "h1", 0.5)
+print("UP", os.getpid(), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)   # no close(), no atexit
 """
 
@@ -594,13 +593,19 @@ def test_cleanup_stale_after_a_crash_and_never_a_live_run():
     try:
         out = subprocess.run([PY, "-c", CRASHER, REPO, tag, str(workdir)], capture_output=True, text=True,
                              timeout=60)
-        assert out.stdout.strip() == "UP" and out.returncode == -signal.SIGKILL, out.stderr
+        assert out.stdout.split()[0] == "UP" and out.returncode == -signal.SIGKILL, out.stderr
+        crashed_pid = out.stdout.split()[1]
         left = _leftovers(tag)
         assert any(x.startswith("netns") for x in left) and any(x.startswith("cgroup") for x in left)
         sleeper = [int(x) for x in (netns.cgroup_dir("freezer", tag) / "h1" / "cgroup.procs").read_text().split()]
         assert sleeper
         assert netns.cleanup_stale(live.tag) == []  # its owner is alive: left alone
-        assert netns.cleanup_stale(tag) == [tag]
+        listed = subprocess.run([PY, "-m", "benchmarks.chaos.netns", "list", tag], cwd=REPO, capture_output=True,
+                                text=True, timeout=60).stdout
+        assert listed.split()[:4] == [tag, "owner", crashed_pid, "dead"], listed
+        cli = subprocess.run([PY, "-m", "benchmarks.chaos.netns", "cleanup", tag], cwd=REPO, capture_output=True,
+                             text=True, timeout=60)
+        assert cli.stdout.strip() == f"removed 1 run(s): {tag}", cli.stdout + cli.stderr
         assert _leftovers(tag) == []
         assert all(gone(x) for x in sleeper)
         assert live.run("h1", ["hostname"]).stdout.strip() == "h1"
