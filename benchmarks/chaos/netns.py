@@ -235,9 +235,11 @@ class Cluster:
         self.nft_table = self.tag
         if workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix=f"elastic-chaos-{self.tag}-", dir="/var/tmp"))
+            self._made_workdir = True
             self._own_workdir = not keep_workdir
         else:
             self.workdir = Path(workdir).resolve()
+            self._made_workdir = False
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._own_workdir = bool(keep_workdir is False)
         for private in ("/tmp", "/dev/shm"):
@@ -255,6 +257,7 @@ class Cluster:
         self._etcd: Optional[subprocess.Popen] = None
         self._etcd_url: Optional[str] = None
         self._nspawned = 0
+        self._claim_tag()
         _LIVE.add(self)
         try:
             self._build()
@@ -288,10 +291,31 @@ class Cluster:
         return self.workdir / ".resolv.conf"
 
     # ------------------------------------------------------------------ build
-    def _build(self) -> None:
+    def _claim_tag(self) -> None:
+        """Take the tag with an owner file made O_EXCL (so two runs never share names, and a
+        teardown never touches another run's), after checking nothing of it is left here."""
+        leftovers = [ns for ns in _netns_list() if ns.rsplit("-", 1)[0] == self.tag]
+        leftovers += [str(cgroup_dir(c, self.tag)) for c in CONTROLLERS if cgroup_dir(c, self.tag).exists()]
         OWNERS.mkdir(parents=True, exist_ok=True)
-        (OWNERS / f"{self.tag}.json").write_text(json.dumps(
-            {"pid": os.getpid(), "start": _start_time(os.getpid()), "workdir": str(self.workdir)}))
+        try:
+            fd = os.open(OWNERS / f"{self.tag}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            leftovers.append(str(OWNERS / f"{self.tag}.json"))
+            fd = -1
+        if leftovers:
+            if fd >= 0:
+                os.close(fd)
+                os.unlink(OWNERS / f"{self.tag}.json")
+            state = "in use by a live run" if _owner_alive(self.tag) else \
+                "left by a run that died (python -m benchmarks.chaos.netns cleanup TAG)"
+            self._closed = True  # nothing here is ours to tear down
+            if self._made_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            raise ValueError(f"tag {self.tag} is {state}: {', '.join(leftovers)}")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "start": _start_time(os.getpid()), "workdir": str(self.workdir)}, f)
+
+    def _build(self) -> None:
         self._add_netns(self.switch)
         _sh(["ip", "-n", self.switch, "link", "set", "lo", "up"])
         _sh(["ip", "-n", self.switch, "link", "add", self.bridge, "type", "bridge"])

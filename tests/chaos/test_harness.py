@@ -600,6 +600,10 @@ def test_cleanup_stale_after_a_crash_and_never_a_live_run():
         sleeper = [int(x) for x in (netns.cgroup_dir("freezer", tag) / "h1" / "cgroup.procs").read_text().split()]
         assert sleeper
         assert netns.cleanup_stale(live.tag) == []  # its owner is alive: left alone
+        with pytest.raises(ValueError, match="in use by a live run"):
+            netns.Cluster(("h1",), tag=live.tag)  # a tag is never shared, and the refusal touches nothing
+        with pytest.raises(ValueError, match="left by a run that died"):
+            netns.Cluster(("h1",), tag=tag)
         listed = subprocess.run([PY, "-m", "benchmarks.chaos.netns", "list", tag], cwd=REPO, capture_output=True,
                                 text=True, timeout=60).stdout
         assert listed.split()[:4] == [tag, "owner", crashed_pid, "dead"], listed
