@@ -76,8 +76,9 @@ class _Backend:
 
     comm: _collectives.Comm
 
-    def init(self, distributed: bool) -> None:
-        """Join the current round (``os.environ`` holds its place); no-op if already in one."""
+    def init(self, distributed: bool, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Join the current round (``os.environ`` holds its place); no-op if already in one.
+        ``cancelled()`` turning true (a newer round opened) may end a wait for peers early."""
         raise NotImplementedError
 
     def teardown(self) -> None:
@@ -97,7 +98,7 @@ class _TorchGroup(_Backend):
         self.comm = _collectives.TorchComm()
         self.owns_group = False
 
-    def init(self, distributed: bool) -> None:
+    def init(self, distributed: bool, cancelled: Callable[[], bool] = lambda: False) -> None:
         if not distributed:
             return
         torch = require("torch", "@elastic.run")
@@ -107,8 +108,37 @@ class _TorchGroup(_Backend):
         backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            self._await_peers(cancelled)
         dist.init_process_group(backend, timeout=timedelta(seconds=self.timeout_s))
         self.owns_group = True
+
+    def _await_peers(self, cancelled: Callable[[], bool]) -> None:
+        """Wait in one-second slices until every rank of the round has reached its init, on the
+        agent's TCPStore. A round that breaks while it forms (a peer dies or drains before it
+        connects) would otherwise hold init_process_group for the whole ``timeout_s``; here a
+        newer round ends the wait at the next slice."""
+        from torch.distributed import TCPStore
+
+        env = os.environ
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        prefix = f"elastic/arrived/{env.get('ELASTIC_GENERATION', '0')}/"
+        slice_s = timedelta(seconds=1)
+        deadline = time.monotonic() + self.timeout_s
+        store = None
+        while not cancelled():
+            try:
+                if store is None:
+                    client = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                                      timeout=slice_s, wait_for_workers=False)
+                    client.set(prefix + str(rank), "1")
+                    store = client
+                store.wait([prefix + str(r) for r in range(world)], slice_s)
+                return
+            except RuntimeError:  # DistNetworkError, DistStoreError: not there yet
+                if time.monotonic() > deadline:
+                    raise
+        raise MembershipChangedError("the round changed while it formed")
 
     def teardown(self) -> None:
         try:
@@ -136,7 +166,7 @@ class _HorovodGroup(_Backend):
         self.hvd = require("horovod.torch", "@elastic.run with Horovod")
         self.owns_init = not self.hvd.is_initialized()
 
-    def init(self, distributed: bool) -> None:
+    def init(self, distributed: bool, cancelled: Callable[[], bool] = lambda: False) -> None:
         if not self.hvd.is_initialized():
             self.hvd.init()
 
@@ -171,7 +201,9 @@ class _Session:
         self.recoveries = 0
 
     def _init(self) -> None:
-        self.backend.init(int(os.environ.get("WORLD_SIZE", "1")) > 1 or self.link is not None)
+        link = self.link
+        self.backend.init(int(os.environ.get("WORLD_SIZE", "1")) > 1 or link is not None,
+                          cancelled=lambda: link is not None and link.membership_changed)
 
     @property
     def _agent(self) -> WorkerLink:

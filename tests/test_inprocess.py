@@ -185,3 +185,37 @@ def test_horovod_errors_are_recoverable():
     assert is_recoverable(HorovodInternalError("Horovod has been shut down. This was caused by an exception"))
     assert is_recoverable(HostsUpdatedInterrupt(False))
     assert not is_recoverable(HorovodInternalError("Mismatched allreduce tensor shapes: [3] vs [4]"))
+
+
+
+def test_a_round_that_breaks_while_it_forms_is_left_at_once(procs, tmp_path):
+    """A worker starts for a round whose rank-0 node (the host of that round's TCPStore) dies
+    before the worker reaches init: it must move on to the next round as soon as it opens,
+    not retry the dead TCPStore for @elastic.run's whole timeout_s (600 s here; the harness's
+    deadline is far below it)."""
+    port = free_port()
+    procs.start("rdzv", [os.path.join(os.path.dirname(ELASTIC_RUN), "elastic-rendezvous"), "serve",
+                         "--host", "127.0.0.1", "--port", str(port)])
+    procs.wait_for_output("rdzv", "listening", timeout_s=60)
+
+    def agent(name, *extra):
+        procs.start(name, [ELASTIC_RUN, "--nnodes", "2:3", "--nproc-per-node", "1",
+                           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "broken", "--rdzv-conf",
+                           "is_host=false,last_call_timeout=0.5,lease_ttl=2,join_timeout=60",
+                           "--max-restarts", "0", TRAIN, *ARGS, "--timeout-s", "600", "--hold-at-step", "10",
+                           "--hold-until-world", "3", *extra])
+
+    agent("a0")
+    agent("a1")
+    procs.wait_for_output("a0", "STEP step=10 ", timeout_s=120)  # held there until the job grows
+    agent("a2", "--stall-before-init", "8")
+    procs.wait_for_output("a2", "STALL", timeout_s=120)  # a2's worker, started for the round of 3
+    procs.signal("a0", signal.SIGKILL, group=True)  # rank 0 dies: that round's TCPStore is gone
+    results = procs.wait(timeout_s=150, names=["a1", "a2"])
+    for name in ("a1", "a2"):
+        out = results[name].output
+        recs = steps(out)
+        assert len({r["pid"] for r in recs}) == 1, out[-3000:]  # in place, never restarted
+        assert recs[-1]["world"] == "2" and int(recs[-1]["step"]) == STEPS, out[-3000:]
+    a2 = results["a2"].output
+    assert "changed while it formed" in a2 and a2.count("started 1 worker(s)") == 1, a2[-3000:]

@@ -19,8 +19,13 @@ p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=60)
 p.add_argument("--step-delay", type=float, default=0.0)
 p.add_argument("--out", default="")
-p.add_argument("--hold-at-step", type=int, default=-1, help="wait there until --hold-until-world workers")
+p.add_argument("--hold-at-step", type=int, default=-1,
+               help="wait there until --hold-until-world workers (before any re-formation)")
 p.add_argument("--hold-until-world", type=int, default=0)
+p.add_argument("--timeout-s", type=float, default=60.0, help="@elastic.run's timeout_s")
+p.add_argument("--stall-before-init", type=float, default=0.0,
+               help="reach the first process-group init this much later (registered with the agent, "
+                    "so it is not restarted): the round it was started for breaks meanwhile")
 args = p.parse_args()
 
 GLOBAL_BATCH = 12
@@ -34,7 +39,7 @@ resets = []
 state.register_reset_callbacks([lambda: resets.append(int(os.environ.get("WORLD_SIZE", "1")))])
 
 
-@elastic.run(timeout_s=60)
+@elastic.run(timeout_s=args.timeout_s)
 def train(state):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -52,11 +57,24 @@ def train(state):
         if args.step_delay:
             time.sleep(args.step_delay)
         state.commit()
-        while state.step == args.hold_at_step and world < args.hold_until_world:
+        while state.step == args.hold_at_step and world < args.hold_until_world and not resets:
             time.sleep(0.05)  # a test's gate: hold until the job has grown (news raises here)
             state.check_membership()
 
 
+if args.stall_before_init:  # a slow worker (still loading, say), as a fault injector
+    from elastic import recovery
+
+    real_init, stalled = recovery._TorchGroup.init, []
+
+    def late_init(self, *a, **kw):
+        if not stalled:
+            stalled.append(1)
+            print(f"STALL pid={os.getpid()} gen={os.environ.get('ELASTIC_GENERATION')}", flush=True)
+            time.sleep(args.stall_before_init)
+        return real_init(self, *a, **kw)
+
+    recovery._TorchGroup.init = late_init
 train(state)
 rank = int(os.environ.get("RANK", "0"))
 print(f"DONE rank={rank} pid={os.getpid()} resets={resets}", flush=True)
