@@ -8,7 +8,9 @@ Topology (every name carries the cluster's ``tag``, so parallel runs never colli
                        IPv6 off; reached only through the switch
 
 The root namespace has no interface on the subnet and never sends to it: every process of an
-experiment (and every probe, such as etcd's readiness check) runs inside a host. Before anything
+experiment (and every probe, such as etcd's readiness check) runs inside a host; a guard table
+``ip <tag>`` in the root namespace drops and counts anything it would send there anyway
+(:meth:`Cluster.root_guard_packets`, 0). Before anything
 starts, :meth:`Cluster.check_routes` verifies from each host (``ip route get`` to every peer,
 no default route in any table, only lo and eth0) and from the switch that no packet can leave
 the namespace set, and refuses (:class:`UnsafeTopology`) otherwise.
@@ -316,6 +318,14 @@ class Cluster:
             json.dump({"pid": os.getpid(), "start": _start_time(os.getpid()), "workdir": str(self.workdir)}, f)
 
     def _build(self) -> None:
+        # A guard in the root namespace: drop (and count) anything it would send to the subnet.
+        # The root has no interface there and never sends there; this makes sure of it.
+        _sh(["nft", "-f", "-"], input=f"""table ip {self.nft_table} {{
+  chain guard {{ type filter hook output priority -350; policy accept;
+    ip daddr {self.subnet} counter drop comment "elastic-chaos: the root namespace never sends to the hosts"
+  }}
+}}
+""")
         self._add_netns(self.switch)
         _sh(["ip", "-n", self.switch, "link", "set", "lo", "up"])
         _sh(["ip", "-n", self.switch, "link", "add", self.bridge, "type", "bridge"])
@@ -357,6 +367,14 @@ class Cluster:
         for key in ("all", "default"):  # no IPv6 at all: no link-local chatter, no v6 route to check
             _sh(["ip", "netns", "exec", netns, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}.disable_ipv6=1"],
                 check=False)
+
+    def root_guard_packets(self) -> int:
+        """Packets the root namespace tried to send to the subnet (dropped by the guard): 0."""
+        out = _sh(["nft", "list", "chain", "ip", self.nft_table, "guard"]).stdout
+        m = re.search(r"counter packets (\d+)", out)
+        if m is None:
+            raise UnsafeTopology(f"the root namespace's guard table ip {self.nft_table} is missing")
+        return int(m.group(1))
 
     def check_routes(self) -> None:
         """Refuse (:class:`UnsafeTopology`) unless every host reaches every peer directly on eth0,
@@ -407,6 +425,10 @@ class Cluster:
         root_links = _sh(["ip", "-o", "link", "show"]).stdout
         if f" {self.tag}-" in root_links:
             problems.append(f"root namespace holds a link named {self.tag}-*")
+        try:
+            self.root_guard_packets()
+        except (UnsafeTopology, RuntimeError) as exc:
+            problems.append(str(exc))
         if problems:
             raise UnsafeTopology("refusing to run: " + "; ".join(problems))
 
@@ -414,8 +436,8 @@ class Cluster:
     def _start_holder(self, name: str) -> None:
         host = self._host(name)
         inner = (f"echo {name} > /proc/sys/kernel/hostname && "
-                 "mount -t tmpfs -o mode=1777,size=2g tmpfs /tmp && "
-                 "mount -t tmpfs -o mode=1777,size=2g tmpfs /dev/shm && "
+                 "mount -t tmpfs -o mode=1777 tmpfs /tmp && "
+                 "mount -t tmpfs -o mode=1777 tmpfs /dev/shm && "
                  f"mount --bind {self.hosts_file} /etc/hosts && mount --bind {self.resolv_file} /etc/resolv.conf && "
                  "echo READY && exec sleep infinity")
         argv = ["/bin/sh", "-c", 'echo $$ > "$1" && echo $$ > "$2" && shift 2 && exec "$@"', "holder",
@@ -723,6 +745,7 @@ def _teardown(tag: str, hosts: Sequence[str], netns: Sequence[str]) -> List[str]
             got = _sh(["ip", "netns", "del", ns], check=False)
             if got.returncode != 0:
                 errors.append(f"ip netns del {ns}: {got.stderr.strip()}")
+    _sh(["nft", "delete", "table", "ip", tag], check=False)  # the root namespace's guard
     for ctrl in CONTROLLERS:
         base = cgroup_dir(ctrl, tag)
         if not base.exists():

@@ -310,6 +310,7 @@ def test_no_default_route_and_the_route_check_refuses_a_bad_topology(cluster3):
                 got = sh("ip", "-n", h.netns, "route", "get", peer.addr).split()
                 assert got[got.index("dev") + 1] == "eth0" and "via" not in got
     assert c.subnet.rsplit(".", 1)[0] not in sh("ip", "-4", "-o", "addr", "show")  # root holds nothing of it
+    assert c.root_guard_packets() == 0  # and has sent nothing there (the guard would drop and count it)
     c.check_routes()
     ns = c.hosts["h2"].netns
     subprocess.run(["ip", "-n", ns, "route", "add", "default", "dev", "eth0"], check=True)
