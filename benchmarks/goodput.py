@@ -160,6 +160,7 @@ class Job:
     step_s: float
     backend: str
     token_file: str
+    collective_timeout_s: float = 15.0
     port: int = RDZV_PORT
     run_id: str = "goodput"
     agents: dict = dataclasses.field(default_factory=dict)  # host -> Popen
@@ -188,14 +189,16 @@ class Job:
             conf = f"is_host={'true' if host == 'h1' else 'false'}"
             return [TORCHRUN, *common, "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-conf", conf,
                     TRAIN_PLAIN, "--log-dir", self.log_dir, "--ckpt-dir", self.ckpt_dir,
-                    "--total-steps", str(self.total_steps), "--step-s", str(self.step_s), "--launcher", "torchrun"]
+                    "--total-steps", str(self.total_steps), "--step-s", str(self.step_s), "--launcher", "torchrun",
+                    "--pg-timeout-s", str(self.collective_timeout_s)]
         if self.backend == "etcd":
             rdzv = ["--rdzv-backend", "etcd", "--rdzv-endpoint", f"{c.addr('etcd')}:{ETCD_PORT}"]
         else:
             rdzv = ["--rdzv-backend", "embedded", "--rdzv-endpoint", endpoint, "--rdzv-conf",
                     f"token_file={self.token_file}"]
         return [ELASTIC_RUN, *common, *rdzv, TRAIN_ELASTIC, "--data", self.data_dir, "--log-dir", self.log_dir,
-                "--ckpt-dir", self.ckpt_dir, "--total-steps", str(self.total_steps), "--step-s", str(self.step_s)]
+                "--ckpt-dir", self.ckpt_dir, "--total-steps", str(self.total_steps), "--step-s", str(self.step_s),
+                "--timeout-s", str(self.collective_timeout_s)]
 
     def start_node(self, host: str) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHAOS_HOST": host, "CHAOS_LAUNCHER": self.launcher,
@@ -330,11 +333,12 @@ def stop_job(job: Job, cluster) -> None:
 
 
 def run_chaos(cluster, root: str, launcher: str, start_faults: Callable, duration_s: float, tail_s: float,
-              step_s: float, backend: str, token_file: str, port: int = RDZV_PORT) -> tuple:
+              step_s: float, backend: str, token_file: str, port: int = RDZV_PORT,
+              collective_timeout_s: float = 15.0) -> tuple:
     """One chaos run of ``launcher`` on START_HOSTS: the schedule from the job's first full-size
     step, ``duration_s + tail_s`` then every process killed; (job, fault records)."""
-    job = Job(launcher, cluster, os.path.join(root, f"{launcher}-chaos"), 10 ** 7, step_s, backend, token_file, port,
-              f"goodput-{launcher}-chaos-{os.getpid()}")
+    job = Job(launcher, cluster, os.path.join(root, f"{launcher}-chaos"), 10 ** 7, step_s, backend, token_file,
+              collective_timeout_s, port, f"goodput-{launcher}-chaos-{os.getpid()}")
     os.makedirs(job.workdir, exist_ok=True)
     print(f"{launcher}: chaos run ({duration_s:.0f} s + {tail_s:.0f} s)", file=sys.stderr, flush=True)
     try:
@@ -544,6 +548,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=16)
     p.add_argument("--step-s", type=float, default=0.1)
     p.add_argument("--backend", choices=("embedded", "etcd"), default="embedded")
+    p.add_argument("--collective-timeout-s", type=float, default=15.0,
+                   help="the bound on a collective, both launchers: @elastic.run(timeout_s=) and torchrun's "
+                        "init_process_group(timeout=) (default 15)")
     p.add_argument("--kinds", default=",".join(ALL_KINDS), help="fault kinds, comma-separated")
     p.add_argument("--launchers", default="elastic-run,torchrun")
     p.add_argument("--local", action="store_true", help="loopback, no namespaces: process faults only")
@@ -596,7 +603,8 @@ def main(argv=None) -> int:
           f"{'loopback (--local)' if args.local else 'network-namespace hosts'}: job on {','.join(START_HOSTS)}, "
           f"spare {','.join(SPARE_HOSTS)}, --nnodes 3:5, 1 worker a host, gloo; step {args.step_s * 1000:.0f} ms, "
           f"global batch {workload.GLOBAL_BATCH}, {workload.NUM_SAMPLES} samples an epoch, a checkpoint every 20 "
-          f"steps; rendezvous: elastic-run {args.backend} (h1{', token' if args.backend == 'embedded' else ''}), "
+          f"steps; collective timeout {args.collective_timeout_s:.0f} s (both);\n  rendezvous: elastic-run "
+          f"{args.backend} (h1{', token' if args.backend == 'embedded' else ''}), "
           f"torchrun c10d on h1; load average {os.getloadavg()[0]:.1f}")
     print(f"schedule (seed {args.seed}, {args.duration_s:.0f} s, a fault every ~{args.period_s:.0f} s): "
           f"{schedule_text}", flush=True)
@@ -611,8 +619,8 @@ def main(argv=None) -> int:
     results: dict = {}
     for launcher in launchers:
         ff_job = Job(launcher, cluster, os.path.join(root, f"{launcher}-fault-free"),
-                     int(args.fault_free_s / args.step_s), args.step_s, args.backend, token_file, port(),
-                     f"goodput-{launcher}-ff-{os.getpid()}")
+                     int(args.fault_free_s / args.step_s), args.step_s, args.backend, token_file,
+                     args.collective_timeout_s, port(), f"goodput-{launcher}-ff-{os.getpid()}")
         os.makedirs(ff_job.workdir, exist_ok=True)
         print(f"{launcher}: fault-free run ({args.fault_free_s:.0f} s of steps)", file=sys.stderr, flush=True)
         try:
@@ -625,7 +633,7 @@ def main(argv=None) -> int:
         ff_kept = gp.kept_executions(gp.executions(ff_recs))
 
         job, faults = run_chaos(cluster, root, launcher, start_faults, args.duration_s, args.tail_s, args.step_s,
-                                args.backend, token_file, port())
+                                args.backend, token_file, port(), args.collective_timeout_s)
         f = figures_of(job, faults, ff, ff_kept, ff_job.t_launch)
         f["t_launch"], f["t_faults"] = job.t_launch, job.t_faults
         f["checkpoint_loads"] = checkpoint_loads(job, cluster)
