@@ -268,8 +268,9 @@ class Schedule:
         away (never below ``min_up``, default ``len(up hosts) - 2``, at least 1: such a slot
         becomes a scale-up when a host is down, else another kind), a scale-up brings the first
         down host back; every other fault targets a host that is up. A fault's duration (default
-        ``DEFAULT_DURATIONS``) is cut so it ends before the next fault and by ``duration_s``.
-        etcd_kill targets the host "etcd"."""
+        ``DEFAULT_DURATIONS``) is cut so it ends before the next fault and by ``duration_s``
+        (a last fault that would keep less than half its duration is left out). etcd_kill
+        targets the host "etcd"."""
         unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
             raise ValueError(f"unknown or no kinds {unknown}; known: {', '.join(KINDS)}")
@@ -324,6 +325,8 @@ class Schedule:
             end = out[i + 1].t_s if i + 1 < len(out) else duration_s
             d = min(f.duration_s, max(0.0, round(end - f.t_s - 0.5, 1)))
             out[i] = dataclasses.replace(f, duration_s=d)
+        if out and out[-1].duration_s < dur.get(out[-1].kind, 0.0) / 2:
+            out.pop()  # the end of the schedule would leave too little of the last fault to measure
         return out
 
 

@@ -155,6 +155,7 @@ def test_schedule_kinds_spacing_and_hosts():
     for seed in range(20):
         s = Schedule.compressed(seed, 240, period_s=25, kinds=KINDS, hosts=hosts, spare_hosts=["h5"])
         assert len(s) in (9, 10)  # one a period from 12.5 s (each moved up to 2.5 s) to 239 s
+        assert s[-1].duration_s >= faults.DEFAULT_DURATIONS[s[-1].kind] / 2
         assert set(f.kind for f in s) <= set(KINDS)
         assert set(f.kind for f in s[:8]) == set(KINDS)  # every kind once a round
         times = [f.t_s for f in s]
