@@ -479,6 +479,7 @@ class Cluster:
                 raise HostDown(f"host {name} is powered off")
             self._nspawned += 1
             n = self._nspawned
+        self._reap(name)  # forget the host's processes that have ended (Popen keeps their exit codes)
         full_env = {**os.environ, **(env or {})}
         path = full_env.get("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin").split(os.pathsep)
         if str(VENV_BIN) not in path and VENV_BIN.is_dir():
