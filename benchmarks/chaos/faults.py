@@ -492,11 +492,10 @@ class Injector:
                 return None
             if kind == "etcd_kill":
                 i = self._record(etcd_kill(c))
-                if self.restart_etcd_cb is not None:
-                    cb = self.restart_etcd_cb
-
+                restart = self.restart_etcd_cb
+                if restart is not None:
                     def again(r: FaultRecord) -> FaultRecord:
-                        cb()
+                        restart()
                         return _done(r, "etcd_restart", "etcd", "etcd", "restarted")
                     return i, again
                 return i, lambda r: etcd_restart(c, r)

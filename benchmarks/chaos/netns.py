@@ -587,9 +587,9 @@ class Cluster:
         with self._lock:
             procs = list(self._procs[name])
             holder = self._holders.pop(name, None)
-        for p in procs + ([holder] if holder else []):
+        for proc in procs + ([holder] if holder else []):
             try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         self._reap(name)

@@ -537,6 +537,11 @@ def test_etcd_on_its_host_stops_and_restarts():
         faults.etcd_restart(c, rec)
         assert '"health":"true"' in c.run("h1", [PY, "-c", probe, url]).stdout.replace(" ", "")
         assert (Path(c.workdir) / "etcd-data").is_dir()
+        with Injector(c, [ScheduledFault(0.0, "etcd_kill", "etcd", 0.2)]) as inj:  # the scheduled kind
+            wait_for(inj.done, 60, "the etcd kill and restart")
+        assert [(r.kind, r.host) for r in inj.records()] == [("etcd_kill", "etcd")] and not inj.errors
+        assert inj.records()[0].t_end is not None
+        assert '"health":"true"' in c.run("h1", [PY, "-c", probe, url]).stdout.replace(" ", "")
 
 
 # --------------------------------------------------------------------------------------- teardown
