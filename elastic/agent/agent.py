@@ -248,11 +248,17 @@ class ElasticAgent:
         return nxt
 
     def _still_in(self, rnd: Round) -> bool:
-        """Whether this node's lease never lapsed (a renewal proves it now) and ``rnd`` stands."""
+        """Whether this node's lease never lapsed (a renewal proves it now: nobody re-formed
+        without it) and ``rnd`` is still the job's round. Any other change (a node gone meanwhile,
+        one waiting to join, a drain) is the resumed watcher's to see, as in any round."""
         try:
-            return self.handler.confirm_lease(self._lease_epoch) and self.handler.watch(rnd, timeout_s=0.0) is None
+            if not self.handler.confirm_lease(self._lease_epoch):
+                return False
+            kv = self.handler.store.get(self.handler.keys.round())
         except (StoreUnavailableError, LeaseNotFoundError):
             return False
+        state = RoundState.from_json(kv.value) if kv is not None else None
+        return state is not None and state.generation == rnd.generation and state.is_closed
 
     def _store_lost(self, exc: StoreLostError) -> int:
         """The store has been silent for ``store_timeout``: stop the workers, say so in one line
