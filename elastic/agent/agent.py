@@ -13,9 +13,11 @@ place (``assign/<node>/<local_rank>``), and starts fresh workers only for dead l
 the survivors re-form their process group in place and sync state from a peer.
 
 A node cut off from the store (a partition) fences its workers the moment its lease may have
-ended (they are killed: the others re-form without this node, and no worker of the round that
-is gone steps or saves after that), rides the partition out, takes a new lease once the store
-answers again and joins the next round as a newcomer; nothing is charged to the restart budget.
+ended: they are frozen (SIGSTOP), as the others may re-form without this node any moment, so no
+worker of a round that is gone steps or saves after that. It rides the partition out; once the
+store answers, the workers go on if its lease held and their round stands (an outage every node
+saw), else they are killed, the node takes a new lease and joins the next round as a newcomer.
+Nothing is charged to the restart budget.
 A store silent for ``store_timeout`` is given up: the workers are stopped, one line names the
 store and how long it was silent, and the agent exits with :data:`EXIT_STORE_LOST`.
 """
@@ -490,7 +492,7 @@ class ElasticAgent:
         group, watcher = self._workers, self._watcher
         assert watcher is not None  # started with the workers
         while True:
-            if watcher.lease_lost:  # first: a fenced worker's SIGKILL is no failure of its own
+            if watcher.lease_lost:  # first: a fenced (frozen) worker is no failure of its own
                 return RunResult(RunOutcome.LEASE_LOST, lease_lost=watcher.lease_lost)
             self.reporter.alive()
             if self._notice > 0:
@@ -500,7 +502,7 @@ class ElasticAgent:
             exits = group.poll()
             failed = [e for e in exits if e.returncode != 0]
             if failed:
-                if watcher.lease_lost:  # set before the fence's kill: this death may be the fence's
+                if watcher.lease_lost:  # set before the fence: a frozen worker killed as stopped is its
                     return RunResult(RunOutcome.LEASE_LOST, lease_lost=watcher.lease_lost)
                 return RunResult(RunOutcome.FAILED, failure=failed[0])
             if exits and len(exits) == len(group.workers) and all(e.returncode == 0 for e in exits):
