@@ -508,6 +508,14 @@ class RendezvousHandler:
         else:
             log.debug(message, *args)
 
+    def _answered(self) -> None:
+        """The heartbeat got an answer (a renewal, or the news that the lease is gone)."""
+        now = time.monotonic()
+        if self._store_error:
+            log.warning("rendezvous store answers again after %.1fs of silence", now - self._contact)
+            self._store_error = ""
+        self._contact = now
+
     def _give_up_if_lost(self, exc: BaseException) -> None:
         """Raise :class:`StoreLostError` once the store has been silent for ``store_loss_s``."""
         silent, limit = self.store_silent_s(), self.settings.store_loss_s
@@ -554,15 +562,11 @@ class RendezvousHandler:
                 with self._lease_lock:
                     if lease == self._lease:
                         self._lease_sent = max(self._lease_sent, sent)
-                now = time.monotonic()
-                if self._store_error:
-                    log.warning("rendezvous store answers again (silent for %.1fs)", now - self._contact)
-                    self._store_error = ""
-                self._contact = now
+                self._answered()
                 if not self._alive_put:
                     self._renew_lease()
             except LeaseNotFoundError:
-                self._contact = time.monotonic()
+                self._answered()
                 if self._closed.is_set():
                     return  # leave() revoked it while this renewal was in flight: nothing is wrong
                 try:
