@@ -507,10 +507,10 @@ class Cluster:
                 opened.close()
         with self._lock:
             self._procs[name].append(proc)
-        procs = self.cgroup(name, "freezer") / "cgroup.procs"
-        deadline = time.monotonic() + 5.0
+        procs = self.cgroup(name, "cpu") / "cgroup.procs"  # written after the freezer's
+        deadline = time.monotonic() + 10.0
         while proc.pid not in _read_pids(procs) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)  # the wrapper puts itself into the cgroup before it execs
+            time.sleep(0.002)  # the wrapper puts itself into both cgroups before it execs
         return proc
 
     def run(self, name: str, argv: Sequence[str], *, timeout_s: float = 60.0, env: Optional[dict] = None,
