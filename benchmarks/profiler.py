@@ -56,6 +56,7 @@ object with ``overhead_frac``, ``torch_profiler_overhead_frac``, ``per_step_cpu_
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import inspect
 import itertools
@@ -259,18 +260,22 @@ def block_ours(w: Workload, n: int, ours: Ours) -> Measured:
 
 class _Meter:
     """The training thread's CPU time inside the profiler's own code, from the thread's CPU
-    clock around each outermost call into it (nested calls are not counted twice). The
-    loader's fetches go to ``fetch_s`` (see :meth:`iterate`), every other call to
-    ``total_s``."""
+    clock around each outermost call into it (nested calls are not counted twice), by the
+    kind of call site: ``step`` (opening, entering and leaving the step), ``hook`` (called by
+    torch: module, autograd and optimizer hooks) and ``fetch`` (the loader, see
+    :meth:`iterate`). Each kind has its control (what the meter itself reads there)."""
+
+    KINDS = ("step", "hook", "fetch")
 
     def __init__(self) -> None:
-        self.total_s = 0.0
-        self.calls = 0
-        self.fetch_s = 0.0
-        self.fetches = 0
+        self.s = dict.fromkeys(self.KINDS, 0.0)  # CPU seconds by kind
+        self.n = dict.fromkeys(self.KINDS, 0)  # calls by kind
         self._depth = 0
 
-    def wrap(self, fn):
+    def snapshot(self) -> Dict[str, Tuple[float, int]]:
+        return {k: (self.s[k], self.n[k]) for k in self.KINDS}
+
+    def wrap(self, fn, kind: str):
         clock = time.thread_time
         meter = self
 
@@ -282,14 +287,14 @@ class _Meter:
             try:
                 return fn(*args, **kwargs)
             finally:
-                meter.total_s += clock() - t0
-                meter.calls += 1
+                meter.s[kind] += clock() - t0
+                meter.n[kind] += 1
                 meter._depth = 0
         return timed
 
-    def wrap_noop(self):
-        """A hook that meters a call into a C function doing nothing (``object``'s
-        ``__subclasshook__`` takes any arguments) and returns None: the control."""
+    def wrap_noop(self, kind: str):
+        """A call site's control: meters a call into a C function doing nothing
+        (``object``'s ``__subclasshook__`` takes any arguments) and returns None."""
         clock = time.thread_time
         meter = self
         fn = object.__subclasshook__
@@ -299,13 +304,13 @@ class _Meter:
             try:
                 fn(*args, **kwargs)
             finally:
-                meter.total_s += clock() - t0
-                meter.calls += 1
+                meter.s[kind] += clock() - t0
+                meter.n[kind] += 1
         return timed
 
     def iterate(self, iterator, inner):
         """Iterate ``iterator(source)`` (the profiler's loader wrapper, or :func:`plain` for
-        the control) metering each ``next`` of it into ``fetch_s``, less the time spent in
+        the control) metering each ``next`` of it as a ``fetch``, less the time spent in
         ``next`` of ``inner`` (the user's loader) inside it. What is left includes the
         meter's own clock reads and the call into its ``Inner`` through the iterator slot,
         as a ``for`` loop calls a loader: the control measures exactly that."""
@@ -321,7 +326,7 @@ class _Meter:
                 try:
                     return next(inner)
                 finally:
-                    meter.fetch_s -= clock() - t0
+                    meter.s["fetch"] -= clock() - t0
 
         fetch = iterator(Inner()).__next__
         while True:
@@ -331,8 +336,8 @@ class _Meter:
             except StopIteration:
                 return
             finally:
-                meter.fetch_s += clock() - t0
-                meter.fetches += 1
+                meter.s["fetch"] += clock() - t0
+                meter.n["fetch"] += 1
             yield item
 
 
@@ -342,32 +347,33 @@ def plain(source):
     return itertools.islice(source, None)
 
 
-def _meter_floor_s(reps: int = 20000) -> Tuple[float, float]:
+def _meter_floor_s(reps: int = 20000) -> Dict[str, float]:
     """What the meter reads warm around an empty call and around a fetch of the control
-    (its own clock reads and its ``Inner``): the warm floors, per call and per fetch."""
+    (its own clock reads and its ``Inner``): the warm floor per call of each kind."""
     m = _Meter()
-    f = m.wrap(lambda *a: None)
+    f = m.wrap(lambda *a: None, "step")
     for _ in range(reps):
         f()
     for _ in m.iterate(plain, iter(range(reps))):
         pass
-    return m.total_s / m.calls, m.fetch_s / m.fetches
+    call = m.s["step"] / m.n["step"]
+    return {"step": call, "hook": call, "fetch": m.s["fetch"] / m.n["fetch"]}
 
 
 def block_control_metered(w: Workload, n: int, meter: _Meter) -> None:
     """A block of plain steps with the meter's control at the sites where ours is called:
-    forward pre/post hooks, optimizer pre/post hooks, before and after the step (a call
-    into nothing), and around each fetch (the loader's metering without the profiler's
-    wrapper): what the meter reads, with the caches as cold."""
-    hook = meter.wrap_noop()
+    forward pre/post hooks and optimizer pre/post hooks (``hook``), twice before and once
+    after the step (``step``: a call into nothing), and around each fetch (the loader's
+    metering without the profiler's wrapper): what the meter reads, with the caches as cold."""
+    hook, boundary = meter.wrap_noop("hook"), meter.wrap_noop("step")
     handles = [w.model.register_forward_pre_hook(hook), w.model.register_forward_hook(hook),
                w.opt.register_step_pre_hook(hook), w.opt.register_step_post_hook(hook)]
     try:
         for x, y in meter.iterate(plain, w.stream(n)):
-            hook()
-            hook()
+            boundary()
+            boundary()
             w.step(x, y)
-            hook()
+            boundary()
     finally:
         for handle in handles:
             handle.remove()
@@ -377,35 +383,34 @@ def block_ours_metered(w: Workload, n: int, ours: Ours, meter: _Meter) -> List[t
     """A block of ours in which every entry of the training thread into the profiler is
     metered: ``step()`` and the step context (which puts the sampled phases' hooks in and
     takes them out), the loader wrapper (less the loader itself), the module hooks, the
-    backward start and end, and the optimizer hooks. Returns, per step, ``(sampled, CPU s
-    in calls, calls, CPU s in fetches, fetches)`` from its fetch to the end of the step."""
-    from profiler import _stamps, core, hooks
+    backward start and end, and the optimizer hooks. Returns, per step, ``(sampled,
+    {kind: (CPU s, calls)})`` from its fetch to the end of the step."""
+    from profiler import _stamps, hooks
 
-    saved = {(cls, name): cls.__dict__[name] for cls, name in (
-        (_stamps.Step, "__enter__"), (_stamps.Step, "__exit__"), (core.StepProfiler, "step"))}
-    for (cls, name), attr in saved.items():
-        if isinstance(attr, staticmethod):  # entering a step runs C only; metered all the same
-            setattr(cls, name, staticmethod(meter.wrap(attr.__func__)))
-        else:
-            setattr(cls, name, meter.wrap(attr))
     prof = ours.prof
+    context = type(prof._steps.context)  # the step context's class (one per profiler)
+    saved = {name: context.__dict__[name] for name in ("__enter__", "__exit__")}
+    context.__enter__ = staticmethod(meter.wrap(saved["__enter__"].__func__, "step"))  # C only
+    context.__exit__ = meter.wrap(saved["__exit__"], "step")
     per_step: List[tuple] = []
     try:
-        for handle in hooks.attach_torch(prof, w.model, w.opt, instrument=meter.wrap):
+        instrument = functools.partial(meter.wrap, kind="hook")
+        for handle in hooks.attach_torch(prof, w.model, w.opt, instrument=instrument):
             prof._add_hook_handle(handle)  # as attach() does: paused off the sampled steps
-        step, batch, train, ctx = prof.step, w.batch, w.step, prof._step_ctx
-        last = (0.0, 0, 0.0, 0)
+        step, batch, train = meter.wrap(prof.step, "step"), w.batch, w.step  # the closure
+        last = meter.snapshot()
         for x, y in meter.iterate(prof.wrap_loader, w.stream(n)):
-            sampled = ctx.code is _stamps.STEP
+            sampled = prof._step_code() is _stamps.STEP
             with step(samples=batch):
                 train(x, y)
-            now = (meter.total_s, meter.calls, meter.fetch_s, meter.fetches)
-            per_step.append((sampled,) + tuple(b - a for a, b in zip(last, now)))
+            now = meter.snapshot()
+            per_step.append((sampled, {k: (now[k][0] - last[k][0], now[k][1] - last[k][1])
+                                       for k in now}))
             last = now
         prof.detach()
     finally:
-        for (cls, name), attr in saved.items():
-            setattr(cls, name, attr)
+        for name, attr in saved.items():
+            setattr(context, name, attr)
     return per_step
 
 
@@ -527,40 +532,40 @@ def main(argv=None) -> int:
                 _settle(w)
                 blocks[name].append(fn(w, steps, ours))
         writer_s = ours.writer_s
-        floor_s, fetch_floor_s = _meter_floor_s()
-        # per metered step: (sampled, CPU s in calls, calls, CPU s in fetches, fetches)
-        per_step: List[tuple] = []
-        cold, cold_fetch = [], []  # per control block: the meter's cost per call, per fetch
+        warm_floor = _meter_floor_s()
+        per_step: List[tuple] = []  # per metered step: (sampled, {kind: (CPU s, calls)})
+        controls: List[Dict[str, float]] = []  # per control block: the meter's cost per call
         for _block in range(max(10, rounds // 3)):  # after the timed rounds, with real steps between
             _settle(w)
             per_step += block_ours_metered(w, steps, ours, _Meter())
             _settle(w)
             control = _Meter()
             block_control_metered(w, steps, control)
-            cold.append(control.total_s / control.calls)
-            cold_fetch.append(control.fetch_s / control.fetches)
-        cold_floor_s, cold_fetch_s = statistics.median(cold), statistics.median(cold_fetch)
+            controls.append({k: control.s[k] / control.n[k] for k in _Meter.KINDS})
+        cold_floor = {k: statistics.median(c[k] for c in controls) for k in _Meter.KINDS}
 
-        def net(row, call_floor, fetch_floor):
-            _, calls_s, calls, fetch_s, fetches = row
-            return calls_s - calls * call_floor + fetch_s - fetches * fetch_floor
+        def net(row, floor):
+            return sum(s - n * floor[k] for k, (s, n) in row[1].items())
 
         def amortized(values):
             """Per step over a run: the sampled steps' median for 1 step in ``every``, the
             others' median for the rest."""
-            on = [v for (sampled, *_), v in zip(per_step, values) if sampled]
-            off = [v for (sampled, *_), v in zip(per_step, values) if not sampled]
+            on = [v for (sampled, _), v in zip(per_step, values) if sampled]
+            off = [v for (sampled, _), v in zip(per_step, values) if not sampled]
             if not on or not off:
                 return statistics.median(values)
             return statistics.median(on) / every + statistics.median(off) * (every - 1) / every
 
-        metered = [net(r, cold_floor_s, cold_fetch_s) for r in per_step]
-        warm = [net(r, floor_s, fetch_floor_s) for r in per_step]
+        metered = [net(r, cold_floor) for r in per_step]
+        warm = [net(r, warm_floor) for r in per_step]
         per_step_cpu_s = amortized(metered)
         on_steps = [v for r, v in zip(per_step, metered) if r[0]]
         off_steps = [v for r, v in zip(per_step, metered) if not r[0]]
-        on_calls = [r[2] for r in per_step if r[0]]
-        off_calls = [r[2] for r in per_step if not r[0]]
+
+        def calls(sampled):
+            counts = [sum(n for k, (_, n) in r[1].items() if k != "fetch")
+                      for r in per_step if r[0] is sampled]
+            return statistics.median(counts) if counts else 0
         ours.prof.close()
         records = len(ours.prof.records)
 
@@ -623,16 +628,17 @@ def main(argv=None) -> int:
     print(f"per_step_cpu_us: the training thread's CPU time inside the profiler's code, metered "
           f"by its thread clock around every call into it, per step over a run: "
           f"{per_step_cpu_s * 1e6:.1f} us/step (target <= 10) = the sampled steps' median "
-          f"{statistics.median(on_steps) * 1e6:.1f} us ({len(on_steps)} steps, "
-          f"{statistics.median(on_calls):.0f} calls each) for 1 step in {every} + the other steps' "
-          f"median {statistics.median(off_steps) * 1e6 if off_steps else float('nan'):.1f} us "
-          f"({len(off_steps)} steps, {statistics.median(off_calls) if off_calls else 0:.0f} calls "
-          f"each and a fetch through the C loader wrapper); the mean over all {len(metered)} "
-          f"metered real steps: {statistics.mean(metered) * 1e6:.1f} us. Less what the meter reads "
-          f"at the same sites, cold: {cold_floor_s * 1e6:.2f} us per call (around a C no-op) and "
-          f"{cold_fetch_s * 1e6:.2f} us per fetch (around the plain loader), medians of "
-          f"{len(cold)} control blocks; less only its warm cost ({floor_s * 1e6:.2f} us per call, "
-          f"{fetch_floor_s * 1e6:.2f} per fetch): {amortized(warm) * 1e6:.1f} us/step")
+          f"{statistics.median(on_steps) * 1e6:.1f} us ({len(on_steps)} steps, {calls(True):.0f} "
+          f"calls and a fetch each) for 1 step in {every} + the other steps' median "
+          f"{statistics.median(off_steps) * 1e6 if off_steps else float('nan'):.1f} us "
+          f"({len(off_steps)} steps, {calls(False):.0f} calls and a fetch each); the mean over all "
+          f"{len(metered)} metered real steps: {statistics.mean(metered) * 1e6:.1f} us. Less what "
+          f"the meter reads at the same kinds of sites, cold, medians of {len(controls)} control "
+          f"blocks: {cold_floor['step'] * 1e6:.2f} us per call at the step's start and end (around "
+          f"a C no-op), {cold_floor['hook'] * 1e6:.2f} us per hook call, {cold_floor['fetch'] * 1e6:.2f} "
+          f"us per fetch (around the plain loader); less only its warm cost "
+          f"({warm_floor['step'] * 1e6:.2f} us per call, {warm_floor['fetch'] * 1e6:.2f} per "
+          f"fetch): {amortized(warm) * 1e6:.1f} us/step")
     direct = direct_cost_us(every)
     print(f"direct cost of ours on a near-empty step (warm caches, best of 30): "
           f"{direct['cost_us']:.1f} us/step ({direct['profiled_us']:.1f} vs "

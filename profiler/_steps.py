@@ -3,10 +3,8 @@
 :class:`StepAssembler` reads the stamp stream in order and keeps the bookkeeping the training
 thread no longer does: it pairs the outermost begin and end of each phase, counts phases timed
 before a step towards it (the step starts where the first of them started), numbers the
-steps, drops failed ones, and merges the communication intervals stamped by any thread. A
-loader's fetch is a phase whose begin, when an earlier fetch of it never ended (the loader
-raised), restarts that fetch rather than nesting in it. What it yields is one raw tuple per
-finished step; the profiler turns those into records once their
+steps, drops failed ones, and merges the communication intervals stamped by any thread. What it
+yields is one raw tuple per finished step; the profiler turns those into records once their
 marks can be read (on a GPU, once their events have completed).
 """
 from __future__ import annotations
@@ -14,8 +12,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional
 
-from ._stamps import (BEGIN, CANCEL, COMM_BEGIN_OP, COMM_END_OP, END, FETCH_BEGIN,
-                      STEP_END_OP, STEP_FAILED_OP, STEP_OP)
+from ._stamps import (BEGIN, CANCEL, COMM_BEGIN_OP, COMM_END_OP, END, STEP_END_OP,
+                      STEP_FAILED_OP, STEP_OP)
 
 __all__ = ["StepAssembler", "MAX_CARRY"]
 
@@ -41,7 +39,6 @@ class StepAssembler:
         self.ended = 0  # finished steps so far
         self._depth: Dict[str, int] = {}
         self._open: Dict[str, Any] = {}  # phase -> mark of its outermost begin
-        self._fetching: Dict[str, bool] = {}  # phase -> a loader's fetch of it is open
         self._carry_start: Any = None
         self._intervals: List[tuple] = []  # the open step's, or the carry before a step
         self._comm: List[tuple] = []
@@ -62,12 +59,6 @@ class StepAssembler:
                 return
             op, name = event[0]
             mark = event[1]
-            if op >= FETCH_BEGIN:  # a loader's fetch (the highest ops)
-                if op == FETCH_BEGIN and self._fetching.get(name) and depth.get(name):
-                    self._restart_fetch(name, mark)
-                    continue
-                self._fetching[name] = op == FETCH_BEGIN
-                op -= FETCH_BEGIN - BEGIN  # then as a phase's own begin, end or cancel
             if op == BEGIN:
                 level = depth.get(name, 0)
                 depth[name] = level + 1
@@ -119,18 +110,6 @@ class StepAssembler:
                     if not self._comm_inflight:
                         self._comm.append((self._comm_start, mark))
 
-    def _restart_fetch(self, name: str, mark: Any) -> None:
-        """A fetch begins while the previous one never ended (the loader raised): it starts
-        the phase anew where the phase is not nested in an outer one; the old begin is dropped."""
-        if self._depth.get(name) != 1:
-            return  # inside the same phase timed around it: the outer begin stands
-        old = self._open[name]
-        self._open[name] = mark
-        if self._carry_start is old:
-            self._carry_start = mark
-        if self._release is not None:
-            self._release([old])
-
     def _begin_step(self, mark: Any, args: tuple, sampled: bool = True) -> None:
         samples, flops, number = args
         if number is not None:
@@ -160,7 +139,6 @@ class StepAssembler:
         self._intervals = []
         self._depth.clear()
         self._open.clear()
-        self._fetching.clear()
 
 
 def new_stamp_queue() -> Deque[tuple]:

@@ -26,10 +26,12 @@ class Writer:
 
     def __init__(self, sinks: List[Sink], collect: Callable[[], None],
                  bind_thread: Optional[Callable[[], None]] = None,
-                 interval_s: float = 0.25) -> None:
+                 interval_s: float = 0.25, tend: Optional[Callable[[], None]] = None) -> None:
         self._sinks = sinks
         self._bind_thread = bind_thread
         self._collect = weakref.WeakMethod(collect)  # the profiler may be dropped unclosed
+        # upkeep off the training thread (the hooks' pools), after each collect
+        self._tend = weakref.WeakMethod(tend) if tend is not None else None
         self._queue: Deque[tuple] = collections.deque()
         self.lock = threading.Lock()  # held while writing to the sinks
         self._stop = threading.Event()
@@ -73,6 +75,13 @@ class Writer:
                 except Exception as exc:  # must not kill the thread; say it once
                     self._warn_once("collect", "reading finished steps", exc)
                 del collect
+            tend = self._tend() if self._tend is not None else None
+            if tend is not None:
+                try:
+                    tend()
+                except Exception as exc:
+                    self._warn_once("tend", "the hooks' upkeep", exc)
+                del tend
             self.drain()
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ every step, which the straggler detection needs.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from ._stamps import OPEN, phase_codes
 
@@ -41,57 +41,72 @@ def _first_grad_tensor(output: Any, torch: Any) -> Optional[Any]:
     return None
 
 
-def _grad_hook_adder(torch: Any) -> Callable[[Callable], Callable[[Any, Any], None]]:
-    """``make(fn)`` gives ``add(tensor, node)``: call ``fn(grad)`` when backward reaches a
-    non-leaf ``tensor`` whose autograd node is ``node``.
+_ADDERS: dict = {}  # torch module id -> the maker that passed the self-check
+
+
+def _grad_hook_adder(torch: Any) -> Callable[[Callable], Tuple[Callable[[Any, Any], None],
+                                                                Callable[[], None]]]:
+    """``make(fn)`` gives ``(add, tend)``: ``add(tensor, node)`` calls ``fn(grad)`` when
+    backward reaches a non-leaf ``tensor`` whose autograd node is ``node``; ``tend()`` keeps
+    its pool of hooks dicts full, off the training thread (the profiler's writer calls it).
 
     Adding a hook per step is the costliest part of the hooks after a real step (cold caches):
     ``Tensor.register_hook`` and ``Node.register_prehook`` build an OrderedDict and a
     ``RemovableHandle`` in Python each time. The fast path does what ``Tensor.register_hook``
     itself does underneath (a hooks dict on the tensor, registered with its autograd node)
-    without the handle, and takes the dict, already holding ``fn``, from a pool made 64 at a
-    time (warm, a fraction of the cost of making each one after a step); each dict serves one
-    tensor only, so a user's hook added to it never reaches another step. It is used only if
-    a self-check on a tiny graph shows the hook firing exactly once, beside the user's;
-    otherwise the public ``register_prehook``.
+    without the handle, and takes the dict, already holding ``fn``, from a pool that ``tend``
+    fills (making 64 of them on the training thread after a step cost ~40 us); each dict
+    serves one tensor only, so a user's hook added to it never reaches another step. It is
+    used only if a self-check on a tiny graph (once per process) shows the hook firing exactly
+    once, beside the user's; otherwise the public ``register_prehook``.
     """
     key = "elastic-prof"
     ordered = collections.OrderedDict
 
-    def make_fast(fn: Callable) -> Callable[[Any, Any], None]:
+    def make_fast(fn: Callable) -> Tuple[Callable[[Any, Any], None], Callable[[], None]]:
         pool: List[Any] = []
         entry = ((key, fn),)
 
         def add(tensor: Any, node: Any) -> None:
             hooks = tensor._backward_hooks
             if hooks is None:
-                if not pool:
-                    pool.extend(ordered(entry) for _ in range(64))
-                tensor._backward_hooks = pool.pop()  # what register_hook expects to find
+                # what register_hook expects to find; the pool is empty only if the writer
+                # fell far behind (list.pop and list.append are atomic)
+                tensor._backward_hooks = pool.pop() if pool else ordered(entry)
                 node._register_hook_dict(tensor)
             else:  # the user's hooks dict, already registered with the node
                 hooks[key] = fn
 
-        return add
+        def tend() -> None:
+            while len(pool) < 64:
+                pool.append(ordered(entry))
 
-    def make_public(fn: Callable) -> Callable[[Any, Any], None]:
+        tend()
+        return add, tend
+
+    def make_public(fn: Callable) -> Tuple[Callable[[Any, Any], None], Callable[[], None]]:
         def add(tensor: Any, node: Any) -> None:
             node.register_prehook(fn)
 
-        return add
+        return add, lambda: None
 
+    chosen = _ADDERS.get(id(torch))
+    if chosen is not None:
+        return chosen
+    chosen = make_public
     try:
         fired = []
         with torch.enable_grad():
             out = torch.ones(1, requires_grad=True) * 2
-            make_fast(lambda grad: fired.append("ours"))(out, out.grad_fn)
+            make_fast(lambda grad: fired.append("ours"))[0](out, out.grad_fn)
             out.register_hook(lambda grad: fired.append("user's"))  # the user's, alongside
             out.sum().backward()
         if fired == ["ours", "user's"]:
-            return make_fast
+            chosen = make_fast
     except Exception:  # a torch without these internals
         pass
-    return make_public
+    _ADDERS[id(torch)] = chosen
+    return chosen
 
 
 def attach_torch(prof: "StepProfiler", model: Any = None, optimizer: Any = None,
@@ -126,7 +141,7 @@ def _attach_model(prof: "StepProfiler", model: Any, torch: Any,
     begin_forward, end_forward, _ = phase_codes(prof.phase("forward").name)
     begin_backward, _, _ = phase_codes(prof.phase("backward").name)
     end_backward = wrap(prof.phase("backward").end)  # queue_callback calls it with no arguments
-    step = prof._step_ctx
+    step_state = prof._steps.state
     queue_callback = torch.autograd.Variable._execution_engine.queue_callback
     is_grad_enabled = torch.is_grad_enabled
     tensor_cls = torch.Tensor
@@ -137,12 +152,13 @@ def _attach_model(prof: "StepProfiler", model: Any, torch: Any,
         append((begin_backward, mark()))
         queue_callback(end_backward)
 
-    add_grad_hook = _grad_hook_adder(torch)(on_backward_start)
+    add_grad_hook, tend = _grad_hook_adder(torch)(on_backward_start)
+    prof._tenders.append(tend)
 
     @wrap
     def pre_forward(module: Any, args: Any) -> None:
         # Evaluation outside a step (no grad) is not part of a training step.
-        if step.state != OPEN and not is_grad_enabled():
+        if not is_grad_enabled() and step_state() != OPEN:
             skipped[0] = True
             return
         skipped[0] = False
