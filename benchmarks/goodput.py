@@ -487,7 +487,10 @@ def figures_of(job: Job, faults: list, ff: gp.RunFigures, ff_kept, ff_launch) ->
     n = max(1, len(faults))
     cost = (fig.wall_s - ff_wall) / n if ff_wall is not None else None
     steady = gp.steady_goodput(ff_kept)
-    proj = gp.projected_goodput(max(0.0, cost), MTBF_S, steady) if cost is not None and steady else None
+    unrecovered = any(not x.recovered for x in fig.faults)
+    # a fault never recovered from has no cost per fault to project from
+    proj = gp.projected_goodput(max(0.0, cost), MTBF_S, steady) if cost is not None and steady and \
+        not unrecovered else None
     return {"fig": fig, "vs": vs, "cost_per_fault_s": cost, "projected": proj, "ff": ff}
 
 
