@@ -21,6 +21,7 @@ test-slow: setup
 
 # Multi-host chaos on network-namespace hosts (root): the smoke tests, then the goodput benchmark.
 chaos: setup
+	$(PY) -m benchmarks.chaos.netns cleanup
 	$(PY) -m pytest -m chaos tests/chaos
 	$(PY) benchmarks/goodput.py
 
