@@ -17,6 +17,8 @@ EXTRAS = {
     "gpu": ["nvidia-ml-py>=12"],
     "parquet": ["pyarrow>=14"],
     "profiler": ["prometheus_client>=0.19", "matplotlib>=3.7", "tensorboard>=2.16"],
+    # launchers.ray: one agent per Ray node as an actor (large: not part of "all")
+    "ray": ["ray>=2.60"],
     # `make lint`: the linter and the type checker CI runs before the tests
     "lint": ["ruff>=0.6", "mypy>=1.10"],
     "test": [
@@ -27,6 +29,10 @@ EXTRAS = {
         "scikit-learn>=1.3",
         # test certificates for the TLS tests (embedded store, etcd): tests/tls_certs.py
         "cryptography>=41",
+        # tests/test_kubernetes.py loads the example manifests with the official client's models
+        "kubernetes>=30",
+        # tests/test_ray.py: launchers.ray on a ray.cluster_utils.Cluster
+        "ray>=2.60",
     ],
 }
 # One console script per tool; each maps errors to exit codes through elastic.commands.
@@ -38,7 +44,7 @@ CONSOLE_SCRIPTS = [
     "elastic-prof=profiler.cli:main",  # reports and plots from profiler records
 ]
 
-EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name not in ("test", "lint") for dep in deps})
+EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name not in ("test", "lint", "ray") for dep in deps})
 
 setup(
     name="elastic-run",
