@@ -43,7 +43,7 @@ from ..rendezvous.protocol import LOST_PEER_REASON
 from ..rendezvous.state import ChangeReason, RoundState
 from ..control.api import EXIT_DRAINED, Drain, DrainReason, JobEvent, NodeState
 from ..control.controller import JobController
-from ..store import LeaseNotFoundError, StoreUnavailableError
+from ..store import LeaseNotFoundError, StoreError, StoreUnavailableError
 from .api import EXIT_STORE_LOST, AgentError, FrameworkAdapter, RunOutcome, RunResult, WorkerExit, WorkerSpec
 from .forkserver import FORK_SAFE_PRELOADS, ForkServer
 from .reporter import NodeReporter
@@ -142,7 +142,8 @@ class ElasticAgent:
                 # The store failed a step of this node's reaction to the round's end (a
                 # partition, a store that is gone): this node's place in the job is in doubt.
                 # (self.round: the round joined last, which may be the next one already.)
-                after = self._rejoin(self.round or rnd, f"the rendezvous store failed us: {one_line(exc)}")
+                after = self._rejoin(self.round or rnd, f"the rendezvous store failed us: {one_line(exc)}",
+                                     resumable=False)
             if isinstance(after, int):
                 return after
             rnd = after
@@ -152,10 +153,13 @@ class ElasticAgent:
         (its workers started or re-formed)."""
         result = self._monitor(rnd)
         if result.outcome is RunOutcome.LEASE_LOST:
-            return self._rejoin(rnd, result.lease_lost)
+            return self._rejoin(rnd, result.lease_lost, resumable=True)
         if result.outcome is RunOutcome.SUCCEEDED:
             log.info("all %d local workers succeeded", self.spec.nproc_per_node)
-            self.handler.mark_done(rnd)
+            try:
+                self.handler.mark_done(rnd)
+            except StoreError as exc:  # the others see this node's lease end instead: they go on
+                log.warning("could not record that this node's workers succeeded: %s", exc)
             self._stop_workers()
             self.handler.leave()
             self.reporter.update(NodeState.SUCCEEDED)
@@ -218,7 +222,7 @@ class ElasticAgent:
         self._resume(nxt, in_place)
         return nxt
 
-    def _rejoin(self, rnd: Round, why: str) -> Round:
+    def _rejoin(self, rnd: Round, why: str, resumable: bool) -> Round:
         """This node's lease may have ended (or the store failed it) while its workers ran in
         ``rnd``: the others may re-form without it. The workers are fenced: frozen (SIGSTOP, by
         the watcher already when the lease ran out), so none steps or saves. Once the store
@@ -226,15 +230,18 @@ class ElasticAgent:
         store outage that every node saw, an etcd restart), they go on where they were;
         otherwise they are killed (no final save: a save of a round that is gone must not
         publish), and the node takes a new lease if its old one is gone and joins the next round
-        as a newcomer. Nothing is charged: the node was cut off, no worker failed."""
+        as a newcomer. Nothing is charged: the node was cut off, no worker failed. Only workers
+        that were running in ``rnd`` when the lease ran out are ``resumable``; a store that failed
+        a step of the agent's reaction to a change leaves them in no known state: killed."""
         log.warning("fenced round %d: %s; this node's workers are frozen until the store answers", rnd.generation, why)
         if self._watcher is not None:
             self._watcher.stop()
         group = self._group
         if group is not None:
             group.pause()
-            self.handler.await_store()  # a StoreLostError past store_timeout: run() stops the workers
-            if group.all_alive() and self._still_in(rnd):
+            if resumable:
+                self.handler.await_store()  # a StoreLostError past store_timeout: run() stops the workers
+            if resumable and group.all_alive() and self._still_in(rnd):
                 group.resume()
                 log.warning("the rendezvous store answers again and round %d stands: workers resumed (pids %s)",
                             rnd.generation, group.pids)
