@@ -280,6 +280,14 @@ class ElasticAgent:
         return EXIT_STORE_LOST
 
     def _resume(self, rnd: Round, in_place: bool) -> None:
+        watcher = self._watcher
+        if in_place and watcher is not None and watcher.lease_lost and self._group is not None:
+            # The lease ran out while this node re-formed (its in-place workers kept their
+            # watcher): the fence froze them, and the node joined as a newcomer: start afresh.
+            log.warning("the workers were fenced during the rendezvous (%s): starting them afresh", watcher.lease_lost)
+            self._group.kill()
+            self._stop_workers(grace_s=0.0)
+            in_place = False
         if in_place:
             self._reform_in_place(rnd)
         else:
