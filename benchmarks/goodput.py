@@ -480,7 +480,8 @@ def harness_faults(cluster, kinds, seed: int, duration_s: float, period_s: float
 def figures_of(job: Job, faults: list, ff: gp.RunFigures, ff_kept, ff_launch) -> dict:
     recs = read_dir(job.log_dir) if os.path.isdir(job.log_dir) else []
     fig = gp.analyze(recs, faults, job.t_launch, num_samples=workload.NUM_SAMPLES,
-                     steps_per_epoch=workload.STEPS_PER_EPOCH, manifests=manifests(job), t_stop=job.t_stop)
+                     steps_per_epoch=workload.STEPS_PER_EPOCH, manifests=manifests(job), t_stop=job.t_stop,
+                     global_batch=workload.GLOBAL_BATCH)
     kept = gp.kept_executions(gp.executions(recs))
     vs = gp.goodput_vs_fault_free(kept, job.t_launch, ff_kept, ff_launch, job.t_stop)
     ff_wall = gp.wall_to_step(ff_kept, ff_launch, fig.last_step) if kept else None
@@ -500,7 +501,8 @@ def print_run(label: str, f: dict) -> None:
     print(f"\n{label}: goodput {fig.goodput:.3f} (fault-free {f['ff'].goodput:.3f}), vs fault-free "
           f"{_fmt(f['vs'])}, wall {fig.wall_s:.1f} s, last step {fig.last_step}, executions {fig.executed_steps}, "
           f"re-formations {fig.reformations}; duplicated {a.duplicated_samples}, missing {a.missing_samples} "
-          f"(incomplete steps {a.incomplete_steps}, missing steps {a.missing_steps}); checksums "
+          f"(unverified {a.unverified_samples}: incomplete steps {a.incomplete_steps}; missing steps "
+          f"{a.missing_steps}); checksums "
           f"{fig.checksums_checked} checked, {fig.checksum_mismatches} disagree; checkpoints published "
           f"{fig.ckpt_published}, stale {fig.stale_publishes}, by a cut-off host {fig.partitioned_publishes}; "
           f"cost per fault {_fmt(f['cost_per_fault_s'])} s, projected at 3 h MTBF {_fmt(f['projected'])}")
@@ -656,6 +658,7 @@ def main(argv=None) -> int:
             f"{pre}fault_free_goodput": _r(f["ff"].goodput),
             f"{pre}duplicated_samples": fig.audit.duplicated_samples,
             f"{pre}missing_samples": fig.audit.missing_samples,
+            f"{pre}unverified_samples": fig.audit.unverified_samples,
             f"{pre}faults": rows,
             f"{pre}max_detect_s": _r(max((r["detect_s"] for r in rows if r["detect_s"] is not None), default=None), 3),
             f"{pre}max_recover_s": _r(max((r["recover_s"] for r in rows if r["recover_s"] is not None), default=None),

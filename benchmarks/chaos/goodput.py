@@ -27,7 +27,8 @@ Pure functions of the records; nothing here starts a process. Definitions:
   count every re-formation they see as spurious.
 - Exactly-once audit over the kept executions, per epoch: a sample id seen k > 1 times adds
   k - 1 duplicates; a sample of a complete epoch never seen is missing (the last, partial
-  epoch is audited for duplicates only).
+  epoch is audited for duplicates only), unless a kept step lacks some ranks' lines (a
+  collective that completed on some ranks only): up to that many slots are *unverified*.
 - Rank consistency: at every execution with checksums, all ranks' checksums agree.
 - Projection: the measured cost per fault (chaos wall time - fault-free wall time to the same
   step, over the number of faults) applied to one fault per ``mtbf_s``, on the fault-free
@@ -106,6 +107,7 @@ class Audit:
     per_epoch: dict = field(default_factory=dict)  # epoch -> (duplicated, missing, complete)
     incomplete_steps: int = 0  # kept executions with fewer rank lines than their world size
     missing_steps: int = 0  # step numbers below the last one with no kept execution
+    unverified_samples: int = 0  # sample slots of kept steps whose rank lines are missing
 
 
 @dataclass(frozen=True)
@@ -247,30 +249,42 @@ def reformations(records: Iterable[Record], gap_s: float = REFORM_GAP_S) -> list
     return out
 
 
-def audit(kept: Sequence[Execution], num_samples: int, steps_per_epoch: int) -> Audit:
+def audit(kept: Sequence[Execution], num_samples: int, steps_per_epoch: int,
+          global_batch: Optional[int] = None) -> Audit:
+    """The exactly-once audit. With ``global_batch``, a kept step whose lines of some ranks are
+    missing (a collective that completed on some ranks only: the others were stopped or lost
+    mid-ring, and the survivors' state, which holds every rank's gradient, is the one kept) has
+    ``global_batch - logged`` unverified sample slots; an epoch's missing samples up to its
+    unverified slots are counted as unverified, not missing."""
     per_epoch_counts: dict = defaultdict(Counter)
     steps_of_epoch: dict = defaultdict(set)
+    unlogged: Counter = Counter()
     incomplete = 0
     for e in kept:
         if e.ranks < e.world_size:
             incomplete += 1
+            if global_batch is not None:
+                unlogged[e.epoch] += max(0, global_batch - sum(len(r.samples) for r in e.records))
         steps_of_epoch[e.epoch].add(e.step)
         for r in e.records:
             per_epoch_counts[e.epoch].update(r.samples)
     last_step = kept[-1].step if kept else 0
     kept_steps = {e.step for e in kept}
     missing_steps = sum(1 for s in range(1, last_step + 1) if s not in kept_steps)
-    dup_total = miss_total = 0
+    dup_total = miss_total = unverified = 0
     per_epoch = {}
     for epoch in sorted(per_epoch_counts):
         counts = per_epoch_counts[epoch]
         dup = sum(c - 1 for c in counts.values() if c > 1)
         complete = (epoch + 1) * steps_per_epoch <= last_step
         miss = sum(1 for i in range(num_samples) if i not in counts) if complete else 0
+        covered = min(miss, unlogged[epoch]) if complete else unlogged[epoch]
+        miss -= min(miss, unlogged[epoch])
         per_epoch[epoch] = (dup, miss, complete)
         dup_total += dup
         miss_total += miss
-    return Audit(dup_total, miss_total, per_epoch, incomplete, missing_steps)
+        unverified += covered
+    return Audit(dup_total, miss_total, per_epoch, incomplete, missing_steps, unverified)
 
 
 def checksum_mismatches(execs: Sequence[Execution]) -> tuple:
@@ -350,7 +364,8 @@ def _publish_checks(records: Sequence[Record], faults: Sequence) -> tuple:
 
 
 def analyze(records: Sequence[Record], faults: Sequence, t_launch: float, *, num_samples: int,
-            steps_per_epoch: int, manifests: Iterable[tuple] = (), t_stop: Optional[float] = None) -> RunFigures:
+            steps_per_epoch: int, manifests: Iterable[tuple] = (), t_stop: Optional[float] = None,
+            global_batch: Optional[int] = None) -> RunFigures:
     """Every figure of one run. ``manifests``: ``(step, generation, created_unix_s)`` of the
     published checkpoints, when the run used ``checkpoint.Checkpointer``. ``t_stop``: when the
     run was stopped from outside (its wall time runs to then if it stepped no more)."""
@@ -363,7 +378,7 @@ def analyze(records: Sequence[Record], faults: Sequence, t_launch: float, *, num
         goodput=goodput(kept, t_launch, t_stop),
         wall_s=max(kept[-1].t_end, t_stop or 0.0) - t_launch if kept else 0.0,
         last_step=kept[-1].step if kept else 0, kept_steps=len(kept), executed_steps=len(execs),
-        audit=audit(kept, num_samples, steps_per_epoch), checksums_checked=checked,
+        audit=audit(kept, num_samples, steps_per_epoch, global_batch), checksums_checked=checked,
         checksum_mismatches=bad, faults=tuple(fault_figures(faults, kept, execs, reforms)),
         reformations=max(0, len(reforms) - 1), ckpt_published=n_pub,
         stale_publishes=stale_manifests(manifests), partitioned_publishes=cut)

@@ -148,6 +148,18 @@ def test_a_missing_rank_line_and_a_missing_step():
     assert fig.audit.missing_samples == 6  # step 3's rank 1 pair (epoch 1), step 5's four (epoch 2)
 
 
+def test_a_step_that_completed_on_some_ranks_only_leaves_its_samples_unverified():
+    """Rank 1 was stopped mid-ring at step 3: rank 0 completed and logged it, rank 1 never
+    did; its 2 samples are unverified, not missing (with the global batch known)."""
+    recs = [r for r in clean_run() if not (r.kind == "step" and r.step == 3 and r.rank == 1)]
+    a = gp.audit(gp.kept_executions(gp.executions(recs)), N, SPE, global_batch=4)
+    assert (a.missing_samples, a.unverified_samples, a.incomplete_steps) == (0, 2, 1)
+    # a sample missing besides the unverified slots is still missing
+    recs = [r for r in recs if not (r.kind == "step" and r.step == 4)] + step(4, 4, ids=[(4, 4), samples(4, 1)])
+    a = gp.audit(gp.kept_executions(gp.executions(recs)), N, SPE, global_batch=4)
+    assert (a.duplicated_samples, a.missing_samples, a.unverified_samples) == (1, 1, 2)
+
+
 def test_spurious_reformation_under_packet_loss():
     recs = clean_run()
     recs.append(event("reform", 3.5, gen=2))
