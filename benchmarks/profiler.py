@@ -144,36 +144,52 @@ class Workload:
         return statistics.median(times)
 
 
+ON, PRE, OFF = "on", "pre", "off"  # ours' steps: hooks in, its end puts them in, neither
+
+
+def weights(every: int) -> Dict[str, float]:
+    """The long-run share of each kind of step with the phases sampled on 1 step in
+    ``every``: the sampled one, the one before it (whose end puts the hooks in), the rest."""
+    if every == 1:
+        return {ON: 1.0, PRE: 0.0, OFF: 0.0}
+    return {ON: 1.0 / every, PRE: 1.0 / every, OFF: (every - 2.0) / every}
+
+
+def by_kind(values: List[float], kinds: List[str], every: int, stat) -> float:
+    """``stat`` of the values of each kind of step, weighted by its long-run share."""
+    total = 0.0
+    for kind, weight in weights(every).items():
+        if weight:
+            total += weight * stat([v for v, k in zip(values, kinds) if k == kind])
+    return total
+
+
 class Measured:
     """One block's measurements: wall and training-thread CPU time of each step, and the CPU
     time per step of the process's other threads that the configuration is charged with.
-    ``sampled``: ours' blocks only, which of its steps had the automatic phase hooks on."""
+    ``kinds``: ours' blocks only, each step's kind (``ON``, ``PRE``, ``OFF``)."""
 
-    __slots__ = ("steps_s", "step_cpu_s", "other_cpu_s", "sampled")
+    __slots__ = ("steps_s", "step_cpu_s", "other_cpu_s", "kinds")
 
     def __init__(self, steps_s: List[float], step_cpu_s: List[float], other_cpu_s: float) -> None:
         self.steps_s = steps_s
         self.step_cpu_s = step_cpu_s
         self.other_cpu_s = other_cpu_s / len(steps_s)
-        self.sampled: List[bool] = []
+        self.kinds: List[str] = []
 
-    def thread_stat(self, sampled: List[bool]) -> float:
+    def thread_stat(self, kinds: List[str], every: int) -> float:
         """The training thread's CPU per step, one statistic for every configuration: the
-        cheapest step at the positions where ours' block of the same round sampled its phases,
-        weighted by their share of the block, plus the cheapest step at the other positions,
-        weighted by theirs. With the phases on every step it is the block's cheapest step;
-        with one step in N sampled it charges ours' sampled step, amortized over N steps,
-        and the other configurations the step at the same position."""
-        on = [c for c, s in zip(self.step_cpu_s, sampled) if s]
-        off = [c for c, s in zip(self.step_cpu_s, sampled) if not s]
-        if not on or not off:
-            return min(self.step_cpu_s)
-        share = len(on) / len(sampled)
-        return min(on) * share + min(off) * (1.0 - share)
+        cheapest step at each kind of position of ours' block of the same round (its
+        sampled steps, the steps before them, the others), weighted by that kind's long-run
+        share (1/N, 1/N, (N-2)/N). With the phases on every step it is the block's cheapest
+        step; with one step in N sampled it charges ours' sampled steps and the steps that
+        put the hooks in, amortized over N steps, and the other configurations the steps at
+        the same positions."""
+        return by_kind(self.step_cpu_s, kinds, every, min)
 
-    def cpu_stat(self, sampled: List[bool]) -> float:
+    def cpu_stat(self, kinds: List[str], every: int) -> float:
         """The CPU statistic every configuration is compared by (see the module's doc)."""
-        return self.thread_stat(sampled) + self.other_cpu_s
+        return self.thread_stat(kinds, every) + self.other_cpu_s
 
 
 def _timed_loop(n: int, it, run_step, ours: "Ours") -> Measured:
@@ -254,7 +270,9 @@ def block_ours(w: Workload, n: int, ours: Ours) -> Measured:
     assert len(records) == n and all(r.step_time_s > 0 and "data" in r.phases_s for r in records)
     assert sum(r.sampled for r in records) == n // prof.phase_every
     assert all({"forward", "backward", "optimizer"} <= set(r.phases_s) for r in records if r.sampled)
-    block.sampled = [r.sampled for r in records]
+    # a step before a sampled one (the next record's, or for the last, the hooks now in)
+    after = [r.sampled for r in records[1:]] + [prof._phase_on]
+    block.kinds = [ON if r.sampled else PRE if nxt else OFF for r, nxt in zip(records, after)]
     return block
 
 
@@ -276,6 +294,12 @@ class _Meter:
         return {k: (self.s[k], self.n[k]) for k in self.KINDS}
 
     def wrap(self, fn, kind: str):
+        """``fn`` metered. Inside the window the call has the form the real caller's has:
+        Python code calls a hook or ``__exit__`` with 2 to 4 positional arguments and
+        ``step(samples=...)`` with a keyword, calls that CPython 3.11 makes without a C
+        frame; C calls the backward hooks (1 argument or none), through a C frame, as
+        ``fn(*args)`` does. (``fn(*args)`` for every call would charge the profiler a C frame
+        that the real Python callers do not pay.)"""
         clock = time.thread_time
         meter = self
 
@@ -283,8 +307,25 @@ class _Meter:
             if meter._depth:
                 return fn(*args, **kwargs)
             meter._depth = 1
-            t0 = clock()
+            n = len(args)
             try:
+                if n == 2 and not kwargs:
+                    a, b = args
+                    t0 = clock()
+                    return fn(a, b)
+                if n == 3 and not kwargs:
+                    a, b, c = args
+                    t0 = clock()
+                    return fn(a, b, c)
+                if n == 4 and not kwargs:
+                    a, b, c, d = args
+                    t0 = clock()
+                    return fn(a, b, c, d)
+                if n == 0 and list(kwargs) == ["samples"]:
+                    samples = kwargs["samples"]
+                    t0 = clock()
+                    return fn(samples=samples)
+                t0 = clock()
                 return fn(*args, **kwargs)
             finally:
                 meter.s[kind] += clock() - t0
@@ -383,9 +424,9 @@ def block_ours_metered(w: Workload, n: int, ours: Ours, meter: _Meter) -> List[t
     """A block of ours in which every entry of the training thread into the profiler is
     metered: ``step()`` and the step context (which puts the sampled phases' hooks in and
     takes them out), the loader wrapper (less the loader itself), the module hooks, the
-    backward start and end, and the optimizer hooks. Returns, per step, ``(sampled,
-    {kind: (CPU s, calls)})`` from its fetch to the end of the step."""
-    from profiler import _stamps, hooks
+    backward start and end, and the optimizer hooks. Returns, per step, ``(kind of step,
+    {kind of call site: (CPU s, calls)})`` from its fetch to the end of the step."""
+    from profiler import hooks
 
     prof = ours.prof
     context = type(prof._steps.context)  # the step context's class (one per profiler)
@@ -400,12 +441,13 @@ def block_ours_metered(w: Workload, n: int, ours: Ours, meter: _Meter) -> List[t
         step, batch, train = meter.wrap(prof.step, "step"), w.batch, w.step  # the closure
         last = meter.snapshot()
         for x, y in meter.iterate(prof.wrap_loader, w.stream(n)):
-            sampled = prof._step_code() is _stamps.STEP
+            sampled = prof._phase_on
             with step(samples=batch):
                 train(x, y)
             now = meter.snapshot()
-            per_step.append((sampled, {k: (now[k][0] - last[k][0], now[k][1] - last[k][1])
-                                       for k in now}))
+            kind = ON if sampled else PRE if prof._phase_on else OFF  # PRE: its end put them in
+            per_step.append((kind, {k: (now[k][0] - last[k][0], now[k][1] - last[k][1])
+                                    for k in now}))
             last = now
         prof.detach()
     finally:
@@ -497,16 +539,17 @@ def median_ci(values: List[float]) -> Tuple[float, float, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a minute or two)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (quick 40, full 150)")
-    parser.add_argument("--steps", type=int, default=None, help="steps per block (default 10)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per block (default: about 20, a multiple of --phase-every)")
     parser.add_argument("--phase-every", type=int, default=PHASE_EVERY,
                         help="ours' StepProfiler(phase_every=): the automatic phases on one step "
                              f"in N (default {PHASE_EVERY}, the profiler's own default)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (40 if args.quick else 150)
-    steps = args.steps or 10
     every = args.phase_every
+    steps = args.steps or every * max(1, round(20 / every))  # about 20, a multiple of N
     if every < 1 or steps % every:
         parser.error(f"--steps ({steps}) must be a multiple of --phase-every ({every}), "
                      "so that every block holds the same number of sampled steps")
@@ -533,7 +576,7 @@ def main(argv=None) -> int:
                 blocks[name].append(fn(w, steps, ours))
         writer_s = ours.writer_s
         warm_floor = _meter_floor_s()
-        per_step: List[tuple] = []  # per metered step: (sampled, {kind: (CPU s, calls)})
+        per_step: List[tuple] = []  # per metered step: (kind, {site kind: (CPU s, calls)})
         controls: List[Dict[str, float]] = []  # per control block: the meter's cost per call
         for _block in range(max(10, rounds // 3)):  # after the timed rounds, with real steps between
             _settle(w)
@@ -547,30 +590,33 @@ def main(argv=None) -> int:
         def net(row, floor):
             return sum(s - n * floor[k] for k, (s, n) in row[1].items())
 
+        kinds = [r[0] for r in per_step]
+
         def amortized(values):
-            """Per step over a run: the sampled steps' median for 1 step in ``every``, the
-            others' median for the rest."""
-            on = [v for (sampled, _), v in zip(per_step, values) if sampled]
-            off = [v for (sampled, _), v in zip(per_step, values) if not sampled]
-            if not on or not off:
-                return statistics.median(values)
-            return statistics.median(on) / every + statistics.median(off) * (every - 1) / every
+            """Per step over a run: the median of each kind of step (sampled, before a
+            sampled one, other), weighted by its share (1/N, 1/N, (N-2)/N)."""
+            return by_kind(values, kinds, every, statistics.median)
 
         metered = [net(r, cold_floor) for r in per_step]
         warm = [net(r, warm_floor) for r in per_step]
         per_step_cpu_s = amortized(metered)
-        on_steps = [v for r, v in zip(per_step, metered) if r[0]]
-        off_steps = [v for r, v in zip(per_step, metered) if not r[0]]
 
-        def calls(sampled):
+        def of(kind):
+            return [v for k, v in zip(kinds, metered) if k == kind]
+
+        def med_us(kind):
+            values = of(kind)
+            return round(statistics.median(values) * 1e6, 2) if values else None
+
+        def calls(kind):
             counts = [sum(n for k, (_, n) in r[1].items() if k != "fetch")
-                      for r in per_step if r[0] is sampled]
+                      for r in per_step if r[0] == kind]
             return statistics.median(counts) if counts else 0
         ours.prof.close()
         records = len(ours.prof.records)
 
     base = blocks["none"]
-    masks = [b.sampled for b in blocks["ours (hooks on)"]]  # ours' sampled steps, per round
+    masks = [b.kinds for b in blocks["ours (hooks on)"]]  # ours' kinds of steps, per round
     all_steps = {n: [s for b in blocks[n] for s in b.steps_s] for n in names}
 
     def paired(name, stat):
@@ -579,11 +625,11 @@ def main(argv=None) -> int:
 
     wall = {n: paired(n, lambda b, m: statistics.median(b.steps_s)) for n in names}
     # one CPU statistic for every configuration (Measured.cpu_stat)
-    cpu = {n: paired(n, Measured.cpu_stat) for n in names}
+    cpu = {n: paired(n, lambda b, m: b.cpu_stat(m, every)) for n in names}
     # the training thread's own cost: its statistic, ours minus plain, per round
-    thread = {n: median_ci([b.thread_stat(m) - a.thread_stat(m)
+    thread = {n: median_ci([b.thread_stat(m, every) - a.thread_stat(m, every)
                             for b, a, m in zip(blocks[n], base, masks)]) for n in names}
-    base_cpu_s = statistics.median(b.cpu_stat(m) for b, m in zip(base, masks))
+    base_cpu_s = statistics.median(b.cpu_stat(m, every) for b, m in zip(base, masks))
 
     def ci(m):
         return f"{m[0] * 100:>6.2f}% [{m[1] * 100:>6.2f}, {m[2] * 100:>6.2f}]"
@@ -617,9 +663,10 @@ def main(argv=None) -> int:
           "same of the plain block of the same round) - 1, with a distribution-free 95% CI of "
           "that median; other processes on the machine make it noisy. CPU overhead: the same "
           "for one statistic, the training thread's CPU time of the block's cheapest step (other "
-          "processes only add to it, a profiler's cost is in every step; with sampled phases the "
-          "cheapest at ours' sampled positions weighted 1/N and the cheapest elsewhere (N-1)/N, "
-          "for every configuration alike) plus the CPU per step of "
+          "processes only add to it, a profiler's cost is in every step; with phases sampled on "
+          "1 step in N: the cheapest at ours' sampled positions and at the positions before "
+          "them weighted 1/N each, the cheapest elsewhere (N-2)/N, for every configuration "
+          "alike) plus the CPU per step of "
           "the process's other threads during the block, the profiler's writer and sampler "
           "charged to its blocks only (conservative: that work overlaps the step on a free core). "
           "The A/A row is the noise floor. overhead_frac is ours' CPU figure, "
@@ -627,18 +674,18 @@ def main(argv=None) -> int:
           "added CPU per step (target <= 10 us).")
     print(f"per_step_cpu_us: the training thread's CPU time inside the profiler's code, metered "
           f"by its thread clock around every call into it, per step over a run: "
-          f"{per_step_cpu_s * 1e6:.1f} us/step (target <= 10) = the sampled steps' median "
-          f"{statistics.median(on_steps) * 1e6:.1f} us ({len(on_steps)} steps, {calls(True):.0f} "
-          f"calls and a fetch each) for 1 step in {every} + the other steps' median "
-          f"{statistics.median(off_steps) * 1e6 if off_steps else float('nan'):.1f} us "
-          f"({len(off_steps)} steps, {calls(False):.0f} calls and a fetch each); the mean over all "
-          f"{len(metered)} metered real steps: {statistics.mean(metered) * 1e6:.1f} us. Less what "
-          f"the meter reads at the same kinds of sites, cold, medians of {len(controls)} control "
-          f"blocks: {cold_floor['step'] * 1e6:.2f} us per call at the step's start and end (around "
-          f"a C no-op), {cold_floor['hook'] * 1e6:.2f} us per hook call, {cold_floor['fetch'] * 1e6:.2f} "
-          f"us per fetch (around the plain loader); less only its warm cost "
-          f"({warm_floor['step'] * 1e6:.2f} us per call, {warm_floor['fetch'] * 1e6:.2f} per "
-          f"fetch): {amortized(warm) * 1e6:.1f} us/step")
+          f"{per_step_cpu_s * 1e6:.1f} us/step (target <= 10) = the medians of the sampled steps "
+          f"({med_us(ON)} us: {len(of(ON))} steps, {calls(ON):.0f} calls and a fetch each) and of "
+          f"the steps before them, whose end puts the hooks in ({med_us(PRE)} us: {len(of(PRE))} "
+          f"steps), 1 step in {every} each, and of the other steps ({med_us(OFF)} us: "
+          f"{len(of(OFF))} steps, {calls(OFF):.0f} calls and a fetch each) for the rest; the mean "
+          f"over all {len(metered)} metered real steps: {statistics.mean(metered) * 1e6:.1f} us. "
+          f"Less what the meter reads at the same kinds of sites, cold, medians of {len(controls)} "
+          f"control blocks: {cold_floor['step'] * 1e6:.2f} us per call at the step's start and end "
+          f"(around a C no-op), {cold_floor['hook'] * 1e6:.2f} us per hook call, "
+          f"{cold_floor['fetch'] * 1e6:.2f} us per fetch (around the plain loader); less only its "
+          f"warm cost ({warm_floor['step'] * 1e6:.2f} us per call, {warm_floor['fetch'] * 1e6:.2f} "
+          f"per fetch): {amortized(warm) * 1e6:.1f} us/step")
     direct = direct_cost_us(every)
     print(f"direct cost of ours on a near-empty step (warm caches, best of 30): "
           f"{direct['cost_us']:.1f} us/step ({direct['profiled_us']:.1f} vs "
@@ -650,9 +697,9 @@ def main(argv=None) -> int:
                       "per_step_cpu_us": round(per_step_cpu_s * 1e6, 2),
                       "per_step_cpu_us_warm_floor": round(amortized(warm) * 1e6, 2),
                       "phase_every": every,
-                      "per_step_cpu_us_sampled_step": round(statistics.median(on_steps) * 1e6, 2),
-                      "per_step_cpu_us_other_steps": round(
-                          statistics.median(off_steps) * 1e6, 2) if off_steps else None}),
+                      "per_step_cpu_us_sampled_step": med_us(ON),
+                      "per_step_cpu_us_step_before_sampled": med_us(PRE),
+                      "per_step_cpu_us_other_steps": med_us(OFF)}),
           flush=True)
     return 0
 

@@ -9,6 +9,8 @@ Then:                 elastic-prof report runs/prof
 
 ``--slow-rank R --slow-s S`` makes rank R sleep S seconds in every step, to see it named as a
 straggler. ``--peak-flops`` sets the peak FLOP/s used for MFU (on a CPU there is no default).
+``--phase-every N``: the automatic hooks time forward, backward and optimizer on every Nth
+step (the profiler's default; 1: every step); every step is recorded either way.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--slow-s", type=float, default=0.02)
     p.add_argument("--peak-flops", type=float, default=None)
     p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--phase-every", type=int, default=None,
+                   help="forward/backward/optimizer timed on every Nth step (default: the "
+                        "profiler's, 20; 1: every step)")
     p.add_argument("--prometheus-port", type=int, default=None)
     p.add_argument("--tensorboard-dir", default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +96,8 @@ def main(argv=None) -> int:
                         # forward + backward of a dense net: about 6 FLOPs per weight per sample
                         flops_per_step=6.0 * params * args.batch_size,
                         prometheus_port=args.prometheus_port,
-                        tensorboard_dir=args.tensorboard_dir)
+                        tensorboard_dir=args.tensorboard_dir,
+                        **({} if args.phase_every is None else {"phase_every": args.phase_every}))
     prof.attach(model, optimizer)  # forward/backward/optimizer hooks, DDP comm hook
     prof.add_straggler_hook(lambda report: report.stragglers and world.rank == 0 and print(
         f"straggler report: {report.describe()}", flush=True))

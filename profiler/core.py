@@ -81,7 +81,7 @@ class StepProfiler:
                  store_prefix: str = "/elastic-prof/", exchange_timeout_s: float = 60.0,
                  peak_flops: Optional[float] = None, flops_per_step: Optional[float] = None,
                  history: int = 1024, sinks: Sequence[Sink] = (),
-                 phase_every: int = 10) -> None:
+                 phase_every: int = 20) -> None:
         check_exchange_name(exchange)
         if isinstance(timer, str) and timer not in ("auto", "cpu", "cuda"):
             raise ProfilerConfigError(f"unknown timer {timer!r}; known: auto, cpu, cuda")
@@ -440,15 +440,13 @@ class StepProfiler:
         :func:`~profiler._stamps.make_step`)."""
         if self._phase_on:
             self._phase_on = False
-            left = self.phase_every - 1
             for hooks, key, _ in self._pausable:
-                hooks.pop(key, None)
-        else:
-            self._phase_on = True
-            left = 1
-            for hooks, key, hook in self._pausable:
-                hooks[key] = hook
-        return left, self._step_code()
+                hooks.pop(key, None)  # gone already if the user cleared the dict
+            return self.phase_every - 1, STEP_UNSAMPLED if self._pausable else STEP
+        self._phase_on = True
+        for hooks, key, hook in self._pausable:
+            hooks[key] = hook
+        return 1, STEP
 
     def _step_code(self) -> Code:
         """A step's start code: unsampled while automatic hooks exist and are out."""

@@ -477,6 +477,36 @@ def test_sampled_phases_follow_attach_detach_and_a_failed_step(tmp_path):
         StepProfiler(str(tmp_path), sampler="none", phase_every=0)
 
 
+@pytest.mark.parametrize("phase_every", [1, 3])
+def test_sampled_phases_and_exchange_windows_count_steps_together(tmp_path, phase_every):
+    torch = require("torch")
+    model = torch.nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    made = []
+
+    def factory(settings):
+        made.append(FakeExchange(settings, True))
+        return made[-1]
+
+    EXCHANGES.register("fake-windows", factory)
+    try:
+        with StepProfiler(str(tmp_path), world=World(rank=0, world_size=2), sampler="none",
+                          trace=False, exchange="fake-windows", exchange_every=2,
+                          phase_every=phase_every) as prof:
+            prof.attach(model)
+            for _ in range(9):
+                with prof.step():
+                    model(x).sum().backward()
+    finally:
+        EXCHANGES._entries.pop("fake-windows", None)
+    sampled = [i % phase_every == phase_every - 1 for i in range(9)]
+    assert [r.sampled for r in prof.records] == sampled
+    assert [("forward" in r.phases_s) for r in prof.records] == sampled
+    (fake,) = made
+    # every window of 2 steps was exchanged, with both steps in it
+    assert [(s.window, s.step, s.steps) for s in fake.seen] == [(w, 2 * w + 1, 2) for w in range(4)]
+
+
 def test_a_leaf_outputs_hook_is_taken_out_off_the_sampled_steps(tmp_path):
     torch = require("torch")
 
