@@ -13,11 +13,14 @@ state is gone), calls raise :class:`StoreUnavailableError` instead of talking to
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import os
 import select
 import socket
 import ssl as _ssl
+import struct
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -81,13 +84,21 @@ def parse_endpoint(endpoint: str, default_port: int = DEFAULT_PORT, *, any_port:
 
 
 class _Connection:
-    """One authenticated socket; used by one thread at a time."""
+    """One authenticated socket; used by one thread at a time.
+
+    A plain TCP socket runs in blocking mode with the kernel's send and receive timeouts
+    (``SO_SNDTIMEO``/``SO_RCVTIMEO``): Python's own socket timeouts poll before every send and
+    every receive, and each of those calls lets go of the interpreter lock; with a thousand
+    nodes' threads in a few processes, every hand-over of that lock costs futex calls and
+    context switches. A TLS socket keeps Python's timeouts (its reads must see whole records).
+    """
 
     def __init__(self, sock: socket.socket, reader: "_Reader", instance: str) -> None:
         self.sock = sock
         self.reader = reader
         self.instance = instance
         self.next_id = 1
+        self.kernel_timeouts = reader.kernel
 
     def request(self, message: Dict[str, Any], timeout_s: float) -> Dict[str, Any]:
         request_id = self.next_id
@@ -95,9 +106,12 @@ class _Connection:
         message["id"] = request_id
         data = wire.encode(message)
         try:
-            self.sock.settimeout(timeout_s)
+            if self.kernel_timeouts:
+                self.reader.set_send_timeout(timeout_s)
+            else:
+                self.sock.settimeout(timeout_s)
             self.sock.sendall(data)
-        except OSError as exc:
+        except OSError as exc:  # BlockingIOError: the kernel's send timeout
             raise _Lost(f"send failed: {_reason(exc)}", sent=False) from None
         deadline = time.monotonic() + timeout_s
         while True:
@@ -113,11 +127,15 @@ class _Connection:
     def looks_closed(self) -> bool:
         """An idle connection with something to read has been closed (or spoken to) by the
         server: not safe to reuse."""
+        if self.reader.buffered() or (isinstance(self.sock, _ssl.SSLSocket) and self.sock.pending()):
+            return True
+        if self.kernel_timeouts:
+            state = _tcp_idle_state(self.sock)
+            if state is not None:
+                return not state
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):
-            return True
-        if self.reader.buffered() or (isinstance(self.sock, _ssl.SSLSocket) and self.sock.pending()):
             return True
         return bool(readable)
 
@@ -297,6 +315,7 @@ class EmbeddedStore(Store):
         where = f"the rendezvous server {self.endpoint}"
         sock.settimeout(self.timeout_s)
         reader = _Reader(sock)
+        reader.use_kernel_timeouts()  # plain TCP: fewer hand-overs of the interpreter lock
         try:
             hello = reader.message(wire.MAX_HANDSHAKE_BYTES, deadline)
             if hello.get("hello") != wire.PROTOCOL:
@@ -348,6 +367,35 @@ class _Reader:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
+        self.kernel = False  # timeouts by SO_RCVTIMEO/SO_SNDTIMEO (see _Connection)
+        self._recv_timeout = self._send_timeout = -1.0
+
+    def use_kernel_timeouts(self) -> None:
+        """Switch a plain TCP socket to blocking mode with kernel timeouts (not TLS, not
+        where the kernel refuses them: then Python's timeouts stay)."""
+        if isinstance(self.sock, _ssl.SSLSocket) or not _KERNEL_TIMEOUTS:
+            return
+        timeout = self.sock.gettimeout()
+        try:
+            self.set_recv_timeout(timeout or 10.0)
+            self.set_send_timeout(timeout or 10.0)
+            self.sock.settimeout(None)
+        except OSError:
+            self.sock.settimeout(timeout)
+            return
+        self.kernel = True
+
+    def set_recv_timeout(self, seconds: float) -> None:
+        seconds = max(0.001, seconds)  # zero would mean "wait forever"
+        if abs(seconds - self._recv_timeout) > 0.0005:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+            self._recv_timeout = seconds
+
+    def set_send_timeout(self, seconds: float) -> None:
+        seconds = max(0.001, seconds)
+        if abs(seconds - self._send_timeout) > 0.0005:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+            self._send_timeout = seconds
 
     def buffered(self) -> int:
         return len(self.buf)
@@ -357,8 +405,15 @@ class _Reader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("timed out")
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(max(65536, n - len(self.buf)))
+            if self.kernel:
+                self.set_recv_timeout(remaining)
+                try:
+                    chunk = self.sock.recv(max(65536, n - len(self.buf)))
+                except BlockingIOError:  # EAGAIN: SO_RCVTIMEO ran out
+                    raise socket.timeout("timed out") from None
+            else:
+                self.sock.settimeout(remaining)
+                chunk = self.sock.recv(max(65536, n - len(self.buf)))
             if not chunk:
                 raise EOFError("connection closed by the server")
             self.buf += chunk
@@ -372,6 +427,35 @@ class _Reader:
         body = bytes(self.buf[wire.HEADER.size:end])
         del self.buf[:end]
         return wire.decode(body)
+
+
+# Kernel socket timeouts: Linux's SO_RCVTIMEO/SO_SNDTIMEO take a struct timeval.
+_KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+_TIMEVAL = struct.Struct("@ll")
+# TCP_INFO's first byte is the connection's state (1: established); SIOCINQ (= FIONREAD) the
+# bytes waiting to be read. Both are read without releasing the interpreter lock.
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_ESTABLISHED = 1
+_SIOCINQ = 0x541B
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return _TIMEVAL.pack(whole, int((seconds - whole) * 1e6))
+
+
+def _tcp_idle_state(sock: socket.socket) -> Optional[bool]:
+    """True: established with nothing to read (safe to reuse); False: closed by the peer,
+    reset, or something unasked-for to read; None: cannot tell (ask select)."""
+    if _TCP_INFO is None or not _KERNEL_TIMEOUTS:
+        return None
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 8)[0]
+        pending = bytearray(4)
+        fcntl.ioctl(sock.fileno(), _SIOCINQ, pending, True)
+    except (OSError, ValueError, IndexError):
+        return None
+    return state == _TCP_ESTABLISHED and not any(pending)
 
 
 def _open_socket(host: str, port: int, timeout_s: float) -> socket.socket:
