@@ -79,7 +79,7 @@ class EmbeddedServer:
         return self._connections.auth_failures
 
     @property
-    def _waiters(self) -> Dict[str, Dict[asyncio.Future, int]]:
+    def _waiters(self) -> Dict[str, Dict[Any, int]]:
         return self._connections.waiters
 
     # -- construction from settings ------------------------------------------------------
@@ -155,8 +155,8 @@ class EmbeddedServer:
         self._stop_event = asyncio.Event()
         _raise_fd_limit()
         try:
-            self._server = await asyncio.start_server(
-                self._connections.handle, self.host, self.port, ssl=self.ssl, backlog=4096,
+            self._server = await self._loop.create_server(
+                self._connections.protocol, self.host, self.port, ssl=self.ssl, backlog=4096,
                 ssl_handshake_timeout=self.auth_timeout_s if self.ssl else None,
                 reuse_address=True)
             # uvloop, losing a bind race to another process, can hand back a server whose
